@@ -1,0 +1,38 @@
+# The two commands of the README. Both create .venv if needed; torch and torchvision are installed first,
+# pinned, with pip (local wheels on the AI Factory machines; uv/poetry would download GBs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo
+DEMO_ARGS ?= trainer.max_epochs=4
+
+.PHONY: demo test venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Installed marker: reinstall when the package metadata changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## demo: set up, make demo data, train plastic_sorting on CPU, show the results and how to open MLflow
+demo: venv
+	@mkdir -p $(DEMO_DIR)
+	cd $(DEMO_DIR) && ../$(BIN)/aift data synth plastic_sorting --out data/plastic_sorting --overwrite
+	cd $(DEMO_DIR) && ../$(BIN)/aift train recipe=plastic_sorting $(DEMO_ARGS) hydra.run.dir=outputs/demo \
+		trainer.enable_progress_bar=false
+	@$(BIN)/python -m aifactory_train.show_summary $(DEMO_DIR)/outputs/demo/summary.json
+	@echo "Open the MLflow UI:  cd $(DEMO_DIR) && ../$(BIN)/mlflow ui   (then http://127.0.0.1:5000)"
+
+## test: set up (with dev extras) and run the test suite
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DEMO_DIR) outputs multirun mlruns mlflow.db

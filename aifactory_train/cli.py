@@ -1,0 +1,135 @@
+"""`aift`: the command line of aifactory-train.
+
+Only the standard library is imported at start-up; each subcommand imports what it needs, so
+`aift --help` answers instantly. `aift train` and `aift eval` are Hydra apps: everything after the
+subcommand is handed to Hydra (overrides, --cfg job, -m, hydra.run.dir=...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USAGE = """\
+aift: train the AI Factory Groningen's recipes, from a laptop smoke run to a multi-node job.
+
+usage:
+  aift train recipe=NAME [KEY=VALUE ...]   train (a Hydra app: --cfg job, -m, hydra.run.dir=DIR; --help)
+  aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
+  aift recipes list                        the recipes: task, default model, data format
+  aift data synth RECIPE --out DIR         write a demo dataset of real files
+  aift --version
+
+Examples:
+  aift data synth plastic_sorting --out data/plastic_sorting
+  aift train recipe=plastic_sorting debug=smoke
+  aift train recipe=plastic_sorting data.root=/path/to/images model=efficientnet_b0 trainer.max_epochs=20
+"""
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _hydra_app(command: str, config_name: str, args: list[str]) -> int:
+    import hydra
+
+    from aifactory_train.errors import AiftError
+    from aifactory_train.resources import config_dir
+
+    def task(cfg) -> None:
+        try:
+            if command == "train":
+                from aifactory_train.train import run_training
+
+                run_training(cfg)
+            else:
+                from aifactory_train.evaluate import run_evaluation
+
+                run_evaluation(cfg)
+        except AiftError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    sys.argv = [f"aift {command}", *args]
+    hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
+    return 0
+
+
+def _recipes_list() -> int:
+    from aifactory_train.resources import recipe_info, recipe_names
+
+    rows = [("NAME", "TASK", "DEFAULT MODEL", "DATA FORMAT", "DESCRIPTION")]
+    for name in recipe_names():
+        info = recipe_info(name)
+        rows.append((info.name, info.task, info.default_model, info.data_format, info.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from aifactory_train.resources import load_object, recipe_info
+
+    synthesize = load_object(recipe_info(args.recipe).synth)
+    out = synthesize(out=args.out, size=args.size, seed=args.seed, variant=args.variant, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    print(f"train on it: aift train recipe={args.recipe} data.root={out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aift", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage=argparse.SUPPRESS)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="train a recipe (Hydra app; `aift train --help`)", add_help=False)
+    sub.add_parser("eval", help="score a checkpoint (Hydra app; `aift eval --help`)", add_help=False)
+    recipes = sub.add_parser("recipes", help="list the recipes", description="Show the recipes this install knows.")
+    recipes.add_argument("action", choices=["list"], help="list: name, task, default model, data format, description")
+    data = sub.add_parser("data", help="data tools", description="Data tools.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = data_sub.add_parser(
+        "synth",
+        help="write a demo dataset",
+        description="Write a synthetic demo dataset of real files (images/annotations/notes) for a recipe.",
+    )
+    synth.add_argument("recipe", help="recipe name (see `aift recipes list`)")
+    synth.add_argument("--out", required=True, help="output folder; must be empty or new unless --overwrite")
+    synth.add_argument("--size", type=int, default=None, help="number of training examples (recipe default if unset)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    synth.add_argument("--variant", default=None, help="recipe-specific variant, e.g. multispectral for plastic_sorting")
+    synth.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Data sovereignty: MLflow 3 reports usage telemetry to an outside service unless told not to.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):
+        return _hydra_app(argv[0], argv[0], argv[1:])
+    args = _parser().parse_args(argv)
+    if args.version:
+        from aifactory_train import __version__
+
+        print(f"aifactory-train {__version__}")
+        return 0
+    from aifactory_train.errors import AiftError
+
+    try:
+        if args.command == "recipes":
+            return _recipes_list()
+        if args.command == "data":
+            return _data_synth(args)
+    except AiftError as err:
+        return _fail(str(err))
+    _parser().print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Config validation: before any data is read or process launched, the composed config is checked
+against typed schemas (OmegaConf structured configs built from dataclasses).
+
+Hydra already rejects unknown config-group options (listing the valid ones) and overrides of keys that
+do not exist. This module adds what Hydra cannot know: types and allowed values of every key. The
+shared sections are defined here; each recipe extends :class:`RunConfig` with its ``data``, ``model``,
+``optim`` and ``loss`` sections (``recipe.schema`` in its recipe config names the class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from aifactory_train.errors import ConfigError
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("single", "ddp")
+TRACKING_BACKENDS = ("mlflow", "none")
+
+
+def check_choice(key: str, value: Any, valid: tuple | list) -> None:
+    if value not in valid:
+        raise ConfigError(f"config key '{key}': '{value}' is not valid; valid values: {', '.join(map(str, valid))}")
+
+
+def check(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {value!r} is not valid; expected {expected}")
+
+
+def _is_batch_limit(value: Any) -> bool:
+    # Lightning: an int counts batches, a float in [0, 1] is a fraction of the epoch.
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"
+    max_epochs: int = 10
+    max_steps: int = -1
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    overfit_batches: Any = 0.0
+    val_check_interval: Any = 1.0
+    check_val_every_n_epoch: Optional[int] = 1
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+
+    def check(self) -> None:
+        check_choice("trainer.accelerator", self.accelerator, ACCELERATORS)
+        check_choice("trainer.precision", self.precision, PRECISIONS)
+        devices_ok = self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1) or (
+            isinstance(self.devices, list) and all(isinstance(d, int) for d in self.devices)
+        )
+        check(devices_ok, "trainer.devices", self.devices, "'auto', a count >= 1 or a list of device indices")
+        check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
+        check(self.max_epochs >= -1, "trainer.max_epochs", self.max_epochs, "an integer >= -1 (-1: no limit)")
+        check(self.max_steps >= -1, "trainer.max_steps", self.max_steps, "an integer >= -1 (-1: no limit)")
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches"):
+            value = getattr(self, name)
+            check(_is_batch_limit(value), f"trainer.{name}", value, "a batch count (int >= 0) or a fraction in [0, 1]")
+        check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
+        check(
+            self.accumulate_grad_batches >= 1,
+            "trainer.accumulate_grad_batches",
+            self.accumulate_grad_batches,
+            "an integer >= 1",
+        )
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+    process_group_backend: Optional[str] = None
+    find_unused_parameters: bool = False
+    gradient_as_bucket_view: bool = True
+    static_graph: bool = False
+
+    def check(self) -> None:
+        check_choice("strategy.name", self.name, STRATEGIES)
+        if self.process_group_backend is not None:
+            check_choice("strategy.process_group_backend", self.process_group_backend, ("nccl", "gloo"))
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    scheduler: str = "none"
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"
+    uri: Optional[str] = None
+    experiment: str = "default"
+    run_name: Optional[str] = None
+    log_checkpoints: bool = False
+    tags: Dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
+        if self.backend == "mlflow":
+            check(bool(self.uri), "tracking.uri", self.uri, "a tracking URI such as sqlite:///mlflow.db or http://host:5000")
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class RecipeSection:
+    name: str = "?"
+    task: str = "?"
+    description: str = ""
+    data_format: str = ""
+    synth: str = ""
+    schema: str = ""
+    module: Dict[str, Any] = field(default_factory=dict)
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def check(self) -> None:
+        check_choice("recipe.monitor_mode", self.monitor_mode, ("min", "max"))
+        check("_target_" in self.module, "recipe.module", self.module, "a mapping with a _target_ class path")
+
+
+@dataclass
+class RunConfig:
+    """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
+
+    recipe: RecipeSection = field(default_factory=RecipeSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 42
+    ckpt_path: Optional[str] = None
+    run_test: bool = True
+    split: Optional[str] = None  # aift eval only
+
+
+def validate(cfg) -> Any:
+    """Check the composed config against the recipe's schema; return the typed (dataclass) view.
+
+    Raises ConfigError naming the key, the bad value and what would be valid.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
+
+    from aifactory_train.resources import load_object
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': cannot be resolved: {err.msg}") from None
+    schema_path = plain.get("recipe", {}).get("schema")
+    if not schema_path:
+        raise ConfigError("config key 'recipe.schema' is missing; every recipe config must name its schema class")
+    try:
+        schema = load_object(schema_path)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"config key 'recipe.schema': cannot import '{schema_path}': {err}") from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+        typed = OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        raise ConfigError(f"config key '{err.full_key}' is not known to {schema.__name__}: {err.msg}") from None
+    except ValidationError as err:
+        raise ConfigError(f"config key '{err.full_key}': {err.msg}") from None
+    _check_tree(typed)
+    return typed
+
+
+def _check_tree(node: Any) -> None:
+    """Call ``check()`` (value rules beyond types) on every dataclass section, parents first."""
+    if not is_dataclass(node):
+        return
+    if hasattr(node, "check"):
+        node.check()
+    for item in fields(node):
+        _check_tree(getattr(node, item.name))
+

@@ -1,0 +1,70 @@
+"""`aift eval`: score a checkpoint on a split of the configured data; writes eval.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+EVAL_FILE = "eval.json"
+
+
+def run_evaluation(cfg) -> dict[str, Any]:
+    started = time.time()
+    from omegaconf import OmegaConf
+
+    from aifactory_train.config import check_choice, validate
+
+    validate(cfg)
+    check_choice("split", cfg.split, ("test", "val"))
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    import lightning as L
+    from hydra.utils import get_class, instantiate
+
+    from aifactory_train.checkpoints import check_classes_match, resolve_checkpoint
+    from aifactory_train.errors import DataError
+    from aifactory_train.strategies import resolve_precision
+
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("test" if cfg.split == "test" else "validate")
+    if not datamodule.has_split(cfg.split):
+        raise DataError(f"data.root '{resolved['data']['root']}': there is no '{cfg.split}' split to evaluate on")
+    check_classes_match(ckpt_path, datamodule.data_info["class_names"])
+    module_class = get_class(resolved["recipe"]["module"]["_target_"])
+    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+
+    accelerator = resolved["trainer"]["accelerator"]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=resolve_precision(resolved["trainer"]["precision"], accelerator),
+        logger=False,
+        default_root_dir=run_dir,
+        enable_progress_bar=resolved["trainer"]["enable_progress_bar"],
+        limit_test_batches=resolved["trainer"]["limit_test_batches"],
+        limit_val_batches=resolved["trainer"]["limit_val_batches"],
+    )
+    run = trainer.test if cfg.split == "test" else trainer.validate
+    results = run(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    lineage = datamodule.lineage()
+    report = {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "recipe": resolved["recipe"]["name"],
+        "split": cfg.split,
+        "metrics": dict(sorted(metrics.items())),
+        "dataset": lineage.as_dict(),
+        "output_dir": str(run_dir.resolve()),
+        "wall_time_s": round(time.time() - started, 3),
+    }
+    path = run_dir / EVAL_FILE
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    for key, value in report["metrics"].items():
+        print(f"{key}: {value:.4f}")
+    print(f"eval: {path}")
+    return report

@@ -1,0 +1,24 @@
+"""Print a run's summary.json for people: `python -m aifactory_train.show_summary PATH`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(path: str) -> None:
+    summary = json.loads(Path(path).read_text())
+    metrics = summary["metrics"]
+    print(f"\n== {summary['recipe']} / {summary['model']}: {summary['status']} in {summary['wall_time_s']:.0f} s ==")
+    for key in sorted(k for k in metrics if k.split("/")[0] in ("train", "val", "test") and "recall_" not in k):
+        print(f"  {key:<16} {metrics[key]:.4f}")
+    if summary.get("train_samples_per_s"):
+        print(f"  training speed   {summary['train_samples_per_s']:.1f} samples/s")
+    print(f"  best checkpoint  {summary['best_checkpoint']}")
+    print(f"  MLflow run       {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    print(f"  summary file     {Path(path).resolve()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,236 @@
+"""MLflow tracking shared by every recipe.
+
+Lightning's MLFlowLogger records metrics per step and epoch (it logs from global rank 0 only); this
+module adds what a run must carry for lineage and reproducibility: the resolved config (flattened params
++ YAML artifact), git commit and dirty flag, package versions, hardware, the dataset inputs with a
+full-content digest and data-card tags, and the run's artifacts. It also checks, before any data is
+read, that the tracking store can be reached, so a wrong URI fails in seconds, not after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from aifactory_train.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+TRACKING_STATE_FILE = "tracking.json"  # in the run folder: lets a resumed run log into the same MLflow run
+MLFLOW_DIGEST_CHARS = 32  # MLflow caps dataset digests at 36 characters; the full SHA-256 is in the tags
+VERSIONED_PACKAGES = (
+    "aifactory-train", "torch", "torchvision", "lightning", "deepspeed", "hydra-core", "mlflow",
+    "datasets", "torchmetrics", "transformers", "peft", "numpy",
+)
+
+
+def is_global_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail now, with the URI and a way out, if the tracking store cannot be used."""
+    hint = "start the server, point tracking.uri at a reachable store, or pass tracking=none"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise TrackingError(f"tracking.uri '{uri}': server answered HTTP {response.status}; {hint}")
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"tracking.uri '{uri}': the MLflow server cannot be reached ({reason}); {hint}") from None
+        return
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri[len("sqlite:///"):])
+        if not db_path.parent.is_dir():
+            raise TrackingError(f"tracking.uri '{uri}': folder '{db_path.parent}' does not exist; {hint}")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+        raise TrackingError(f"tracking.uri '{uri}': the store cannot be used ({type(err).__name__}: {err}); {hint}") from None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten nested dicts into dotted keys; lists become their string form (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    flat[prefix.rstrip(".")] = str(tree)[:6000]
+    return flat
+
+
+def git_state(start: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the git checkout that holds ``start`` ({} outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=start, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        root = git("rev-parse", "--show-toplevel").strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": dirty, "root": root}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+class Tracker:
+    """One tracking run per training job; a no-op when ``tracking.backend`` is ``none``."""
+
+    def __init__(self, tracking_cfg: dict[str, Any], run_dir: Path, resume: bool):
+        self.cfg = tracking_cfg
+        self.run_dir = run_dir
+        self.enabled = tracking_cfg["backend"] == "mlflow"
+        self.uri = tracking_cfg.get("uri")
+        self._resume_run_id = None
+        self.logger = None
+        if not self.enabled:
+            return
+        check_tracking_uri(self.uri)
+        state_file = run_dir / TRACKING_STATE_FILE
+        if resume and state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("tracking_uri") == self.uri:
+                self._resume_run_id = state.get("run_id")
+
+    def lightning_logger(self):
+        if not self.enabled:
+            return None
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        self.logger = MLFlowLogger(
+            experiment_name=self.cfg["experiment"],
+            run_name=self.cfg.get("run_name") or self.run_dir.name,
+            tracking_uri=self.uri,
+            tags=dict(self.cfg.get("tags") or {}),
+            run_id=self._resume_run_id,
+            log_model=False,
+        )
+        return self.logger
+
+    @property
+    def run_id(self) -> str | None:
+        if self.logger is None or not is_global_zero():
+            return self._resume_run_id
+        return self.logger.run_id
+
+    @property
+    def client(self):
+        return self.logger.experiment
+
+    def log_run_start(self, resolved_cfg: dict[str, Any], config_yaml: Path, lineage) -> None:
+        """Config, environment and data lineage; once per run, from global rank 0."""
+        if self.logger is None or not is_global_zero():
+            return
+        run_id = self.logger.run_id
+        (self.run_dir / TRACKING_STATE_FILE).write_text(
+            json.dumps({"run_id": run_id, "tracking_uri": self.uri, "experiment": self.cfg["experiment"]}, indent=2)
+        )
+        if self._resume_run_id:
+            log.info("resuming MLflow run %s", run_id)
+            return  # params, inputs and environment were logged when the run started
+        self.logger.log_hyperparams({k: v for k, v in flatten(resolved_cfg).items() if not k.startswith("hydra.")})
+        client = self.client
+        client.log_artifact(run_id, str(config_yaml))
+        environment = {"packages": package_versions(), "hardware": hardware(), "git": git_state(Path.cwd())}
+        if not environment["git"]:
+            environment["git"] = git_state(Path(__file__).resolve().parent)
+        env_file = self.run_dir / "environment.json"
+        env_file.write_text(json.dumps(environment, indent=2))
+        client.log_artifact(run_id, str(env_file))
+        tags = {f"aift.version.{k}": v for k, v in environment["packages"].items()}
+        tags.update({f"aift.hardware.{k}": str(v) for k, v in environment["hardware"].items()})
+        tags["aift.output_dir"] = str(self.run_dir.resolve())
+        if environment["git"]:
+            tags["mlflow.source.git.commit"] = environment["git"]["commit"]
+            tags["aift.git.dirty"] = str(environment["git"]["dirty"]).lower()
+        if lineage is not None:
+            tags["aift.data.digest"] = lineage.digest
+            tags["aift.data.root"] = str(Path(lineage.root).resolve())
+            tags.update({f"aift.data.{k}": v for k, v in lineage.datacard.items()})
+            tags["aift.data.skipped_files"] = str(len(lineage.skipped_files))
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        if lineage is not None:
+            self._log_dataset_inputs(lineage)
+
+    def _log_dataset_inputs(self, lineage) -> None:
+        import warnings
+
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for split in lineage.splits.values():
+            with warnings.catch_warnings():  # MLflow's hints on source kinds and int columns do not apply here
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_huggingface(
+                    split.dataset,
+                    name=f"{lineage.name}-{split.name}",
+                    digest=split.digest[:MLFLOW_DIGEST_CHARS],
+                    targets="label" if "label" in split.dataset.column_names else None,
+                    source=str(Path(lineage.root).resolve()),
+                )
+            tags = [InputTag(key="mlflow.data.context", value=split.name)]
+            inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags))
+        self.client.log_inputs(self.logger.run_id, datasets=inputs)
+
+    def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
+        if self.logger is None or not is_global_zero():
+            return
+        for path in paths:
+            if path.is_dir():
+                self.client.log_artifacts(self.logger.run_id, str(path), artifact_path or path.name)
+            elif path.is_file():
+                self.client.log_artifact(self.logger.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.logger is None or not is_global_zero():
+            return
+        for key, value in tags.items():
+            self.client.set_tag(self.logger.run_id, key, value)
+
+    def finish(self, status: str) -> None:
+        if self.logger is not None and is_global_zero():
+            self.logger.finalize(status)

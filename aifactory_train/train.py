@@ -1,0 +1,166 @@
+"""The training entry every recipe shares: validate, track, build from config, fit, test, summarise.
+
+Everything use-case specific is built from config with ``hydra.utils.instantiate``: the DataModule from
+``data._target_`` and the LightningModule from ``recipe.module._target_``. The recipe contract:
+
+* the DataModule has ``data_info`` (a dict the module needs, e.g. ``class_names``), ``lineage()``
+  (an :class:`aifactory_train.lineage.DatasetLineage`) and ``has_split(name)``;
+* the LightningModule takes ``model``, ``optim``, ``loss`` and ``data_info`` keyword arguments, keeps
+  ``data_info`` in its hyperparameters and its torch model in ``self.net``, and writes its reports
+  (plots, tables) into ``<run dir>/reports``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+SUMMARY_SCHEMA_VERSION = 1
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return dict(sorted(out.items()))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write summary.json atomically (a reader never sees half a file)."""
+    path = run_dir / SUMMARY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_training(cfg) -> dict[str, Any]:
+    """Train the configured recipe; return the summary (also written to <run dir>/summary.json)."""
+    started = time.time()
+    from omegaconf import OmegaConf
+
+    from aifactory_train.config import validate
+
+    validate(cfg)  # types and names, before any data is read or tracking run created
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    from aifactory_train.tracking import Tracker
+
+    tracker = Tracker(resolved["tracking"], run_dir, resume=cfg.ckpt_path is not None)
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+
+    from aifactory_train.callbacks import TrainingThroughput, batch_size_of
+    from aifactory_train.checkpoints import CHECKPOINT_DIR, check_classes_match, resolve_checkpoint
+    from aifactory_train.strategies import trainer_kwargs
+    from aifactory_train.tracking import is_global_zero
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    if ckpt_path:
+        check_classes_match(ckpt_path, datamodule.data_info["class_names"])
+        log.info("resuming from %s", ckpt_path)
+    module = instantiate(
+        cfg.recipe.module,
+        model=resolved["model"],
+        optim=resolved["optim"],
+        loss=resolved["loss"],
+        data_info=datamodule.data_info,
+        _convert_="all",
+    )
+
+    recipe = resolved["recipe"]
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename="best-epoch{epoch}-step{step}",
+        auto_insert_metric_name=False,
+        monitor=recipe["monitor"],
+        mode=recipe["monitor_mode"],
+        save_last=True,
+    )
+    throughput = TrainingThroughput()
+    callbacks = [checkpoint, throughput, ThroughputMonitor(batch_size_fn=batch_size_of)]
+    logger = tracker.lightning_logger()
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(
+        **trainer_kwargs(resolved["trainer"], resolved["strategy"]),
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+    )
+
+    config_yaml = run_dir / "config.yaml"
+    if is_global_zero():
+        config_yaml.write_text(OmegaConf.to_yaml(resolved))
+        lineage = datamodule.lineage()
+        tracker.log_run_start(resolved, config_yaml, lineage)
+    else:
+        lineage = None
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = _scalar_metrics(trainer.callback_metrics)
+        best_path, last_path = checkpoint.best_model_path, checkpoint.last_model_path
+        if cfg.run_test and datamodule.has_split("test"):
+            best = "best" if best_path else None
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            metrics.update(_scalar_metrics(trainer.callback_metrics))
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "status": "completed",
+        "recipe": recipe["name"],
+        "task": recipe["task"],
+        "model": resolved["model"]["name"],
+        "output_dir": str(run_dir.resolve()),
+        "tracking_uri": tracker.uri,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_experiment": resolved["tracking"]["experiment"] if tracker.enabled else None,
+        "metrics": metrics,
+        "monitor": recipe["monitor"],
+        "best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "best_checkpoint": str(Path(best_path).resolve()) if best_path else None,
+        "last_checkpoint": str(Path(last_path).resolve()) if last_path else None,
+        "resumed_from": ckpt_path,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_samples": throughput.samples,
+        "train_samples_per_s": throughput.samples_per_s,
+        "wall_time_s": round(time.time() - started, 3),
+        "precision": str(trainer.precision),
+        "num_processes": trainer.world_size,
+        "dataset": lineage.as_dict() if lineage is not None else None,
+    }
+    if not is_global_zero():
+        return summary
+    summary_path = write_summary(run_dir, summary)
+    tracker.set_tags({
+        "aift.checkpoint.best": summary["best_checkpoint"] or "",
+        "aift.checkpoint.last": summary["last_checkpoint"] or "",
+    })
+    artifacts = [run_dir / "reports", summary_path]
+    if resolved["tracking"].get("log_checkpoints"):
+        artifacts.append(run_dir / CHECKPOINT_DIR)
+    tracker.log_artifacts(artifacts)
+    tracker.finish("FINISHED")
+    print(f"summary: {summary_path}")
+    return summary

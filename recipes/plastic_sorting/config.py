@@ -1,0 +1,118 @@
+"""The typed schema of plastic_sorting's config (see configs/recipe, configs/data, configs/model).
+
+Validated by `aift train` before any data is read; no torch import here, so it stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from aifactory_train.config import RunConfig, check, check_choice
+
+FORMATS = ("imagefolder", "manifest")
+ON_CORRUPT = ("fail", "skip")
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = True
+    vflip: bool = True
+    scale: List[float] = field(default_factory=lambda: [0.7, 1.0])
+    brightness: float = 0.2
+
+    def check(self) -> None:
+        ok = len(self.scale) == 2 and 0.0 < self.scale[0] <= self.scale[1] <= 1.0
+        check(ok, "data.augment.scale", self.scale, "[low, high] with 0 < low <= high <= 1")
+        check(self.brightness >= 0, "data.augment.brightness", self.brightness, "a number >= 0")
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "aifactory_train.recipes.plastic_sorting.data.PlasticSortingDataModule"
+    root: str = "data/plastic_sorting"
+    format: str = "imagefolder"
+    manifest: Dict[str, str] = field(default_factory=dict)
+    channels: List[str] = field(default_factory=lambda: ["red", "green", "blue"])
+    image_size: int = 64
+    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    batch_size: int = 32
+    num_workers: int = 2
+    on_corrupt: str = "fail"
+    verify_files: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def check(self) -> None:
+        check_choice("data.format", self.format, FORMATS)
+        check_choice("data.on_corrupt", self.on_corrupt, ON_CORRUPT)
+        check(len(self.channels) >= 1, "data.channels", self.channels, "a list of at least one band name")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            check(
+                len(values) == len(self.channels),
+                f"data.{key}",
+                values,
+                f"one value per channel ({len(self.channels)} for data.channels={self.channels})",
+            )
+        check(all(s > 0 for s in self.std), "data.std", self.std, "positive values")
+        check(self.image_size >= 16, "data.image_size", self.image_size, "an integer >= 16")
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        check(self.mixup_alpha >= 0, "data.mixup_alpha", self.mixup_alpha, "a number >= 0 (0 disables)")
+        check(self.cutmix_alpha >= 0, "data.cutmix_alpha", self.cutmix_alpha, "a number >= 0 (0 disables)")
+        if self.format == "manifest":
+            check(
+                {"train", "val"} <= set(self.manifest),
+                "data.manifest",
+                self.manifest,
+                "a file for at least the train and val splits (test optional)",
+            )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    weights_path: Optional[str] = None
+    channels_last: Any = "auto"
+    compile: bool = False
+
+    def check(self) -> None:
+        from aifactory_train.models import classifier_names  # imports torchvision: only when validating
+
+        check_choice("model.name", self.name, classifier_names())
+        check(self.channels_last in ("auto", True, False), "model.channels_last", self.channels_last, "auto, true or false")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 0.002
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+
+    def check(self) -> None:
+        check_choice("optim.name", self.name, ("adamw", "sgd"))
+        check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+
+    def check(self) -> None:
+        check(0 <= self.label_smoothing < 1, "loss.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+
+
+@dataclass
+class PlasticSortingConfig(RunConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)

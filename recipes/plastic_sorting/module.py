@@ -1,0 +1,171 @@
+"""The plastic_sorting LightningModule: a torchvision classifier, cross-entropy with label smoothing
+(soft targets under MixUp/CutMix), AdamW/SGD with linear warmup + cosine decay, torchmetrics metrics,
+and a confusion matrix + per-class table written to ``<run dir>/reports`` after validation and test.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from aifactory_train.models import build_torchvision_classifier
+
+
+def _eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            "precision_per_class": MulticlassPrecision(num_classes, average=None),
+            "recall_per_class": MulticlassRecall(num_classes, average=None),
+            "f1_per_class": MulticlassF1Score(num_classes, average=None),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        },
+        prefix=prefix,
+    )
+
+
+class PlasticSortingModule(L.LightningModule):
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], loss: dict[str, Any], data_info: dict[str, Any]):
+        super().__init__()
+        # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(logger=False)
+        self.class_names = list(data_info["class_names"])
+        num_classes = len(self.class_names)
+        self.net = build_torchvision_classifier(
+            model["name"], num_classes, in_channels=len(data_info["channels"]), weights_path=model.get("weights_path")
+        )
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = _eval_metrics(num_classes, "val/")
+        self.test_metrics = _eval_metrics(num_classes, "test/")
+        self.channels_last = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def setup(self, stage: str) -> None:
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        setting = self.hparams.model.get("channels_last", "auto")
+        self.channels_last = on_gpu if setting == "auto" else bool(setting)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.hparams.model.get("compile") and stage == "fit":
+            self.net.compile()  # in place: state_dict keys stay the same
+
+    # -- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.loss.get("label_smoothing", 0.0))
+        hard = targets.argmax(dim=1) if targets.ndim == 2 else targets  # soft targets under MixUp/CutMix
+        self.train_acc(logits.detach(), hard)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, metrics: MetricCollection, prefix: str):
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{prefix}loss", F.cross_entropy(logits, targets), prog_bar=prefix == "val/")
+        metrics.update(logits, targets)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val/")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test/")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval(self.test_metrics, "test")
+
+    def _end_eval(self, metrics: MetricCollection, split: str) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        self.log(f"{split}/acc", values[f"{split}/acc"], prog_bar=True)
+        self.log(f"{split}/f1_macro", values[f"{split}/f1_macro"], prog_bar=split == "val")
+        for name, recall in zip(self.class_names, values[f"{split}/recall_per_class"]):
+            self.log(f"{split}/recall_{name}", recall)
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        self.write_reports(values, split)
+
+    # -- reports ---------------------------------------------------------------------------------
+    def write_reports(self, values: dict[str, torch.Tensor], split: str) -> list[Path]:
+        """confusion matrix PNG + per-class CSV in <run dir>/reports (overwritten each epoch)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = Path(self.trainer.default_root_dir) / "reports"
+        out.mkdir(parents=True, exist_ok=True)
+        confusion = values[f"{split}/confusion"].cpu()
+        support = confusion.sum(dim=1)
+        table = out / f"{split}_per_class_metrics.csv"
+        with open(table, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "precision", "recall", "f1", "support"])
+            for i, name in enumerate(self.class_names):
+                writer.writerow([
+                    name,
+                    f"{float(values[f'{split}/precision_per_class'][i]):.4f}",
+                    f"{float(values[f'{split}/recall_per_class'][i]):.4f}",
+                    f"{float(values[f'{split}/f1_per_class'][i]):.4f}",
+                    int(support[i]),
+                ])
+        n = len(self.class_names)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.7 * n))
+        ax.imshow(confusion.numpy(), cmap="Blues")
+        ax.set_xticks(range(n), self.class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), self.class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for r in range(n):
+            for c in range(n):
+                ax.text(c, r, int(confusion[r, c]), ha="center", va="center", fontsize=8)
+        ax.set_title(f"{split} confusion matrix (step {self.global_step})")
+        fig.tight_layout()
+        image = out / f"{split}_confusion_matrix.png"
+        fig.savefig(image, dpi=100)
+        plt.close(fig)
+        return [table, image]
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        if cfg["name"] == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                        weight_decay=cfg["weight_decay"], nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(cfg["warmup_steps"], max(0, total - 1))
+        min_ratio = cfg["min_lr_ratio"]
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
