@@ -167,7 +167,7 @@ def validate(cfg) -> Any:
     from aifactory_train.resources import load_object
 
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except InterpolationResolutionError as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': cannot be resolved: {err.msg}") from None
     schema_path = plain.get("recipe", {}).get("schema")
@@ -181,11 +181,15 @@ def validate(cfg) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         typed = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
-        raise ConfigError(f"config key '{err.full_key}' is not known to {schema.__name__}: {err.msg}") from None
+        raise ConfigError(f"config key '{err.full_key}' is not known to {schema.__name__}: {_first_line(err)}") from None
     except ValidationError as err:
-        raise ConfigError(f"config key '{err.full_key}': {err.msg}") from None
+        raise ConfigError(f"config key '{err.full_key}': {_first_line(err)}") from None
     _check_tree(typed)
     return typed
+
+
+def _first_line(err: Exception) -> str:
+    return str(getattr(err, "msg", err)).strip().splitlines()[0]
 
 
 def _check_tree(node: Any) -> None:

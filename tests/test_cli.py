@@ -1,0 +1,77 @@
+"""The `aift` command line: help, lazy imports, recipes list, data synth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import aift
+
+
+def test_cli_module_does_not_import_heavy_packages():
+    code = (
+        "import sys, aifactory_train.cli as c; c._parser(); "
+        "heavy = [m for m in ('torch', 'lightning', 'mlflow', 'hydra', 'datasets') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    result = aift("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("aift train", "aift eval", "aift recipes list", "aift data synth"):
+        assert command in result.stdout
+
+
+def test_train_help_is_hydra_help_with_groups(tmp_path):
+    result = aift("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "aift train" in result.stdout
+    for group in ("recipe:", "model:", "strategy:", "debug:"):
+        assert group in result.stdout
+
+
+def test_recipes_list_shows_plastic_sorting(tmp_path):
+    result = aift("recipes", "list", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("plastic_sorting"))
+    assert "image_classification" in line and "resnet18" in line and "imagefolder" in line
+
+
+def test_data_synth_writes_png_splits_and_datacard(tmp_path):
+    result = aift("data", "synth", "plastic_sorting", "--out", "ds", "--size", "14", "--seed", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "ds"
+    assert (root / "datacard.yaml").is_file()
+    for split in ("train", "val", "test"):
+        classes = sorted(p.name for p in (root / split).iterdir())
+        assert classes == ["HDPE", "LDPE", "PET", "PP", "PS", "PVC", "other"]
+    assert len(list((root / "train").glob("*/*.png"))) == 14
+
+
+def test_data_synth_is_deterministic_per_seed(tmp_path):
+    for name in ("a", "b"):
+        assert aift("data", "synth", "plastic_sorting", "--out", name, "--size", "7", "--seed", "5", cwd=tmp_path).returncode == 0
+    first = sorted((tmp_path / "a").rglob("*.png"))
+    second = sorted((tmp_path / "b").rglob("*.png"))
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_data_synth_refuses_non_empty_folder_and_keeps_its_files(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = aift("data", "synth", "plastic_sorting", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is not empty" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert list(out.iterdir()) == [out / "precious.txt"]
+
+
+def test_data_synth_unknown_recipe_and_variant(tmp_path):
+    result = aift("data", "synth", "nope", "--out", "x", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown recipe 'nope'" in result.stderr and "plastic_sorting" in result.stderr
+    result = aift("data", "synth", "plastic_sorting", "--out", "x", "--variant", "thermal", cwd=tmp_path)
+    assert result.returncode == 2 and "'thermal'" in result.stderr and "multispectral" in result.stderr

@@ -1,0 +1,200 @@
+"""plastic_sorting data: layouts, checks on bad input, transforms, lineage digests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aifactory_train.errors import DataError
+from aifactory_train.lineage import digest_files
+from aifactory_train.recipes.plastic_sorting.data import PlasticSortingDataModule
+
+CLASSES = ["HDPE", "LDPE", "PET", "PP", "PS", "PVC", "other"]
+
+
+def datamodule(root, **kwargs) -> PlasticSortingDataModule:
+    defaults = dict(image_size=32, batch_size=8, num_workers=0)
+    defaults.update(kwargs)
+    return PlasticSortingDataModule(root=str(root), **defaults)
+
+
+def test_imagefolder_loads_splits_and_classes_from_the_data(plastic_data):
+    dm = datamodule(plastic_data)
+    dm.setup("fit")
+    assert dm.class_names == CLASSES
+    assert {s: len(d) for s, d in dm.splits.items()} == {"train": 70, "val": 18, "test": 18}
+    assert dm.splits["train"].features["label"].names == CLASSES
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.max() < 7
+
+
+def test_class_set_comes_from_the_folders(data_copy):
+    for split in ("train", "val", "test"):
+        shutil.rmtree(data_copy / split / "PVC")
+        (data_copy / split / "PVC2").mkdir()
+        shutil.copy(next((data_copy / split / "PET").iterdir()), data_copy / split / "PVC2" / "x.png")
+    dm = datamodule(data_copy)
+    dm.setup("fit")
+    assert "PVC2" in dm.class_names and "PVC" not in dm.class_names
+
+
+def test_multispectral_npy_gives_four_channel_batches(plastic_data_ms):
+    dm = datamodule(plastic_data_ms, channels=["r", "g", "b", "nir"], mean=[0.5] * 4, std=[0.25] * 4)
+    dm.setup("fit")
+    images, _ = next(iter(dm.val_dataloader()))
+    assert images.shape[1:] == (4, 32, 32)
+    # the NIR band carries information: it is not constant across the batch
+    assert images[:, 3].std() > 0.1
+
+
+def test_npy_files_with_the_wrong_band_count_are_named(plastic_data_ms):
+    dm = datamodule(plastic_data_ms)  # 3 channels configured, files have 4
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert ".npy" in str(err.value) and "(4," in str(err.value) and "data.channels" in str(err.value)
+
+
+def write_manifest(root: Path, split: str, kind: str) -> Path:
+    rows = [{"path": p.relative_to(root).as_posix(), "label": p.parent.name} for p in sorted((root / split).glob("*/*.png"))]
+    if kind == "csv":
+        path = root / f"{split}.csv"
+        path.write_text("path,label\n" + "".join(f"{r['path']},{r['label']}\n" for r in rows))
+    else:
+        path = root / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_layout_matches_imagefolder(data_copy, kind):
+    manifest = {s: write_manifest(data_copy, s, kind).name for s in ("train", "val", "test")}
+    from_manifest = datamodule(data_copy, format="manifest", manifest=manifest)
+    from_manifest.setup("fit")
+    from_folders = datamodule(data_copy)
+    from_folders.setup("fit")
+    assert from_manifest.class_names == from_folders.class_names
+    assert from_manifest.lineage().digest == from_folders.lineage().digest
+
+
+def test_manifest_row_with_missing_file_names_file_and_row(data_copy):
+    path = write_manifest(data_copy, "train", "csv")
+    path.write_text(path.read_text() + "train/PET/ghost.png,PET\n")
+    write_manifest(data_copy, "val", "csv")
+    dm = datamodule(data_copy, format="manifest", manifest={"train": "train.csv", "val": "val.csv"})
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert "train.csv" in str(err.value) and "row 72" in str(err.value) and "ghost.png" in str(err.value)
+
+
+def test_manifest_without_label_column(data_copy):
+    (data_copy / "train.csv").write_text("path,kind\ntrain/PET/x.png,PET\n")
+    write_manifest(data_copy, "val", "csv")
+    dm = datamodule(data_copy, format="manifest", manifest={"train": "train.csv", "val": "val.csv"})
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label'\]"):
+        dm.setup("fit")
+
+
+def test_missing_root_gives_the_synth_hint(tmp_path):
+    with pytest.raises(DataError) as err:
+        datamodule(tmp_path / "nowhere").setup("fit")
+    assert "nowhere" in str(err.value) and "aift data synth plastic_sorting" in str(err.value)
+
+
+def test_missing_val_split(data_copy):
+    shutil.rmtree(data_copy / "val")
+    with pytest.raises(DataError, match="missing split folder 'val/'"):
+        datamodule(data_copy).setup("fit")
+
+
+def test_empty_split(data_copy):
+    shutil.rmtree(data_copy / "val")
+    (data_copy / "val").mkdir()
+    with pytest.raises(DataError, match=r"split '.*val' is empty"):
+        datamodule(data_copy).setup("fit")
+
+
+def test_class_folder_without_images(data_copy):
+    for f in (data_copy / "train" / "PP").iterdir():
+        f.unlink()
+    (data_copy / "train" / "PP" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError) as err:
+        datamodule(data_copy).setup("fit")
+    assert "train/PP" in str(err.value) and "has no images" in str(err.value)
+
+
+def test_different_class_sets_across_splits(data_copy):
+    shutil.rmtree(data_copy / "test" / "PS")
+    with pytest.raises(DataError) as err:
+        datamodule(data_copy).setup("fit")
+    assert "split 'test'" in str(err.value) and "missing: ['PS']" in str(err.value)
+
+
+def corrupt_two_files(root: Path) -> list[Path]:
+    truncated = sorted((root / "train" / "PET").glob("*.png"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    garbage = sorted((root / "val" / "PP").glob("*.png"))[0]
+    garbage.write_bytes(b"this is not a png" * 10)
+    return [truncated, garbage]
+
+
+def test_corrupt_images_fail_by_default_naming_the_files(data_copy):
+    bad = corrupt_two_files(data_copy)
+    with pytest.raises(DataError) as err:
+        datamodule(data_copy).setup("fit")
+    message = str(err.value)
+    assert "2 unreadable file(s)" in message and "data.on_corrupt=skip" in message
+    assert all(p.name in message for p in bad)
+
+
+def test_corrupt_images_are_skipped_counted_and_logged(data_copy, caplog):
+    bad = corrupt_two_files(data_copy)
+    dm = datamodule(data_copy, on_corrupt="skip")
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    assert len(dm.splits["train"]) == 69 and len(dm.splits["val"]) == 17
+    assert sorted(Path(p).name for p in dm.skipped) == sorted(p.name for p in bad)
+    assert "leaving out 2 unreadable file(s)" in caplog.text and bad[0].name in caplog.text
+    assert dm.lineage().as_dict()["skipped_files"] == 2
+    # every remaining file decodes
+    for _ in dm.dataset("train", train=True):
+        pass
+
+
+def test_augmentation_keeps_shape_and_mixup_gives_soft_labels(plastic_data):
+    dm = datamodule(plastic_data, mixup_alpha=0.4, cutmix_alpha=1.0)
+    dm.setup("fit")
+    images, targets = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32)
+    assert targets.shape == (8, 7) and torch.allclose(targets.sum(dim=1), torch.ones(8))
+
+
+def test_digest_covers_every_byte_of_every_file(data_copy):
+    dm = datamodule(data_copy)
+    dm.setup("fit")
+    before = dm.lineage()
+    last = sorted((data_copy / "test" / "other").glob("*.png"))[-1]
+    data = bytearray(last.read_bytes())
+    data[-5] ^= 0xFF  # one byte in the last file of the last split
+    last.write_bytes(bytes(data))
+    after = digest_files(data_copy, dm.splits["test"]["path"], dm.splits["test"]["label"])
+    assert after != before.splits["test"].digest
+    assert before.splits["train"].digest == digest_files(data_copy, dm.splits["train"]["path"], dm.splits["train"]["label"])
+
+
+def test_digest_depends_on_labels(plastic_data):
+    paths = ["train/PET/" + p.name for p in sorted((plastic_data / "train" / "PET").glob("*.png"))]
+    assert digest_files(plastic_data, paths, [0] * len(paths)) != digest_files(plastic_data, paths, [1] * len(paths))
+
+
+def test_datacard_is_read_into_lineage(plastic_data):
+    dm = datamodule(plastic_data)
+    dm.setup("fit")
+    card = dm.lineage().datacard
+    assert card["license"] == "CC0-1.0" and "synthetic" in card["consent"]
