@@ -92,6 +92,9 @@ def run_training(cfg) -> dict[str, Any]:
         monitor=recipe["monitor"],
         mode=recipe["monitor_mode"],
         save_last=True,
+        # last.ckpt is always the newest state, also after a resume from a moved/copied run folder
+        # (with the counter Lightning would write last-v1.ckpt next to a stale last.ckpt).
+        enable_version_counter=False,
     )
     throughput = TrainingThroughput()
     callbacks = [checkpoint, throughput, ThroughputMonitor(batch_size_fn=batch_size_of)]

@@ -1,0 +1,189 @@
+"""End to end: `aift train` / `aift eval` in subprocesses on real files, read back from MLflow and summary.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import aift
+
+SMOKE = ["recipe=plastic_sorting", "debug=smoke", "data.batch_size=16"]  # 70 train images: 4 full batches
+
+
+@pytest.fixture(scope="module")
+def smoke_run(plastic_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{work}/mlflow.db"
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", f"hydra.run.dir={work}/run", f"tracking.uri={uri}", cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    return {"work": work, "run": work / "run", "uri": uri, "summary": summary, "stdout": result.stdout}
+
+
+def test_summary_file_has_the_documented_keys(smoke_run):
+    s = smoke_run["summary"]
+    assert f"summary: {smoke_run['run'] / 'summary.json'}" in smoke_run["stdout"]
+    assert s["status"] == "completed" and s["recipe"] == "plastic_sorting" and s["model"] == "resnet18"
+    assert s["tracking_uri"] == smoke_run["uri"] and len(s["mlflow_run_id"]) == 32
+    assert Path(s["best_checkpoint"]).is_file() and Path(s["last_checkpoint"]).is_file()
+    assert s["global_step"] == 4 and s["train_samples"] == 4 * 16
+    assert s["train_samples_per_s"] > 0 and s["wall_time_s"] > 0
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "test/acc"):
+        assert key in s["metrics"]
+    assert set(s["dataset"]["splits"]) == {"train", "val", "test"}
+    assert s["precision"] == "32-true"
+
+
+def test_mlflow_run_has_params_metrics_inputs_tags_and_artifacts(smoke_run):
+    client = MlflowClient(tracking_uri=smoke_run["uri"])
+    s = smoke_run["summary"]
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "resnet18" and params["data.batch_size"] == "16" and params["seed"] == "42"
+    assert params["recipe.name"] == "plastic_sorting"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(losses) == 4 and [m.step for m in losses] == [0, 1, 2, 3]
+    for metric in ("val/acc", "val/f1_macro", "test/acc", "val/recall_PET"):
+        assert metric in run.data.metrics
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"plastic_sorting-train", "plastic_sorting-val", "plastic_sorting-test"}
+    for split in ("train", "val", "test"):
+        dataset_input = inputs[f"plastic_sorting-{split}"]
+        assert dataset_input.dataset.digest == s["dataset"]["splits"][split]["digest"][:32]
+        assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == split
+    tags = run.data.tags
+    assert tags["aift.data.digest"] == s["dataset"]["digest"]
+    assert tags["aift.data.license"] == "CC0-1.0"
+    assert tags["aift.version.torch"] and tags["aift.hardware.cpu_count"]
+    assert tags["aift.checkpoint.best"] == s["best_checkpoint"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "environment.json", "summary.json", "reports"} <= artifacts
+    reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/val_confusion_matrix.png", "reports/test_per_class_metrics.csv"} <= reports
+    env = json.loads(Path(client.download_artifacts(run.info.run_id, "environment.json", str(smoke_run["work"]))).read_text())
+    assert "torch" in env["packages"] and env["hardware"]["cpu_count"] >= 1
+
+
+def test_per_class_table_and_confusion_matrix_files(smoke_run):
+    reports = smoke_run["run"] / "reports"
+    lines = (reports / "test_per_class_metrics.csv").read_text().splitlines()
+    assert lines[0] == "class,precision,recall,f1,support"
+    assert [l.split(",")[0] for l in lines[1:]] == ["HDPE", "LDPE", "PET", "PP", "PS", "PVC", "other"]
+    assert (reports / "val_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_of_best_checkpoint_reproduces_test_metrics(smoke_run, plastic_data):
+    s = smoke_run["summary"]
+    result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", f"data.root={plastic_data}",
+                  "trainer.limit_test_batches=2", "data.num_workers=0", f"hydra.run.dir={smoke_run['work']}/eval",
+                  cwd=smoke_run["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((smoke_run["work"] / "eval" / "eval.json").read_text())
+    assert report["split"] == "test" and report["checkpoint"] == s["best_checkpoint"]
+    assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
+    assert report["dataset"]["digest"] == s["dataset"]["digest"]
+
+
+def test_eval_with_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
+    data = Path(shutil.copytree(plastic_data, tmp_path / "fewer"))
+    for split in ("train", "val", "test"):
+        shutil.rmtree(data / split / "other")
+    result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={smoke_run['summary']['best_checkpoint']}",
+                  f"data.root={data}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "trained on 7 classes" in result.stderr and "the data has 6 classes" in result.stderr
+
+
+def test_resume_from_last_continues_the_same_mlflow_run(smoke_run, plastic_data, tmp_path):
+    run_dir = Path(shutil.copytree(smoke_run["run"], tmp_path / "run"))
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", f"hydra.run.dir={run_dir}", "ckpt_path=last",
+                  "trainer.max_epochs=2", f"tracking.uri={smoke_run['uri']}", cwd=smoke_run["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert s["global_step"] == 8 and s["train_samples"] == 4 * 16  # only the new epoch was trained
+    assert s["mlflow_run_id"] == smoke_run["summary"]["mlflow_run_id"]
+    history = MlflowClient(tracking_uri=smoke_run["uri"]).get_metric_history(s["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(range(8))
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() != before
+
+
+def test_resume_last_without_a_checkpoint_explains_hydra_run_dir(plastic_data, tmp_path):
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", "ckpt_path=last", "tracking=none",
+                  f"hydra.run.dir={tmp_path}/fresh", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no checkpoint at" in result.stderr and "hydra.run.dir=" in result.stderr
+
+
+def test_resume_with_a_checkpoint_of_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
+    data = Path(shutil.copytree(plastic_data, tmp_path / "more"))
+    for split in ("train", "val", "test"):
+        shutil.copytree(data / split / "PET", data / split / "PLA")
+    result = aift("train", *SMOKE, f"data.root={data}", f"ckpt_path={smoke_run['summary']['last_checkpoint']}",
+                  "tracking=none", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 2 and "trained on 7 classes" in result.stderr and "PLA" in result.stderr
+
+
+def test_unreachable_tracking_server_fails_before_training(plastic_data, tmp_path):
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", "tracking.uri=http://127.0.0.1:9",
+                  f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "tracking.uri 'http://127.0.0.1:9'" in result.stderr and "cannot be reached" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sqlite_store_in_a_missing_folder_is_refused(plastic_data, tmp_path):
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", f"tracking.uri=sqlite:///{tmp_path}/no/such/dir/m.db",
+                  f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "tracking=none" in result.stderr
+
+
+def test_unknown_override_key_fails_without_training(tmp_path):
+    result = aift("train", *SMOKE, "trainer.max_epoch=3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'trainer.max_epoch'" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    result = aift("train", *SMOKE, "trainer.max_epochs=ten", cwd=tmp_path)
+    assert result.returncode == 2 and "trainer.max_epochs" in result.stderr and "'ten'" in result.stderr
+
+
+def test_missing_data_root_gives_synth_hint(tmp_path):
+    result = aift("train", *SMOKE, f"data.root={tmp_path}/nothing", "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2 and "aift data synth plastic_sorting" in result.stderr
+
+
+def test_cfg_job_prints_the_composed_config_without_training(tmp_path):
+    result = aift("train", *SMOKE, "model=efficientnet_b0", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "name: efficientnet_b0" in result.stdout and "max_epochs: 1" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_multirun_sweep_trains_one_job_per_point(plastic_data, tmp_path):
+    result = aift("train", "-m", *SMOKE, f"data.root={plastic_data}", "tracking=none", "seed=1,2",
+                  "trainer.limit_train_batches=1", "run_test=false", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["mlflow_run_id"] for p in summaries} == {None}
+
+
+def test_multispectral_experiment_trains_with_four_bands(plastic_data_ms, tmp_path):
+    result = aift("train", "experiment=plastic_sorting_multispectral", "debug=smoke", f"data.root={plastic_data_ms}",
+                  "tracking=none", "data.batch_size=8", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert state["state_dict"]["net.conv1.weight"].shape[1] == 4
+    assert state["hyper_parameters"]["data_info"]["channels"] == ["red", "green", "blue", "nir"]
