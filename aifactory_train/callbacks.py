@@ -36,7 +36,7 @@ class TrainingThroughput(L.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samples += batch_size_of(batch)
+        self.samples += batch_size_of(batch) * trainer.world_size  # every rank trains a batch of this size
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and self._epoch_start is not None:

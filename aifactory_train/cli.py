@@ -39,7 +39,12 @@ def _hydra_app(command: str, config_name: str, args: list[str]) -> int:
     from aifactory_train.errors import AiftError
     from aifactory_train.resources import config_dir
 
+    original_argv = list(sys.argv)
+
     def task(cfg) -> None:
+        # Hydra has parsed its arguments; restore the real command line, because Lightning's DDP launcher
+        # starts the other ranks by re-running it (plus hydra.run.dir=<this run's folder>).
+        sys.argv = original_argv
         try:
             if command == "train":
                 from aifactory_train.train import run_training

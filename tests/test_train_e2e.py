@@ -187,3 +187,19 @@ def test_multispectral_experiment_trains_with_four_bands(plastic_data_ms, tmp_pa
     state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert state["state_dict"]["net.conv1.weight"].shape[1] == 4
     assert state["hyper_parameters"]["data_info"]["channels"] == ["red", "green", "blue", "nir"]
+
+
+def test_ddp_on_two_cpu_processes_shares_one_folder_and_one_mlflow_run(plastic_data, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = aift("train", "recipe=plastic_sorting", "debug=smoke", "data.batch_size=8", f"data.root={plastic_data}",
+                  "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"tracking.uri={uri}",
+                  "tracking.experiment=ddp_check", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert summary["global_step"] == 4 and summary["train_samples"] == 4 * 8 * 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mlruns", "run"]  # one output folder (+ artifacts)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp_check").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    assert len(client.get_metric_history(summary["mlflow_run_id"], "train/loss")) == 4
