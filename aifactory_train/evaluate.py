@@ -29,6 +29,9 @@ def run_evaluation(cfg) -> dict[str, Any]:
     from aifactory_train.errors import DataError
     from aifactory_train.strategies import resolve_precision
 
+    from aifactory_train.train import use_hydra_logging
+
+    use_hydra_logging()
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("test" if cfg.split == "test" else "validate")

@@ -43,6 +43,16 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def use_hydra_logging() -> None:
+    """Lightning adds its own console handler; under Hydra the root logger already prints and writes the
+    run's log file, so drop Lightning's to avoid every line appearing twice."""
+    root = logging.getLogger()
+    if root.handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train the configured recipe; return the summary (also written to <run dir>/summary.json)."""
     started = time.time()
@@ -68,6 +78,7 @@ def run_training(cfg) -> dict[str, Any]:
     from aifactory_train.strategies import trainer_kwargs
     from aifactory_train.tracking import is_global_zero
 
+    use_hydra_logging()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
@@ -149,6 +160,8 @@ def run_training(cfg) -> dict[str, Any]:
         "train_samples": throughput.samples,
         "train_samples_per_s": throughput.samples_per_s,
         "wall_time_s": round(time.time() - started, 3),
+        "train_flops_per_sample": (module.flops_per_batch / datamodule.batch_size
+                                   if getattr(module, "flops_per_batch", None) else None),
         "precision": str(trainer.precision),
         "num_processes": trainer.world_size,
         "dataset": lineage.as_dict() if lineage is not None else None,

@@ -53,6 +53,7 @@ class PlasticSortingModule(L.LightningModule):
         self.val_metrics = _eval_metrics(num_classes, "val/")
         self.test_metrics = _eval_metrics(num_classes, "test/")
         self.channels_last = False
+        self.flops_per_batch: int | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -67,6 +68,22 @@ class PlasticSortingModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.hparams.model.get("compile") and stage == "fit":
             self.net.compile()  # in place: state_dict keys stay the same
+        if stage == "fit":
+            batch_size = getattr(self.trainer.datamodule, "batch_size", 1) if self.trainer is not None else 1
+            self.flops_per_batch = self.measure_flops(batch_size)
+
+    def measure_flops(self, batch_size: int) -> int:
+        """Training FLOPs (forward + backward) of one batch, counted on the meta device (no compute).
+
+        Lightning's ThroughputMonitor turns this into FLOP/s and, on GPUs it knows, MFU.
+        """
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        info = self.hparams.data_info
+        with torch.device("meta"):
+            net = build_torchvision_classifier(self.hparams.model["name"], len(self.class_names), len(info["channels"]))
+            images = torch.empty(batch_size, len(info["channels"]), info["image_size"], info["image_size"])
+        return measure_flops(net, lambda: net(images), loss_fn=torch.Tensor.sum)
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
