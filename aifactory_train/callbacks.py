@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 
 
 def batch_size_of(batch) -> int:
@@ -18,25 +19,75 @@ def batch_size_of(batch) -> int:
     return len(first)
 
 
-class TrainingThroughput(L.Callback):
-    """Samples and seconds spent in training batches for summary.json's ``train_samples_per_s``.
+def precision_dtype(precision: str) -> torch.dtype:
+    if "bf16" in precision:
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
 
-    Lightning's ThroughputMonitor logs per-step throughput to the logger but keeps no run total; this
-    counts the whole fit, from the first training batch request to the last optimizer step, leaving out
-    validation (data loading time is included: it is part of what a user waits for).
+
+class TrainingThroughput(L.Callback):
+    """Training samples/s, FLOP/s and MFU to the logger, and the run totals for summary.json.
+
+    Why not Lightning's ThroughputMonitor: it calls ``torch.cuda.synchronize()`` after every batch, so
+    the CPU can no longer queue the next step while the GPU works; that costs throughput exactly where
+    it is measured. This callback synchronises only on logging steps and still uses Lightning's
+    ``Throughput`` for the arithmetic (windowed rates, FLOP/s, MFU from ``get_available_flops``).
+    FLOPs come from the module's ``flops_per_batch`` (measured with ``measure_flops``), when it has one.
+    Time spent in validation is left out; data loading is included (it is part of what a user waits for).
     """
 
-    def __init__(self) -> None:
-        self.samples = 0
+    def __init__(self, log_every_n_steps: int = 10, window_size: int = 2) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.window_size = window_size
+        self.samples = 0  # over all ranks
         self.seconds = 0.0
+        self._local_samples = 0
+        self._batches = 0
+        self._flops_since_update = 0
         self._epoch_start: float | None = None
-        self._paused_at: float | None = None
+        self._throughput = None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.samples / self.seconds if self.seconds > 0 else None
+
+    def _train_seconds(self) -> float:
+        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        return self.seconds + running
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+
+        device = trainer.strategy.root_device
+        available = None
+        if device.type == "cuda":
+            available = get_available_flops(device, precision_dtype(str(trainer.precision)))
+        self._throughput = Throughput(available_flops=available, world_size=trainer.world_size,
+                                      window_size=self.window_size)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samples += batch_size_of(batch) * trainer.world_size  # every rank trains a batch of this size
+        size = batch_size_of(batch)
+        self.samples += size * trainer.world_size
+        self._local_samples += size
+        self._batches += 1
+        flops = getattr(pl_module, "flops_per_batch", None)
+        if flops:
+            self._flops_since_update += flops
+        if trainer.logger is None or trainer.global_step % self.log_every_n_steps != 0:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # only here: the elapsed time must include the queued GPU work
+        self._throughput.update(time=self._train_seconds(), batches=self._batches, samples=self._local_samples,
+                                flops=self._flops_since_update if flops else None)
+        self._flops_since_update = 0
+        metrics = self._throughput.compute()
+        if metrics and trainer.is_global_zero:
+            trainer.logger.log_metrics({f"throughput/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and self._epoch_start is not None:
@@ -51,7 +102,3 @@ class TrainingThroughput(L.Callback):
         if self._epoch_start is not None:
             self.seconds += time.perf_counter() - self._epoch_start
             self._epoch_start = None
-
-    @property
-    def samples_per_s(self) -> float | None:
-        return self.samples / self.seconds if self.seconds > 0 else None

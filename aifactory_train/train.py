@@ -71,9 +71,9 @@ def run_training(cfg) -> dict[str, Any]:
 
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from aifactory_train.callbacks import TrainingThroughput, batch_size_of
+    from aifactory_train.callbacks import TrainingThroughput
     from aifactory_train.checkpoints import CHECKPOINT_DIR, check_classes_match, resolve_checkpoint
     from aifactory_train.strategies import trainer_kwargs
     from aifactory_train.tracking import is_global_zero
@@ -107,8 +107,8 @@ def run_training(cfg) -> dict[str, Any]:
         # (with the counter Lightning would write last-v1.ckpt next to a stale last.ckpt).
         enable_version_counter=False,
     )
-    throughput = TrainingThroughput()
-    callbacks = [checkpoint, throughput, ThroughputMonitor(batch_size_fn=batch_size_of)]
+    throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
+    callbacks = [checkpoint, throughput]
     logger = tracker.lightning_logger()
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -48,8 +48,9 @@ def test_mlflow_run_has_params_metrics_inputs_tags_and_artifacts(smoke_run):
     assert params["recipe.name"] == "plastic_sorting"
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(losses) == 4 and [m.step for m in losses] == [0, 1, 2, 3]
-    for metric in ("val/acc", "val/f1_macro", "test/acc", "val/recall_PET"):
-        assert metric in run.data.metrics
+    for metric in ("val/acc", "val/f1_macro", "test/acc", "val/recall_PET", "throughput/device/samples_per_sec",
+                   "throughput/device/flops_per_sec"):
+        assert metric in run.data.metrics, sorted(run.data.metrics)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"plastic_sorting-train", "plastic_sorting-val", "plastic_sorting-test"}
     for split in ("train", "val", "test"):
