@@ -49,7 +49,8 @@ class PlasticSortingModule(L.LightningModule):
         self.net = build_torchvision_classifier(
             model["name"], num_classes, in_channels=len(data_info["channels"]), weights_path=model.get("weights_path")
         )
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: the input checks cost time on every training step; eval metrics keep them
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_metrics = _eval_metrics(num_classes, "val/")
         self.test_metrics = _eval_metrics(num_classes, "test/")
         self.channels_last = False
@@ -91,7 +92,7 @@ class PlasticSortingModule(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.loss.get("label_smoothing", 0.0))
         hard = targets.argmax(dim=1) if targets.ndim == 2 else targets  # soft targets under MixUp/CutMix
-        self.train_acc(logits.detach(), hard)
+        self.train_acc.update(logits.detach(), hard)  # update only: no per-batch compute
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# All GPU checks of plastic_sorting in one go, for a lent H100/H200 (see README "Benchmarks").
+# Here, first:  bash ../shared/device/wheelhouse.sh && .venv/bin/pip wheel --no-deps . -w .whl
+# There:        bash benchmarks/gpu/plastic_sorting.sh        (results in $OUT, default ./gpu_results)
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_results}
+mkdir -p "$OUT"
+REPO=$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
+nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee "$OUT/gpu.csv"
+python3 -c "import torch, lightning, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchvision', torchvision.__version__)" | tee "$OUT/versions.txt"
+
+# 1. Training step: recipe vs plain loop, ResNet-50, 224 px, batch 256, bf16-mixed, channels_last; eager and compiled.
+#    Input pipeline (real PNGs, decode + augment) at 4/8/12 workers vs that step.
+timeout 420 python3 benchmarks/plastic_sorting_step.py --model resnet50 --image-size 224 --batch-size 256 \
+    --steps 40 --warmup 10 --repeats 2 --compile both --workers 4 8 12 \
+    --out "$OUT/step.json" --markdown "$OUT/step.md" 2>&1 | grep -vE "Warning|warn\(|LeafSpec" | tail -20
+
+# 2. The whole `aift train` path on the GPU (bf16-mixed, channels_last, MLflow sqlite), eager, a few steps.
+cd /tmp && rm -rf gpu_smoke && mkdir gpu_smoke && cd gpu_smoke
+python3 -m aifactory_train.cli data synth plastic_sorting --out data --size 1024 >/dev/null
+timeout 180 python3 -m aifactory_train.cli train experiment=plastic_sorting_gpu data.root=data model.compile=false \
+    trainer.max_epochs=2 data.batch_size=128 trainer.enable_progress_bar=false hydra.run.dir=run \
+    > "$OUT/smoke_train.log" 2>&1
+echo "aift train exit code: $?"
+cp run/summary.json "$OUT/smoke_summary.json" 2>/dev/null && python3 -m aifactory_train.show_summary run/summary.json
+cd "$REPO"
