@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -49,12 +49,14 @@ class PlasticSortingModule(L.LightningModule):
         self.net = build_torchvision_classifier(
             model["name"], num_classes, in_channels=len(data_info["channels"]), weights_path=model.get("weights_path")
         )
-        # validate_args=False: the input checks cost time on every training step; eval metrics keep them
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # Training accuracy as a running mean of per-sample correctness: MulticlassAccuracy's update calls
+        # torch.bincount, which synchronises the GPU on every step (measured: -3 % eager, -10 % compiled).
+        self.train_acc = MeanMetric(nan_strategy="disable")
         self.val_metrics = _eval_metrics(num_classes, "val/")
         self.test_metrics = _eval_metrics(num_classes, "test/")
         self.channels_last = False
         self.flops_per_batch: int | None = None
+        self.progress_bar_values = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -65,6 +67,10 @@ class PlasticSortingModule(L.LightningModule):
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         setting = self.hparams.model.get("channels_last", "auto")
         self.channels_last = on_gpu if setting == "auto" else bool(setting)
+        # Lightning turns every prog_bar value into a Python number after each batch (even with the bar off):
+        # a GPU sync per step, measured at -2.6 % eager / -5 % compiled on an H200. On GPUs the values go to
+        # the logger only (every trainer.log_every_n_steps).
+        self.progress_bar_values = not on_gpu
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.hparams.model.get("compile") and stage == "fit":
@@ -92,15 +98,15 @@ class PlasticSortingModule(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.loss.get("label_smoothing", 0.0))
         hard = targets.argmax(dim=1) if targets.ndim == 2 else targets  # soft targets under MixUp/CutMix
-        self.train_acc.update(logits.detach(), hard)  # update only: no per-batch compute
-        self.log("train/loss", loss, prog_bar=True)
+        self.train_acc.update((logits.detach().argmax(dim=1) == hard).float())
+        self.log("train/loss", loss, prog_bar=self.progress_bar_values)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str):
         images, targets = batch
         logits = self(images)
-        self.log(f"{prefix}loss", F.cross_entropy(logits, targets), prog_bar=prefix == "val/")
+        self.log(f"{prefix}loss", F.cross_entropy(logits, targets), prog_bar=prefix == "val/" and self.progress_bar_values)
         metrics.update(logits, targets)
 
     def validation_step(self, batch, batch_idx):
