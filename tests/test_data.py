@@ -31,8 +31,10 @@ def test_imagefolder_loads_splits_and_classes_from_the_data(plastic_data):
     assert {s: len(d) for s, d in dm.splits.items()} == {"train": 70, "val": 18, "test": 18}
     assert dm.splits["train"].features["label"].names == CLASSES
     images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8  # workers ship uint8
     assert labels.dtype == torch.int64 and labels.max() < 7
+    images, _ = dm.on_after_batch_transfer((images, labels), 0)  # on the device: float, normalised
+    assert images.dtype == torch.float32 and -2.5 < images.mean() < 2.5
 
 
 def test_class_set_comes_from_the_folders(data_copy):
@@ -48,7 +50,7 @@ def test_class_set_comes_from_the_folders(data_copy):
 def test_multispectral_npy_gives_four_channel_batches(plastic_data_ms):
     dm = datamodule(plastic_data_ms, channels=["r", "g", "b", "nir"], mean=[0.5] * 4, std=[0.25] * 4)
     dm.setup("fit")
-    images, _ = next(iter(dm.val_dataloader()))
+    images, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert images.shape[1:] == (4, 32, 32)
     # the NIR band carries information: it is not constant across the batch
     assert images[:, 3].std() > 0.1
@@ -170,7 +172,9 @@ def test_corrupt_images_are_skipped_counted_and_logged(data_copy, caplog):
 def test_augmentation_keeps_shape_and_mixup_gives_soft_labels(plastic_data):
     dm = datamodule(plastic_data, mixup_alpha=0.4, cutmix_alpha=1.0)
     dm.setup("fit")
-    images, targets = next(iter(dm.train_dataloader()))
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert labels.ndim == 1  # without a training trainer (validation, eval) batches are not mixed
+    images, targets = dm.batch_mix(images, labels)
     assert images.shape == (8, 3, 32, 32)
     assert targets.shape == (8, 7) and torch.allclose(targets.sum(dim=1), torch.ones(8))
 

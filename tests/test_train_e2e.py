@@ -204,3 +204,11 @@ def test_ddp_on_two_cpu_processes_shares_one_folder_and_one_mlflow_run(plastic_d
     runs = client.search_runs([client.get_experiment_by_name("ddp_check").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
     assert len(client.get_metric_history(summary["mlflow_run_id"], "train/loss")) == 4
+
+
+def test_mixup_and_cutmix_train_with_soft_labels(plastic_data, tmp_path):
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+                  "tracking=none", "run_test=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["global_step"] == 4 and 0 <= summary["metrics"]["train/acc"] <= 1

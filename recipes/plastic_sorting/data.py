@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
@@ -158,7 +158,7 @@ class ImageFiles(Dataset):
 
 
 class BatchMix:
-    """MixUp/CutMix on a collated training batch (torchvision transforms v2); labels become soft."""
+    """MixUp/CutMix on a normalised training batch (torchvision transforms v2); labels become soft."""
 
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
         choices = []
@@ -168,8 +168,8 @@ class BatchMix:
             choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
         self.mix = v2.RandomChoice(choices)
 
-    def __call__(self, samples):
-        return self.mix(*default_collate(samples))
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        return self.mix(images, labels)
 
 
 class PlasticSortingDataModule(L.LightningDataModule):
@@ -206,6 +206,7 @@ class PlasticSortingDataModule(L.LightningDataModule):
         self.splits = None  # split name -> datasets.Dataset(path, label)
         self.class_names: list[str] = []
         self.skipped: list[str] = []
+        self.batch_mix = None
 
     # -- loading ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -230,6 +231,8 @@ class PlasticSortingDataModule(L.LightningDataModule):
             )
             for split, rows in records.items()
         }
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            self.batch_mix = BatchMix(len(self.class_names), self.mixup_alpha, self.cutmix_alpha)
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.splits.items())
         log.info("data %s: %d classes %s; %s", self.root, len(self.class_names), self.class_names, sizes)
 
@@ -273,6 +276,10 @@ class PlasticSortingDataModule(L.LightningDataModule):
         return lineage
 
     # -- transforms and loaders ------------------------------------------------------------------
+    # Workers decode and augment in the files' own dtype (uint8 for PNG/JPEG) and the batch travels as
+    # such; scaling to float, normalising and MixUp/CutMix run after the batch reached the device. Float32
+    # batches are 4x the bytes to collate, pin and copy: on an H200 that main-process work, not decoding,
+    # capped the input pipeline (benchmarks/results/plastic_sorting_step_h200_2026-11-28.md).
     def transform(self, train: bool):
         size = self.image_size
         steps: list = []
@@ -286,17 +293,25 @@ class PlasticSortingDataModule(L.LightningDataModule):
                 steps.append(v2.ColorJitter(brightness=self.augment["brightness"]))
         else:
             steps.append(v2.Resize((size, size), antialias=True))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         return v2.Compose(steps)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        images = v2.functional.to_dtype(images, torch.float32, scale=True)
+        return v2.functional.normalize(images, self.mean, self.std)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        images = self.normalize(images)
+        trainer = getattr(self, "trainer", None)
+        if self.batch_mix is not None and trainer is not None and trainer.training:
+            images, labels = self.batch_mix(images, labels)
+        return images, labels
 
     def dataset(self, split: str, train: bool) -> ImageFiles:
         ds = self.splits[split]
         return ImageFiles(self.root, ds["path"], ds["label"], len(self.channels), self.transform(train))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        collate = default_collate
-        if train and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
-            collate = BatchMix(len(self.class_names), self.mixup_alpha, self.cutmix_alpha)
         return DataLoader(
             self.dataset(split, train),
             batch_size=self.batch_size,
@@ -305,7 +320,6 @@ class PlasticSortingDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
