@@ -17,6 +17,7 @@ aift: train the AI Factory Groningen's recipes, from a laptop smoke run to a mul
 usage:
   aift train recipe=NAME [KEY=VALUE ...]   train (a Hydra app: --cfg job, -m, hydra.run.dir=DIR; --help)
   aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
+  aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx) (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift --version
@@ -50,10 +51,14 @@ def _hydra_app(command: str, config_name: str, args: list[str]) -> int:
                 from aifactory_train.train import run_training
 
                 run_training(cfg)
-            else:
+            elif command == "eval":
                 from aifactory_train.evaluate import run_evaluation
 
                 run_evaluation(cfg)
+            else:
+                from aifactory_train.export import run_export
+
+                run_export(cfg)
         except AiftError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -93,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train a recipe (Hydra app; `aift train --help`)", add_help=False)
     sub.add_parser("eval", help="score a checkpoint (Hydra app; `aift eval --help`)", add_help=False)
+    sub.add_parser("export", help="export a checkpoint (Hydra app; `aift export --help`)", add_help=False)
     recipes = sub.add_parser("recipes", help="list the recipes", description="Show the recipes this install knows.")
     recipes.add_argument("action", choices=["list"], help="list: name, task, default model, data format, description")
     data = sub.add_parser("data", help="data tools", description="Data tools.")
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # Data sovereignty: MLflow 3 reports usage telemetry to an outside service unless told not to.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval"):
+    if argv and argv[0] in ("train", "eval", "export"):
         return _hydra_app(argv[0], argv[0], argv[1:])
     args = _parser().parse_args(argv)
     if args.version:

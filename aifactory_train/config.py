@@ -141,6 +141,24 @@ class RecipeSection:
 
 
 @dataclass
+class OptimConfig:
+    """Optimizer + warmup/cosine schedule (aifactory_train.schedules), shared by the recipes."""
+
+    name: str = "adamw"
+    lr: float = 0.002
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+
+    def check(self) -> None:
+        check_choice("optim.name", self.name, ("adamw", "sgd"))
+        check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclass
 class RunConfig:
     """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
 
@@ -154,6 +172,18 @@ class RunConfig:
     ckpt_path: Optional[str] = None
     run_test: bool = True
     split: Optional[str] = None  # aift eval only
+    format: Optional[str] = None  # aift export only
+    export: Dict[str, Any] = field(default_factory=dict)  # aift export only
+
+    def check(self) -> None:
+        model_task = getattr(getattr(self, "model", None), "task", None)
+        if model_task is not None and model_task != self.recipe.task:
+            from aifactory_train.resources import model_configs_for_task
+
+            raise ConfigError(
+                f"config key 'model': this is a {model_task} model, but recipe {self.recipe.name} needs a "
+                f"{self.recipe.task} model; valid: {', '.join('model=' + m for m in model_configs_for_task(self.recipe.task))}"
+            )
 
 
 def validate(cfg) -> Any:

@@ -62,6 +62,13 @@ def recipe_info(name: str) -> RecipeInfo:
     )
 
 
+def model_configs_for_task(task: str) -> list[str]:
+    """Names of the model configs (configs/model/*.yaml) whose ``task`` is ``task``."""
+    from omegaconf import OmegaConf
+
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if OmegaConf.load(p).get("task") == task)
+
+
 def load_object(spec: str):
     """Import ``"package.module:attribute"``."""
     module_name, _, attribute = spec.partition(":")

@@ -54,9 +54,8 @@ def module_config(args):
 
 def plain_loop(args, batches, device, precision: str) -> float:
     """Hand-written: the same model, optimizer, schedule, loss and autocast as the recipe."""
-    import math
-
     from aifactory_train.models import build_torchvision_classifier
+    from aifactory_train.schedules import warmup_cosine
 
     torch.manual_seed(0)
     net = build_torchvision_classifier(args.model, CLASSES).to(device)
@@ -67,14 +66,7 @@ def plain_loop(args, batches, device, precision: str) -> float:
         net.compile()
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.002, weight_decay=0.05)
-    total, warmup = args.warmup + args.steps, 20
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = warmup_cosine(optimizer, args.warmup + args.steps, 20, 0.01)  # as the recipe's
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     start = None
     for step in range(total):

@@ -45,3 +45,23 @@ def data_copy(plastic_data, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(plastic_data, tmp_path / "plastic"))
+
+
+@pytest.fixture(scope="session")
+def crop_data(tmp_path_factory) -> Path:
+    """A small crop_detection dataset: 24 train, 6 val, 6 test JPEGs with COCO JSON (ids 3=crop, 7=weed)."""
+    from aifactory_train.recipes.crop_detection.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "crops", size=24, seed=4)
+
+
+@pytest.fixture
+def crop_copy(crop_data, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(crop_data, tmp_path / "crops"))
+
+
+@pytest.fixture(scope="session")
+def data_roots(plastic_data, crop_data) -> dict:
+    return {"plastic_sorting": plastic_data, "crop_detection": crop_data}

@@ -34,11 +34,25 @@ def compose_run(overrides: list[str], tmp_path: Path, root: str = "train"):
         return cfg
 
 
+def recipe_of(group: str, name: str) -> str:
+    """The recipe a group option belongs to: by the model's task, an experiment's own recipe, else the default."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(CONFIGS / group / f"{name}.yaml")
+    if group == "model":
+        tasks = {OmegaConf.load(p).recipe.task: p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
+        return tasks[raw.task]
+    for entry in raw.get("defaults", []):
+        if isinstance(entry, dict) and "override /recipe" in entry:
+            return entry["override /recipe"]
+    return "plastic_sorting"
+
+
 def every_override() -> list[list[str]]:
-    """One composition per file in configs/: each group option on top of the default recipe."""
+    """One composition per file in configs/: each group option with the recipe it belongs to."""
     runs = [[f"recipe={name}"] for name in options("recipe")]
     for group in ("model", "trainer", "strategy", "cluster", "tracking", "paths", "debug", "experiment"):
-        runs += [[f"{group}={name}"] for name in options(group)]
+        runs += [[f"{group}={name}", f"recipe={recipe_of(group, name)}"] for name in options(group)]
     return runs
 
 
@@ -46,30 +60,43 @@ def test_every_config_file_is_covered():
     covered = {f"{o[0].split('=')[0]}/{o[0].split('=')[1]}.yaml" for o in every_override()}
     on_disk = {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml")}
     assert on_disk <= covered | {p for p in on_disk if p.startswith("data/")}, on_disk - covered
+    recipes_with_data = {o[1].split("=")[1] for o in every_override() if len(o) > 1} | set(options("recipe"))
+    assert {f"data/{r}.yaml" for r in recipes_with_data} == {p for p in on_disk if p.startswith("data/")}
 
 
-@pytest.mark.parametrize("overrides", every_override(), ids=lambda o: o[0])
-def test_config_composes_validates_and_instantiates(overrides, tmp_path, plastic_data):
+@pytest.mark.parametrize("overrides", every_override(), ids=lambda o: "+".join(o))
+def test_config_composes_validates_and_instantiates(overrides, tmp_path, data_roots):
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    cfg = compose_run([*overrides, f"data.root={plastic_data}"], tmp_path)
+    recipe = [o for o in overrides if o.startswith("recipe=")][-1].split("=")[1]
+    group_override = [o for o in overrides if not o.startswith("recipe=")]
+    cfg = compose_run([f"recipe={recipe}", *group_override, f"data.root={data_roots[recipe]}"], tmp_path)
     typed = validate(cfg)
-    assert typed.recipe.name in options("recipe")
+    assert typed.recipe.name == recipe
     datamodule = instantiate(cfg.data, _convert_="all")
-    assert datamodule.root == Path(plastic_data)
+    assert datamodule.root == Path(data_roots[recipe])
     if overrides[0].startswith(("model=", "recipe=")):
-        from omegaconf import OmegaConf
-
+        datamodule.setup("fit")
         plain = OmegaConf.to_container(cfg, resolve=True)
         module = instantiate(cfg.recipe.module, model=plain["model"], optim=plain["optim"], loss=plain["loss"],
-                             data_info={"class_names": ["a", "b"], "channels": plain["data"]["channels"],
-                                        "image_size": 32}, _convert_="all")
+                             data_info=datamodule.data_info, _convert_="all")
         assert module.net is not None
 
 
-def test_eval_root_config_composes(tmp_path):
+def test_model_of_another_task_lists_the_right_ones(tmp_path):
+    cfg = compose_run(["recipe=plastic_sorting", "model=ssdlite320_mobilenet_v3_large"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert "object_detection model" in message and "model=resnet18" in message and "model=ssdlite" not in message
+
+
+def test_eval_and_export_root_configs_compose(tmp_path):
     cfg = compose_run(["ckpt_path=x.ckpt"], tmp_path, root="eval")
     assert validate(cfg).split == "test"
+    cfg = compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt"], tmp_path, root="export")
+    assert validate(cfg).format == "onnx"
 
 
 def test_unknown_group_option_lists_valid_ones(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from aifactory_train.config import RunConfig, check, check_choice
+from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
 
 FORMATS = ("imagefolder", "manifest")
 ON_CORRUPT = ("fail", "skip")
@@ -74,6 +74,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    task: str = "image_classification"
     name: str = "resnet18"
     weights_path: Optional[str] = None
     channels_last: Any = "auto"
@@ -84,22 +85,6 @@ class ModelConfig:
 
         check_choice("model.name", self.name, classifier_names())
         check(self.channels_last in ("auto", True, False), "model.channels_last", self.channels_last, "auto, true or false")
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 0.002
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.01
-
-    def check(self) -> None:
-        check_choice("optim.name", self.name, ("adamw", "sgd"))
-        check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
-        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
-        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
 
 
 @dataclass

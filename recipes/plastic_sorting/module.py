@@ -6,7 +6,6 @@ and a confusion matrix + per-class table written to ``<run dir>/reports`` after 
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torchmetrics.classification import (
 )
 
 from aifactory_train.models import build_torchvision_classifier
+from aifactory_train.schedules import warmup_cosine
 
 
 def _eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -181,15 +181,6 @@ class PlasticSortingModule(L.LightningModule):
                                         weight_decay=cfg["weight_decay"], nesterov=True)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(cfg["warmup_steps"], max(0, total - 1))
-        min_ratio = cfg["min_lr_ratio"]
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+                                  cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

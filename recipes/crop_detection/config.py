@@ -1,0 +1,82 @@
+"""The typed schema of crop_detection's config (configs/recipe, configs/data, configs/model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+
+FORMATS = ("coco", "hf")
+DETECTORS = (  # keep in step with model.DETECTORS (no torch import here)
+    "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
+)
+
+
+@dataclass
+class AugmentConfig:
+    photometric: bool = True
+    scale_jitter: Optional[List[float]] = None
+    hflip: bool = True
+    vflip: bool = True
+
+    def check(self) -> None:
+        if self.scale_jitter is not None:
+            ok = len(self.scale_jitter) == 2 and 0 < self.scale_jitter[0] <= self.scale_jitter[1]
+            check(ok, "data.augment.scale_jitter", self.scale_jitter, "null or [low, high] with 0 < low <= high")
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "aifactory_train.recipes.crop_detection.data.CropDetectionDataModule"
+    root: str = "data/crop_detection"
+    format: str = "coco"
+    splits: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    class_names: List[str] = field(default_factory=list)
+    batch_size: int = 4
+    num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def check(self) -> None:
+        check_choice("data.format", self.format, FORMATS)
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        if self.format == "coco":
+            for split in ("train", "val"):
+                files = self.splits.get(split, {})
+                check({"annotations", "images"} <= set(files), f"data.splits.{split}", files,
+                      "a mapping with 'annotations' (COCO JSON) and 'images' (folder), relative to data.root")
+        else:
+            check(len(self.class_names) >= 1, "data.class_names", self.class_names,
+                  "the class names in category-index order (format=hf stores only indices)")
+
+
+@dataclass
+class ModelConfig:
+    task: str = "object_detection"
+    name: str = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    weights_path: Optional[str] = None
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+    anchor_sizes: Optional[List[List[int]]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_choice("model.name", self.name, DETECTORS)
+        for key in ("min_size", "max_size"):
+            value = getattr(self, key)
+            check(value is None or value >= 32, f"model.{key}", value, "null or an integer >= 32 (pixels)")
+
+
+@dataclass
+class LossConfig:
+    """torchvision detectors compute their own losses; nothing to configure yet."""
+
+
+@dataclass
+class CropDetectionConfig(RunConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)

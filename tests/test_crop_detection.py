@@ -1,0 +1,370 @@
+"""crop_detection: COCO/HF loading and its bad inputs, box-aware augmentation, metrics, model options, ONNX."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aifactory_train.errors import ConfigError, DataError
+from aifactory_train.recipes.crop_detection.data import CropDetectionDataModule
+from aifactory_train.recipes.crop_detection.model import build_detector
+from aifactory_train.recipes.crop_detection.module import DetectionRecall
+
+SPLITS = {s: {"annotations": f"annotations/{s}.json", "images": f"images/{s}"} for s in ("train", "val", "test")}
+
+
+def datamodule(root, **kwargs) -> CropDetectionDataModule:
+    return CropDetectionDataModule(root=str(root), splits=SPLITS, batch_size=4, num_workers=0, **kwargs)
+
+
+def coco(root: Path, split: str = "train") -> dict:
+    return json.loads((root / "annotations" / f"{split}.json").read_text())
+
+
+def save(root: Path, data: dict, split: str = "train") -> None:
+    (root / "annotations" / f"{split}.json").write_text(json.dumps(data))
+
+
+# -- loading -------------------------------------------------------------------------------------
+def test_coco_non_contiguous_ids_map_to_labels_in_id_order(crop_data):
+    dm = datamodule(crop_data)
+    dm.setup("fit")
+    assert dm.class_names == ["crop", "weed"] and dm.data_info["category_ids"] == [3, 7]
+    dataset = dm.dataset("train", train=False)
+    labels = torch.cat([dataset[i][1]["labels"] for i in range(len(dataset))])
+    assert set(labels.tolist()) == {1, 2}  # 0 stays background
+    raw = coco(crop_data)
+    assert Counter(labels.tolist()) == Counter({3: 1, 7: 2}[a["category_id"]] for a in raw["annotations"])
+
+
+def test_images_without_annotations_are_negatives(crop_data):
+    dm = datamodule(crop_data)
+    dm.setup("fit")
+    raw = coco(crop_data)
+    annotated = {a["image_id"] for a in raw["annotations"]}
+    negatives = [i for i, img in enumerate(raw["images"]) if img["id"] not in annotated]
+    assert negatives, "the synthetic data should contain negatives"
+    image, target = dm.dataset("train", train=False)[negatives[0]]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert image.shape == (3, 256, 256)
+
+
+def test_hf_object_detection_layout_loads_the_same_boxes(crop_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "hf"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        raw = coco(crop_data, split)
+        lines = []
+        for img in raw["images"]:
+            shutil.copy(crop_data / "images" / split / img["file_name"], root / split / img["file_name"])
+            anns = [a for a in raw["annotations"] if a["image_id"] == img["id"]]
+            lines.append({"file_name": img["file_name"], "objects": {
+                "bbox": [a["bbox"] for a in anns], "category": [0 if a["category_id"] == 3 else 1 for a in anns]}})
+        (root / split / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    hf = CropDetectionDataModule(root=str(root), format="hf", class_names=["crop", "weed"], num_workers=0)
+    hf.setup("fit")
+    reference = datamodule(crop_data)
+    reference.setup("fit")
+    assert hf.class_names == reference.class_names
+    assert sum(len(b) for b in hf.splits["train"]["boxes"]) == sum(len(b) for b in reference.splits["train"]["boxes"])
+    assert not hf.has_split("test")
+
+
+def test_hf_category_outside_class_names(crop_data, tmp_path):
+    import shutil
+
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        name = coco(crop_data, split)["images"][0]["file_name"]
+        shutil.copy(crop_data / "images" / split / name, tmp_path / split / name)
+        (tmp_path / split / "metadata.jsonl").write_text(json.dumps(
+            {"file_name": name, "objects": {"bbox": [[1, 1, 10, 10]], "category": [5]}}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: category 5 is not an index into data.class_names"):
+        CropDetectionDataModule(root=str(tmp_path), format="hf", class_names=["crop", "weed"], num_workers=0).setup("fit")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_annotation_refers_to_missing_image_file(crop_copy):
+    name = coco(crop_copy)["images"][3]["file_name"]
+    (crop_copy / "images" / "train" / name).unlink()
+    with pytest.raises(DataError) as err:
+        datamodule(crop_copy).setup("fit")
+    assert name in str(err.value) and "does not exist" in str(err.value) and "train.json" in str(err.value)
+
+
+def test_annotation_refers_to_unknown_image_id(crop_copy):
+    data = coco(crop_copy)
+    data["annotations"][0]["image_id"] = 999
+    save(crop_copy, data)
+    with pytest.raises(DataError, match=r"refers to image_id 999, which is not in 'images'"):
+        datamodule(crop_copy).setup("fit")
+
+
+def test_category_id_not_in_categories(crop_copy):
+    data = coco(crop_copy)
+    data["annotations"][2]["category_id"] = 5
+    save(crop_copy, data)
+    with pytest.raises(DataError) as err:
+        datamodule(crop_copy).setup("fit")
+    assert "category_id 5" in str(err.value) and "valid ids: [3, 7]" in str(err.value)
+
+
+def test_boxes_without_area_are_dropped_and_counted(crop_copy, caplog):
+    data = coco(crop_copy)
+    data["annotations"][0]["bbox"][2] = 0
+    data["annotations"][1]["bbox"][3] = -4
+    save(crop_copy, data)
+    dm = datamodule(crop_copy)
+    dm.setup("fit")
+    assert dm.box_counts["dropped_no_area"] == 2
+    assert sum(len(b) for b in dm.splits["train"]["boxes"]) == len(data["annotations"]) - 2
+    assert "2 box(es) dropped no area" in caplog.text
+    assert dm.lineage().datacard["boxes_dropped_no_area"] == "2"
+
+
+def test_boxes_outside_the_image_are_clipped_and_counted(crop_copy):
+    data = coco(crop_copy)
+    ann = data["annotations"][0]
+    ann["bbox"] = [-10.0, 240.0, 50.0, 40.0]  # left of and below the 256 px image
+    save(crop_copy, data)
+    dm = datamodule(crop_copy)
+    dm.setup("fit")
+    assert dm.box_counts["clipped_outside_image"] == 1
+    index = [i for i, img in enumerate(data["images"]) if img["id"] == ann["image_id"]][0]
+    assert [0.0, 240.0, 40.0, 256.0] in [list(map(float, b)) for b in dm.splits["train"][index]["boxes"]]
+
+
+def test_empty_annotation_list_for_a_split(crop_copy):
+    data = coco(crop_copy, "val")
+    data["annotations"] = []
+    save(crop_copy, data, "val")
+    with pytest.raises(DataError, match=r"val.json' \(split 'val'\) has an empty annotation list"):
+        datamodule(crop_copy).setup("fit")
+
+
+def test_image_size_in_json_differs_from_the_file(crop_copy):
+    data = coco(crop_copy)
+    data["images"][1]["width"] = 640
+    save(crop_copy, data)
+    with pytest.raises(DataError) as err:
+        datamodule(crop_copy).setup("fit")
+    assert data["images"][1]["file_name"] in str(err.value) and "256x256" in str(err.value) and "640x256" in str(err.value)
+
+
+def test_missing_root_gives_the_synth_hint(tmp_path):
+    with pytest.raises(DataError, match="aift data synth crop_detection"):
+        datamodule(tmp_path / "nope").setup("fit")
+
+
+def test_split_with_other_categories(crop_copy):
+    data = coco(crop_copy, "val")
+    data["categories"].append({"id": 9, "name": "stone"})
+    save(crop_copy, data, "val")
+    with pytest.raises(DataError, match="split 'val' has other categories"):
+        datamodule(crop_copy).setup("fit")
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+def test_augmentation_moves_boxes_with_the_image(crop_copy):
+    """A white square on black: after flips and scale jitter the box must still frame the white pixels."""
+    from PIL import Image
+
+    data = coco(crop_copy)
+    first = data["images"][0]
+    pixels = np.zeros((256, 256, 3), dtype=np.uint8)
+    pixels[40:100, 150:230] = 255
+    Image.fromarray(pixels).save(crop_copy / "images" / "train" / first["file_name"], quality=100)
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first["id"]]
+    data["annotations"].append({"id": 10**6, "image_id": first["id"], "category_id": 7, "bbox": [150, 40, 80, 60]})
+    save(crop_copy, data)
+    dm = datamodule(crop_copy, augment={"photometric": False, "scale_jitter": [0.8, 1.2], "hflip": True, "vflip": True})
+    dm.setup("fit")
+    dataset = dm.dataset("train", train=True)
+    moved = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        image, target = dataset[0]
+        (x0, y0, x1, y1), = target["boxes"].round().int().tolist()
+        white = image[0] > 128
+        inside = white[y0 + 2:y1 - 2, x0 + 2:x1 - 2].float().mean()
+        assert inside > 0.95 and white.sum() <= (x1 - x0 + 2) * (y1 - y0 + 2)
+        moved.add((x0, y0))
+    assert len(moved) > 3  # the transforms really moved the box around
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def test_torchmetrics_map_matches_pycocotools_cocoeval(crop_data):
+    """The backend the recipe uses (faster_coco_eval) against the reference COCOeval on the same predictions."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from aifactory_train.recipes.crop_detection.module import MAP_BACKEND, coco_map_metric
+
+    assert MAP_BACKEND == "faster_coco_eval"  # the cross-check is against another implementation
+
+    gt_path = crop_data / "annotations" / "val.json"
+    raw = json.loads(gt_path.read_text())
+    rng = np.random.default_rng(0)
+    detections, preds, targets = [], [], []
+    for img in raw["images"]:
+        anns = [a for a in raw["annotations"] if a["image_id"] == img["id"]]
+        boxes, scores, cats = [], [], []
+        for a in anns:
+            if rng.random() < 0.8:  # found, slightly off
+                x, y, w, h = a["bbox"]
+                boxes.append([x + rng.normal(0, 2), y + rng.normal(0, 2), w * rng.uniform(0.85, 1.15), h * rng.uniform(0.85, 1.15)])
+                scores.append(rng.uniform(0.3, 1.0))
+                cats.append(a["category_id"] if rng.random() < 0.9 else 10 - a["category_id"])
+        for _ in range(2):  # false positives
+            boxes.append([*rng.uniform(0, 200, 2), *rng.uniform(10, 40, 2)])
+            scores.append(rng.uniform(0, 0.6))
+            cats.append(int(rng.choice([3, 7])))
+        xyxy = lambda bs: torch.tensor([[x, y, x + w, y + h] for x, y, w, h in bs], dtype=torch.float32).reshape(-1, 4)
+        pred = {"boxes": xyxy(boxes), "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(cats)}
+        preds.append(pred)
+        # the reference gets exactly the float32 values torchmetrics sees (a borderline IoU must not flip)
+        detections += [{"image_id": img["id"], "category_id": int(c), "score": float(s),
+                        "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+                       for b, s, c in zip(pred["boxes"].double(), pred["scores"], pred["labels"])]
+        targets.append({"boxes": xyxy([a["bbox"] for a in anns]), "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.long)})
+        for a, b in zip(anns, targets[-1]["boxes"].double()):  # the reference's ground truth: the same float32 values
+            a["bbox"] = [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
+    metric = coco_map_metric()  # what the recipe uses: faster_coco_eval backend, COCO's thresholds
+    metric.update(preds, targets)
+    ours = metric.compute()
+    for a in raw["annotations"]:
+        a["area"] = a["bbox"][2] * a["bbox"][3]
+    reference = COCO()
+    reference.dataset = raw
+    reference.createIndex()
+    evaluator = COCOeval(reference, reference.loadRes(detections), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert float(ours["map"]) == pytest.approx(evaluator.stats[0], abs=1e-6)
+    assert float(ours["map_50"]) == pytest.approx(evaluator.stats[1], abs=1e-6)
+    assert float(ours["map_75"]) == pytest.approx(evaluator.stats[2], abs=1e-6)
+    assert 0.1 < evaluator.stats[1] < 0.95  # a non-trivial case
+
+
+def test_weed_recall_counts_matches_above_the_score_threshold():
+    metric = DetectionRecall(label=2, iou_threshold=0.5, score_threshold=0.5)
+    truth = {"boxes": torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [0, 0, 5, 5.]]),
+             "labels": torch.tensor([2, 2, 2, 1])}
+    pred = {"boxes": torch.tensor([[0, 0, 10, 11], [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [0, 0, 5, 5.]]),
+            "scores": torch.tensor([0.9, 0.8, 0.3, 0.7, 0.9]),  # a duplicate, one too unsure, one of the wrong class
+            "labels": torch.tensor([2, 2, 2, 1, 2])}
+    metric.update([pred], [truth])
+    assert metric.compute().item() == pytest.approx(1 / 3)
+
+
+# -- model options ---------------------------------------------------------------------------------
+def test_detector_options_fail_with_clear_messages():
+    with pytest.raises(ConfigError, match="unknown detector 'yolo'"):
+        build_detector("yolo", 3)
+    with pytest.raises(ConfigError, match=r"needs 3 lists .* of 5 sizes"):
+        build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, anchor_sizes=[[8, 16]] * 3)
+    with pytest.raises(ConfigError, match="fixed input size"):
+        build_detector("ssdlite320_mobilenet_v3_large", 3, min_size=640)
+    with pytest.raises(ConfigError, match=r"model.extra"):
+        build_detector("fcos_resnet50_fpn", 3, extra={"no_such_option": 1})
+
+
+def test_custom_anchor_sizes_are_used():
+    model = build_detector("retinanet_resnet50_fpn_v2", 3, anchor_sizes=[[8, 10, 12], [16, 20, 24], [32, 40, 48],
+                                                                          [64, 80, 96], [128, 160, 192]])
+    assert model.anchor_generator.sizes[0] == (8, 10, 12)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def crop_run(crop_data, tmp_path_factory):
+    from conftest import aift
+
+    work = tmp_path_factory.mktemp("crop_run")
+    uri = f"sqlite:///{work}/mlflow.db"
+    result = aift("train", "recipe=crop_detection", "debug=smoke", "data.batch_size=4", f"data.root={crop_data}",
+                  f"tracking.uri={uri}", "hydra.run.dir=run", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"work": work, "uri": uri, "summary": json.loads((work / "run" / "summary.json").read_text())}
+
+
+def test_smoke_train_logs_map_metrics_and_prediction_pictures(crop_run):
+    from mlflow.tracking import MlflowClient
+
+    summary = crop_run["summary"]
+    assert summary["recipe"] == "crop_detection" and summary["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert summary["global_step"] == 4 and summary["monitor"] == "val/map_50"
+    client = MlflowClient(tracking_uri=crop_run["uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    for key in ("val/map", "val/map_50", "val/map_75", "val/weed_recall", "val/ap_crop", "val/recall_weed",
+                "test/map_50", "train/loss", "train/loss_classifier"):
+        assert key in run.data.metrics, sorted(run.data.metrics)
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
+    assert any(p.startswith("predictions/val_step") and p.endswith(".png") for p in pictures), pictures
+    assert "predictions/val_pr_curves.png" in pictures
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"crop_detection-train", "crop_detection-val",
+                                                                     "crop_detection-test"}
+    assert (crop_run["work"] / "run" / "reports" / "test_pr_curves.png").is_file()
+
+
+def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
+    import onnxruntime
+    from conftest import aift
+    from torchvision.io import read_image
+
+    from aifactory_train.recipes.crop_detection.module import CropDetectionModule
+
+    checkpoint = crop_run["summary"]["last_checkpoint"]
+    result = aift("export", "recipe=crop_detection", f"ckpt_path={checkpoint}", "format=onnx", "hydra.run.dir=export",
+                  cwd=crop_run["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = crop_run["work"] / "export"
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["class_names"] == ["crop", "weed"] and meta["category_ids"] == [3, 7]
+    assert meta["inside_the_model"]["normalize_mean"] == pytest.approx([0.485, 0.456, 0.406])
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = CropDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).net.eval()
+    compared = 0
+    for path in sorted((crop_data / "images" / "val").glob("*.jpg"))[:3]:
+        image = read_image(str(path)).float() / 255
+        boxes, labels, scores = session.run(None, {"image": image.numpy()})
+        with torch.no_grad():
+            reference = model([image])[0]
+        assert boxes.shape == tuple(reference["boxes"].shape)
+        np.testing.assert_allclose(scores, reference["scores"].numpy(), atol=1e-4)
+        # detections with equal scores may come in another order: match each one to an unused twin
+        unused = list(range(len(boxes)))
+        for box, label, score in zip(reference["boxes"].numpy(), reference["labels"].numpy(), reference["scores"].numpy()):
+            twin = next(j for j in unused if labels[j] == label and abs(scores[j] - score) < 1e-4
+                        and np.abs(boxes[j] - box).max() < 1e-2)
+            unused.remove(twin)
+        compared += len(boxes)
+    assert compared > 0  # the comparison saw real detections
+
+
+def test_eval_refuses_a_checkpoint_of_another_class_set(crop_run, crop_copy):
+    from conftest import aift
+
+    for split in ("train", "val", "test"):
+        data = coco(crop_copy, split)
+        data["categories"].append({"id": 9, "name": "stone"})
+        save(crop_copy, data, split)
+    result = aift("eval", "recipe=crop_detection", f"ckpt_path={crop_run['summary']['best_checkpoint']}",
+                  f"data.root={crop_copy}", "hydra.run.dir=eval_other", cwd=crop_run["work"])
+    assert result.returncode == 2
+    assert "trained on 2 classes ['crop', 'weed']" in result.stderr and "'stone'" in result.stderr
+
+
+def test_export_of_an_unknown_format(crop_run):
+    from conftest import aift
+
+    result = aift("export", "recipe=crop_detection", f"ckpt_path={crop_run['summary']['last_checkpoint']}",
+                  "format=tflite", "hydra.run.dir=export_bad", cwd=crop_run["work"])
+    assert result.returncode == 2 and "'format'" in result.stderr and "'onnx'" in result.stderr and "tflite" in result.stderr
