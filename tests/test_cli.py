@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -75,3 +76,23 @@ def test_data_synth_unknown_recipe_and_variant(tmp_path):
     assert result.returncode == 2 and "unknown recipe 'nope'" in result.stderr and "plastic_sorting" in result.stderr
     result = aift("data", "synth", "plastic_sorting", "--out", "x", "--variant", "thermal", cwd=tmp_path)
     assert result.returncode == 2 and "'thermal'" in result.stderr and "multispectral" in result.stderr
+
+
+def test_recipes_list_shows_crop_detection(tmp_path):
+    result = aift("recipes", "list", cwd=tmp_path)
+    line = next(l for l in result.stdout.splitlines() if l.startswith("crop_detection"))
+    assert "object_detection" in line and "fasterrcnn_mobilenet_v3_large_320_fpn" in line and "COCO" in line
+
+
+def test_data_synth_overwrite_replaces_only_the_dataset(tmp_path):
+    out = tmp_path / "fields"
+    out.mkdir()
+    (out / "notes.txt").write_text("the farmer's own notes")
+    assert aift("data", "synth", "crop_detection", "--out", str(out), "--size", "4", cwd=tmp_path).returncode == 2
+    for _ in range(2):  # a second --overwrite replaces the first dataset
+        result = aift("data", "synth", "crop_detection", "--out", str(out), "--size", "4", "--overwrite", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert (out / "notes.txt").read_text() == "the farmer's own notes"
+    coco = json.loads((out / "annotations" / "train.json").read_text())
+    assert len(coco["images"]) == 4 and len(list((out / "images" / "train").glob("*.jpg"))) == 4
+    assert {c["id"] for c in coco["categories"]} == {3, 7}

@@ -13,7 +13,7 @@ python3 -c "import torch, lightning, torchvision; print('torch', torch.__version
 
 # 1. Training step: recipe vs plain loop, ResNet-50, 224 px, batch 256, bf16-mixed, channels_last; eager and compiled.
 #    Input pipeline (real PNGs, decode + augment) at 4/8/12 workers vs that step.
-timeout 420 python3 benchmarks/plastic_sorting_step.py --model resnet50 --image-size 224 --batch-size 256 \
+timeout 420 python3 benchmarks/recipe_step.py plastic_sorting --model resnet50 --image-size 224 --batch-size 256 \
     --steps 40 --warmup 10 --repeats 2 --compile both --workers 4 8 12 \
     --out "$OUT/step.json" --markdown "$OUT/step.md" 2>&1 | grep -vE "Warning|warn\(|LeafSpec" | tail -20
 

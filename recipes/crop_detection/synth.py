@@ -9,13 +9,12 @@ CVAT/Label Studio often are, and about one image in eight has no plants at all (
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from aifactory_train.errors import DataError
+from aifactory_train.synth import prepare_output_folder, write_datacard
 
 CATEGORIES = [{"id": 3, "name": "crop", "supercategory": "plant"}, {"id": 7, "name": "weed", "supercategory": "plant"}]
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.25, "test": 0.25}
@@ -47,7 +46,7 @@ def _draw_plant(draw, rng: np.random.Generator, kind: str, cx: float, cy: float,
         colour = tuple(int(c) for c in np.clip(np.array([40, 110, 80]) + rng.normal(0, 10, 3), 0, 255))
         for angle in np.linspace(0, 2 * np.pi, int(rng.integers(6, 11)), endpoint=False) + rng.uniform(0, 1):
             length = radius * rng.uniform(0.7, 1.0)
-            draw.line([cx, cy, cx + length * np.cos(angle), cy + length * np.sin(angle)], fill=colour, width=2)
+            draw.line([cx, cy, cx + length * np.cos(angle), cy + length * np.sin(angle)], fill=colour, width=3)
     return [cx - radius, cy - radius, 2 * radius, 2 * radius]
 
 
@@ -65,7 +64,7 @@ def make_image(rng: np.random.Generator, size: int = IMAGE_SIZE):
             y = row_y + rng.normal(0, 6)
             objects.append((3, _draw_plant(draw, rng, "crop", x, y, radius)))
         for _ in range(int(rng.integers(1, 5))):
-            radius = rng.uniform(8, 16)
+            radius = rng.uniform(11, 18)
             x, y = rng.uniform(radius, size - radius, 2)
             objects.append((7, _draw_plant(draw, rng, "weed", x, y, radius)))
     clipped = []
@@ -86,12 +85,7 @@ def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant:
     size = DEFAULT_SIZE if size is None else size
     if size < 2:
         raise DataError(f"--size {size} is too small: at least 2 training images are needed")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(f"--out '{out}' is not empty; choose a new folder, or pass --overwrite to replace its dataset")
-        for name in ("images", "annotations"):
-            shutil.rmtree(out / name, ignore_errors=True)
+    out = prepare_output_folder(out, overwrite, owned=("images", "annotations"))
     rng = np.random.default_rng(seed)
     annotation_id = 1
     for split, fraction in SPLIT_FRACTIONS.items():
@@ -118,5 +112,5 @@ def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant:
         "source": f"aift data synth crop_detection --size {size} --seed {seed}",
         "description": "Crops in rows and weeds on soil, 256 px JPEG, COCO boxes; category ids 3=crop, 7=weed",
     }
-    (out / "datacard.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    write_datacard(out, card)
     return out

@@ -7,13 +7,12 @@ position, size, rotation, colour jitter and noise, so a short CPU run learns it 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from aifactory_train.errors import DataError
+from aifactory_train.synth import prepare_output_folder, write_datacard
 
 # class name -> (RGB colour, shape, NIR reflectance)
 CLASSES = {
@@ -87,12 +86,7 @@ def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant:
     size = DEFAULT_SIZE if size is None else size
     if size < len(CLASSES):
         raise DataError(f"--size {size} is too small: at least one image per class ({len(CLASSES)}) is needed")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(f"--out '{out}' is not empty; choose a new folder, or pass --overwrite to replace its dataset")
-        for split in SPLIT_FRACTIONS:
-            shutil.rmtree(out / split, ignore_errors=True)
+    out = prepare_output_folder(out, overwrite, owned=tuple(SPLIT_FRACTIONS))
     rng = np.random.default_rng(seed)
     names = list(CLASSES)
     for split, fraction in SPLIT_FRACTIONS.items():
@@ -114,5 +108,5 @@ def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant:
         "source": f"aift data synth plastic_sorting --size {size} --seed {seed} --variant {variant}",
         "description": "Plastic items on a conveyor belt; bands: " + ("R,G,B" if variant == "rgb" else "R,G,B,NIR"),
     }
-    (out / "datacard.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    write_datacard(out, card)
     return out

@@ -1,0 +1,334 @@
+"""A recipe's Lightning training step vs a hand-written PyTorch loop, and the input pipeline on real files.
+
+Both loops run in this one process on the same model, batch, precision and in-memory data, alternating
+(plain, recipe, plain, recipe, ...) so that machine noise hits both; the medians are compared. The recipe
+side is the real LightningModule of the recipe in a `lightning.Trainer` (with the recipe's throughput callback
+and gradient clipping; no logger or checkpointing, which the plain loop does not have either).
+
+    python benchmarks/recipe_step.py plastic_sorting                      # CPU: resnet18, 64 px, batch 32
+    python benchmarks/recipe_step.py crop_detection                       # CPU: Faster R-CNN MobileNetV3 320, batch 4
+    python benchmarks/recipe_step.py plastic_sorting --model resnet50 --image-size 224 --batch-size 256 \
+        --steps 40 --compile both                                          # one GPU
+    python benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
+        --batch-size 16 --steps 20                                         # one GPU
+Writes a JSON (and a Markdown table with --markdown) with the exact command. crop_detection also measures
+the exported ONNX model's CPU latency at batch 1 (onnxruntime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+OPTIM = {"name": "adamw", "lr": 0.002, "weight_decay": 0.05, "momentum": 0.9, "warmup_steps": 20, "min_lr_ratio": 0.01}
+
+
+def device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PlasticSorting:
+    """Image classification: torchvision classifier, AdamW, label smoothing, channels_last on GPU."""
+
+    defaults = {"model": "resnet18", "batch_size": 32, "image_size": 64, "steps": 20}
+    classes = 7
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [
+            (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device),
+             torch.randint(0, self.classes, (args.batch_size,), generator=gen).to(device))
+            for _ in range(8)
+        ]
+
+    def module(self):
+        from aifactory_train.recipes.plastic_sorting.module import PlasticSortingModule
+
+        model = {"name": self.args.model, "weights_path": None, "channels_last": "auto", "compile": self.args._compile}
+        info = {"class_names": [f"c{i}" for i in range(self.classes)], "channels": ["r", "g", "b"],
+                "image_size": self.args.image_size}
+        return PlasticSortingModule(model=model, optim=OPTIM, loss={"label_smoothing": 0.1}, data_info=info), None
+
+    def plain(self):
+        """(parameters, step function) of the hand-written loop: the same model, loss, autocast as the recipe."""
+        from aifactory_train.models import build_torchvision_classifier
+
+        net = build_torchvision_classifier(self.args.model, self.classes).to(self.device)
+        channels_last = self.device.type == "cuda"
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if self.args._compile:
+            net.compile()
+        net.train()
+
+        def step(batch):
+            images, labels = batch
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return F.cross_entropy(net(images), labels, label_smoothing=0.1)
+
+        return net, step, None
+
+    def input_pipeline(self, workers: int) -> dict:
+        from aifactory_train.recipes.plastic_sorting.data import PlasticSortingDataModule
+        from aifactory_train.recipes.plastic_sorting.synth import synthesize
+
+        root = synthesize(Path(tempfile.mkdtemp()) / "plastic", size=max(self.args.batch_size * 12, 560), seed=0)
+        dm = PlasticSortingDataModule(root=str(root), image_size=self.args.image_size, batch_size=self.args.batch_size,
+                                      num_workers=workers, verify_files=False)
+        return _time_loader(dm, workers)
+
+
+class CropDetection:
+    """Object detection: torchvision detector, AdamW, gradient clipping at 10 (the recipe's defaults)."""
+
+    defaults = {"model": "fasterrcnn_mobilenet_v3_large_320_fpn", "batch_size": 4, "image_size": 256, "steps": 10}
+    optim = {**OPTIM, "lr": 0.001, "weight_decay": 0.0001}
+    clip = 10.0
+
+    def __init__(self, args, device):
+        import numpy as np
+
+        from aifactory_train.recipes.crop_detection.synth import make_image
+
+        self.args, self.device = args, device
+        rng = np.random.default_rng(0)
+        self.batches = []
+        for _ in range(4):
+            images, targets = [], []
+            for _ in range(args.batch_size):
+                pixels, objects = make_image(rng, args.image_size)
+                images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255).to(device))
+                boxes = torch.tensor([[x, y, x + w, y + h] for _, (x, y, w, h) in objects], dtype=torch.float32).reshape(-1, 4)
+                labels = torch.tensor([1 if c == 3 else 2 for c, _ in objects], dtype=torch.int64)
+                targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+            self.batches.append((images, targets))
+        from omegaconf import OmegaConf
+
+        from aifactory_train.resources import config_dir
+
+        self.model_cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{args.model}.yaml"))
+
+    def module(self):
+        from aifactory_train.recipes.crop_detection.module import CropDetectionModule
+
+        module = CropDetectionModule(model=self.model_cfg, optim=self.optim, loss={},
+                                     data_info={"class_names": ["crop", "weed"], "category_ids": [3, 7]})
+        return module, self.clip
+
+    def plain(self):
+        from aifactory_train.recipes.crop_detection.model import build_detector
+
+        cfg = self.model_cfg
+        net = build_detector(cfg["name"], 3, min_size=cfg.get("min_size"), max_size=cfg.get("max_size"),
+                             extra=cfg.get("extra")).to(self.device).train()
+
+        def step(batch):
+            images, targets = batch
+            return sum(net(images, targets).values())
+
+        return net, step, self.clip
+
+    def input_pipeline(self, workers: int) -> dict:
+        from aifactory_train.recipes.crop_detection.data import CropDetectionDataModule
+        from aifactory_train.recipes.crop_detection.synth import synthesize
+
+        root = synthesize(Path(tempfile.mkdtemp()) / "crops", size=max(self.args.batch_size * 12, 96), seed=0)
+        splits = {s: {"annotations": f"annotations/{s}.json", "images": f"images/{s}"} for s in ("train", "val")}
+        dm = CropDetectionDataModule(root=str(root), splits=splits, batch_size=self.args.batch_size, num_workers=workers)
+        return _time_loader(dm, workers)
+
+    def onnx_latency(self) -> dict:
+        """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
+        import numpy as np
+        import onnxruntime
+
+        from aifactory_train.recipes.crop_detection.export import export_onnx
+
+        module, _ = self.module()
+        out = Path(tempfile.mkdtemp())
+        export_onnx(module, out, [self.args.image_size, self.args.image_size])
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        image = self.batches[0][0][0].cpu()
+        net = module.net.eval().cpu()
+        result = {"input_hw": list(image.shape[1:]), "threads": torch.get_num_threads()}
+        for name, run in (("onnxruntime_ms", lambda: session.run(None, {"image": image.numpy()})),
+                          ("pytorch_eager_ms", lambda: net([image]))):
+            with torch.no_grad():
+                for _ in range(3):
+                    run()
+                times = []
+                for _ in range(20):
+                    start = time.perf_counter()
+                    run()
+                    times.append((time.perf_counter() - start) * 1000)
+            result[name] = float(np.median(times))
+        return result
+
+
+RECIPES = {"plastic_sorting": PlasticSorting, "crop_detection": CropDetection}
+
+
+def _time_loader(dm, workers: int) -> dict:
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    rates = []
+    for _ in range(2):  # the first pass starts the workers
+        start, samples = time.perf_counter(), 0
+        for images, _targets in loader:
+            samples += len(images)
+        rates.append(samples / (time.perf_counter() - start))
+    return {"workers": workers, "samples_per_s": rates[-1], "files": len(dm.splits["train"])}
+
+
+def plain_loop(spec, args, device, precision: str) -> float:
+    from aifactory_train.schedules import warmup_cosine
+
+    torch.manual_seed(0)
+    net, step_loss, clip = spec.plain()
+    optim = spec.optim if isinstance(spec, CropDetection) else OPTIM
+    optimizer = torch.optim.AdamW(net.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
+    scheduler = warmup_cosine(optimizer, args.warmup + args.steps, 20, 0.01)  # as the recipe's
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    start = None
+    for index in range(args.warmup + args.steps):
+        if index == args.warmup:
+            device_sync(device)
+            start = time.perf_counter()
+        with autocast:
+            loss = step_loss(spec.batches[index % len(spec.batches)])
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    device_sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def recipe_loop(spec, args, device, precision: str) -> float:
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+
+    from aifactory_train.callbacks import TrainingThroughput
+
+    class InMemory(Dataset):
+        def __len__(self):
+            return args.warmup + args.steps
+
+        def __getitem__(self, index):
+            return spec.batches[index % len(spec.batches)]
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                device_sync(device)
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            device_sync(device)
+            self.seconds = time.perf_counter() - self.start
+
+    torch.manual_seed(0)
+    module, clip = spec.module()
+    timer = Timer()
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, precision=precision, max_steps=args.warmup + args.steps, max_epochs=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=clip, callbacks=[timer, TrainingThroughput()],
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(InMemory(), batch_size=None, num_workers=0))
+    return args.steps * args.batch_size / timer.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", choices=sorted(RECIPES))
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="auto", help="auto: bf16-mixed on GPU, 32-true on CPU")
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--workers", type=int, nargs="*", default=None, help="input-pipeline worker counts")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--markdown", default=None, help="Markdown file to write")
+    args = parser.parse_args()
+    spec_class = RECIPES[args.recipe]
+    for key, value in spec_class.defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32-true")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    args._compile = False
+    spec = spec_class(args, device)
+    rows = []
+    for compiled in {"no": [False], "yes": [True], "both": [False, True]}[args.compile]:
+        args._compile = compiled
+        plain, recipe = [], []
+        for _ in range(args.repeats):
+            plain.append(plain_loop(spec, args, device, precision))
+            recipe.append(recipe_loop(spec, args, device, precision))
+        row = {"compile": compiled, "plain_samples_per_s": statistics.median(plain),
+               "recipe_samples_per_s": statistics.median(recipe), "plain_runs": plain, "recipe_runs": recipe}
+        row["ratio"] = row["recipe_samples_per_s"] / row["plain_samples_per_s"]
+        rows.append(row)
+        print(f"compile={compiled}: plain {row['plain_samples_per_s']:.1f} samples/s, recipe "
+              f"{row['recipe_samples_per_s']:.1f} samples/s, ratio {row['ratio']:.3f}", flush=True)
+    workers = args.workers if args.workers is not None else ([2] if device.type == "cpu" else [4, 8, 12])
+    pipeline = [spec.input_pipeline(w) for w in workers]
+    for p in pipeline:
+        print(f"input pipeline, {p['workers']} workers: {p['samples_per_s']:.1f} samples/s "
+              f"(training step: {rows[0]['recipe_samples_per_s']:.1f})", flush=True)
+    latency = spec.onnx_latency() if hasattr(spec, "onnx_latency") else None
+    if latency:
+        print(f"exported ONNX, batch 1, CPU: {latency['onnxruntime_ms']:.1f} ms (eager PyTorch "
+              f"{latency['pytorch_eager_ms']:.1f} ms), input {latency['input_hw']}", flush=True)
+    hardware = (torch.cuda.get_device_name(0) if device.type == "cuda"
+                else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    result = {
+        "benchmark": f"{args.recipe}_step", "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "date": time.strftime("%Y-%m-%d"), "hardware": hardware, "torch": torch.__version__,
+        "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size, "precision": precision,
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "step": rows, "input_pipeline": pipeline, "onnx_latency": latency,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        lines = [f"# {args.recipe} training step vs plain PyTorch — {hardware}, {result['date']}", "",
+                 f"Command: `{result['command']}`", "",
+                 f"torch {result['torch']}; {args.model}, batch {args.batch_size}, {args.image_size} px, {precision}; "
+                 f"median of {args.repeats} alternating runs of {args.steps} steps after {args.warmup} warm-up steps.", "",
+                 "| compile | plain loop (samples/s) | recipe (samples/s) | ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['compile']} | {r['plain_samples_per_s']:.2f} | {r['recipe_samples_per_s']:.2f} | {r['ratio']:.3f} |"
+                  for r in rows]
+        lines += ["", "Input pipeline alone (real files, decode + augment in DataLoader workers):", "",
+                  "| workers | samples/s | training step samples/s |", "|---|---|---|"]
+        lines += [f"| {p['workers']} | {p['samples_per_s']:.1f} | {rows[0]['recipe_samples_per_s']:.2f} |" for p in pipeline]
+        if latency:
+            lines += ["", f"Exported ONNX model, batch 1, CPU ({latency['threads']} threads), input {latency['input_hw']}: "
+                          f"onnxruntime {latency['onnxruntime_ms']:.1f} ms median; eager PyTorch {latency['pytorch_eager_ms']:.1f} ms."]
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
