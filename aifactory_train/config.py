@@ -175,15 +175,6 @@ class RunConfig:
     format: Optional[str] = None  # aift export only
     export: Dict[str, Any] = field(default_factory=dict)  # aift export only
 
-    def check(self) -> None:
-        model_task = getattr(getattr(self, "model", None), "task", None)
-        if model_task is not None and model_task != self.recipe.task:
-            from aifactory_train.resources import model_configs_for_task
-
-            raise ConfigError(
-                f"config key 'model': this is a {model_task} model, but recipe {self.recipe.name} needs a "
-                f"{self.recipe.task} model; valid: {', '.join('model=' + m for m in model_configs_for_task(self.recipe.task))}"
-            )
 
 
 def validate(cfg) -> Any:
@@ -200,6 +191,7 @@ def validate(cfg) -> Any:
         plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except InterpolationResolutionError as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': cannot be resolved: {err.msg}") from None
+    _check_model_task(plain)
     schema_path = plain.get("recipe", {}).get("schema")
     if not schema_path:
         raise ConfigError("config key 'recipe.schema' is missing; every recipe config must name its schema class")
@@ -216,6 +208,19 @@ def validate(cfg) -> Any:
         raise ConfigError(f"config key '{err.full_key}': {_first_line(err)}") from None
     _check_tree(typed)
     return typed
+
+
+def _check_model_task(plain: dict) -> None:
+    """A model config of another task (a detector for a classifier recipe) is named as such, before its keys
+    fail the recipe's schema one by one."""
+    model_task = (plain.get("model") or {}).get("task")
+    recipe = plain.get("recipe") or {}
+    if model_task is not None and model_task != recipe.get("task"):
+        from aifactory_train.resources import model_configs_for_task
+
+        valid = ", ".join("model=" + m for m in model_configs_for_task(recipe.get("task")))
+        raise ConfigError(f"config key 'model': this is a {model_task} model, but recipe {recipe.get('name')} needs "
+                          f"a {recipe.get('task')} model; valid: {valid}")
 
 
 def _first_line(err: Exception) -> str:

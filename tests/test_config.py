@@ -38,10 +38,10 @@ def recipe_of(group: str, name: str) -> str:
     """The recipe a group option belongs to: by the model's task, an experiment's own recipe, else the default."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.load(CONFIGS / group / f"{name}.yaml")
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml"))
     if group == "model":
         tasks = {OmegaConf.load(p).recipe.task: p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
-        return tasks[raw.task]
+        return tasks[raw["task"]]
     for entry in raw.get("defaults", []):
         if isinstance(entry, dict) and "override /recipe" in entry:
             return entry["override /recipe"]
