@@ -20,6 +20,7 @@ usage:
   aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx) (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift data synth RECIPE --out DIR         write a demo dataset of real files
+  aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
 
 Examples:
@@ -91,6 +92,16 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from aifactory_train.bench import run_bench
+
+    tracking_uri = None if args.no_tracking else (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    command = "aift " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return run_bench(args.suite, args.profile, args.quick, args.out, tracking_uri, command)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aift", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage=argparse.SUPPRESS)
@@ -114,6 +125,20 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     synth.add_argument("--variant", default=None, help="recipe-specific variant, e.g. multispectral for plastic_sorting")
     synth.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks and hardware acceptance",
+        description="Measure the hardware and the recipes; `acceptance` checks a profile of thresholds and exits 1 on "
+                    "failure. Writes JSON, Markdown and plots into --out and logs them to MLflow as one run.",
+    )
+    bench.add_argument("suite", choices=["micro", "recipes", "acceptance"],
+                       help="micro: GEMM, memory, host-device, all-reduce, data loading; recipes: each recipe vs a "
+                            "plain PyTorch loop; acceptance: both, checked against --profile")
+    bench.add_argument("--profile", default=None, help="benchmarks/profiles/NAME.yaml (cpu_ci, h100_sxm, h200) or a path")
+    bench.add_argument("--quick", action="store_true", help="small sizes and few steps (CI, < 3 min on 2 cores)")
+    bench.add_argument("--out", default=None, help="output folder (default outputs/bench/<suite>_<hardware>_<date>)")
+    bench.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    bench.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     return parser
 
 
@@ -136,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return _recipes_list()
         if args.command == "data":
             return _data_synth(args)
+        if args.command == "bench":
+            return _bench(args)
     except AiftError as err:
         return _fail(str(err))
     _parser().print_help()

@@ -193,7 +193,7 @@ def _time_loader(dm, workers: int) -> dict:
     return {"workers": workers, "samples_per_s": rates[-1], "files": len(dm.splits["train"])}
 
 
-def plain_loop(spec, args, device, precision: str) -> float:
+def plain_loop(spec, args, device, precision: str, meter=None) -> float:
     from aifactory_train.schedules import warmup_cosine
 
     torch.manual_seed(0)
@@ -207,6 +207,8 @@ def plain_loop(spec, args, device, precision: str) -> float:
         if index == args.warmup:
             device_sync(device)
             start = time.perf_counter()
+            if meter:
+                meter.start()
         with autocast:
             loss = step_loss(spec.batches[index % len(spec.batches)])
         loss.backward()
@@ -216,10 +218,13 @@ def plain_loop(spec, args, device, precision: str) -> float:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     device_sync(device)
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if meter:
+        meter.stop()
+    return args.steps * args.batch_size / seconds
 
 
-def recipe_loop(spec, args, device, precision: str) -> float:
+def recipe_loop(spec, args, device, precision: str, meter=None) -> float:
     import lightning as L
     from torch.utils.data import DataLoader, Dataset
 
@@ -237,10 +242,15 @@ def recipe_loop(spec, args, device, precision: str) -> float:
             if batch_idx == args.warmup:
                 device_sync(device)
                 self.start = time.perf_counter()
+                if meter:
+                    meter.start()
 
         def on_train_end(self, trainer, pl_module):
             device_sync(device)
             self.seconds = time.perf_counter() - self.start
+            if meter:
+                meter.stop()
+            self.flops_per_batch = getattr(pl_module, "flops_per_batch", None)
 
     torch.manual_seed(0)
     module, clip = spec.module()
@@ -251,6 +261,8 @@ def recipe_loop(spec, args, device, precision: str) -> float:
         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=clip, callbacks=[timer, TrainingThroughput()],
     )
     trainer.fit(module, train_dataloaders=DataLoader(InMemory(), batch_size=None, num_workers=0))
+    if meter is not None:
+        meter.flops_per_batch = timer.flops_per_batch
     return args.steps * args.batch_size / timer.seconds
 
 

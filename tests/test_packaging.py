@@ -37,6 +37,8 @@ def test_wheel_contains_every_config_and_recipe_file(installed):
         assert f"aifactory_train/configs/{config.relative_to(REPO / 'configs').as_posix()}" in names
     for source in (REPO / "recipes").rglob("*.py"):
         assert f"aifactory_train/recipes/{source.relative_to(REPO / 'recipes').as_posix()}" in names
+    for source in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "benchmarks").glob("profiles/*.yaml")]:
+        assert f"aifactory_train/benchmarks/{source.relative_to(REPO / 'benchmarks').as_posix()}" in names
 
 
 def test_installed_package_runs_from_another_folder(installed, tmp_path):
