@@ -37,6 +37,8 @@ METRICS = {
     "crop_detection_ratio": ("recipe/plain samples/s", False),
     "crop_detection_samples_per_s": ("recipe samples/s", False),
     "crop_detection_joules_per_sample": ("GPU energy / samples", True),
+    "plastic_sorting_data_wait_fraction": ("share of step time waiting for data (real files)", False),
+    "crop_detection_data_wait_fraction": ("share of step time waiting for data (real files)", False),
 }
 
 
@@ -125,7 +127,7 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
     import torch
 
     from aifactory_train.benchmarks.energy import EnergyMeter
-    from aifactory_train.benchmarks.recipe_step import RECIPES, plain_loop, recipe_loop
+    from aifactory_train.benchmarks.recipe_step import RECIPES, data_wait_split, plain_loop, recipe_loop
 
     gpu = device.type == "cuda"
     precision = "bf16-mixed" if gpu else "32-true"
@@ -171,6 +173,12 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
                 rows.append({"metric": f"{name}_mfu", "value": mfu, "unit": "fraction", "params": {**params, "peak_flops": peak}})
         elif f"{name}_mfu" in METRICS:
             skipped.append({"metric": f"{name}_mfu", "reason": "MFU needs a GPU with a known peak (and measured FLOPs)"})
+        workers = min(8, len(__import__("os").sched_getaffinity(0))) if gpu else 2
+        log(f"recipes: {name} step time split on real files ({workers} workers)")
+        split = data_wait_split(spec, args, device, precision, workers)
+        rows.append({"metric": f"{name}_data_wait_fraction", "value": split["data_wait_fraction"], "unit": "fraction",
+                     "params": {**params, "workers": workers, "data_wait_s": round(split["data_wait_s"], 4),
+                                "compute_s": round(split["compute_s"], 4)}})
     return rows, skipped
 
 

@@ -81,14 +81,17 @@ class PlasticSorting:
 
         return net, step, None
 
-    def input_pipeline(self, workers: int) -> dict:
+    def datamodule(self, workers: int):
+        """The recipe's DataModule on freshly synthesised real files (12 batches' worth)."""
         from aifactory_train.recipes.plastic_sorting.data import PlasticSortingDataModule
         from aifactory_train.recipes.plastic_sorting.synth import synthesize
 
         root = synthesize(Path(tempfile.mkdtemp()) / "plastic", size=max(self.args.batch_size * 12, 560), seed=0)
-        dm = PlasticSortingDataModule(root=str(root), image_size=self.args.image_size, batch_size=self.args.batch_size,
-                                      num_workers=workers, verify_files=False)
-        return _time_loader(dm, workers)
+        return PlasticSortingDataModule(root=str(root), image_size=self.args.image_size, batch_size=self.args.batch_size,
+                                        num_workers=workers, verify_files=False)
+
+    def input_pipeline(self, workers: int) -> dict:
+        return _time_loader(self.datamodule(workers), workers)
 
 
 class CropDetection:
@@ -141,14 +144,17 @@ class CropDetection:
 
         return net, step, self.clip
 
-    def input_pipeline(self, workers: int) -> dict:
+    def datamodule(self, workers: int):
+        """The recipe's DataModule on freshly synthesised real files (12 batches' worth)."""
         from aifactory_train.recipes.crop_detection.data import CropDetectionDataModule
         from aifactory_train.recipes.crop_detection.synth import synthesize
 
         root = synthesize(Path(tempfile.mkdtemp()) / "crops", size=max(self.args.batch_size * 12, 96), seed=0)
         splits = {s: {"annotations": f"annotations/{s}.json", "images": f"images/{s}"} for s in ("train", "val")}
-        dm = CropDetectionDataModule(root=str(root), splits=splits, batch_size=self.args.batch_size, num_workers=workers)
-        return _time_loader(dm, workers)
+        return CropDetectionDataModule(root=str(root), splits=splits, batch_size=self.args.batch_size, num_workers=workers)
+
+    def input_pipeline(self, workers: int) -> dict:
+        return _time_loader(self.datamodule(workers), workers)
 
     def onnx_latency(self) -> dict:
         """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
@@ -264,6 +270,43 @@ def recipe_loop(spec, args, device, precision: str, meter=None) -> float:
     if meter is not None:
         meter.flops_per_batch = timer.flops_per_batch
     return args.steps * args.batch_size / timer.seconds
+
+
+def data_wait_split(spec, args, device, precision: str, workers: int) -> dict:
+    """Train on real files through the recipe's DataModule and split each step's wall time into waiting for
+    the batch and computing it (the device is synchronised at both ends, so this run is for measuring only)."""
+    import lightning as L
+
+    class StepSplit(L.Callback):
+        wait = compute = 0.0
+        _end = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            device_sync(device)
+            now = time.perf_counter()
+            if batch_idx >= args.warmup and self._end is not None:
+                self.wait += now - self._end
+            self._start = now
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            device_sync(device)
+            now = time.perf_counter()
+            if batch_idx >= args.warmup:
+                self.compute += now - self._start
+            self._end = now
+
+    torch.manual_seed(0)
+    module, clip = spec.module()
+    split = StepSplit()
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, precision=precision, max_steps=args.warmup + args.steps, max_epochs=-1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=clip, callbacks=[split],
+    )
+    trainer.fit(module, datamodule=spec.datamodule(workers))
+    total = split.wait + split.compute
+    return {"workers": workers, "data_wait_s": split.wait, "compute_s": split.compute,
+            "data_wait_fraction": split.wait / total if total else None}
 
 
 def main() -> None:

@@ -33,7 +33,10 @@ def test_cpu_acceptance_passes_and_reports_every_measurement(acceptance):
     metrics = {row["metric"] for row in report["rows"]}
     assert {"gemm_tflops", "memory_gbps", "allreduce_busbw_gbps", "dataloader_images_per_s",
             "plastic_sorting_ratio", "crop_detection_ratio"} <= metrics
-    assert all(row["value"] > 0 for row in report["rows"])
+    assert all(row["value"] > 0 for row in report["rows"] if "wait" not in row["metric"])
+    for name in ("plastic_sorting", "crop_detection"):
+        split = next(r for r in report["rows"] if r["metric"] == f"{name}_data_wait_fraction")
+        assert 0 <= split["value"] < 1 and split["params"]["compute_s"] > 0
     sizes = [row["params"]["bytes"] for row in report["rows"] if row["metric"] == "allreduce_busbw_gbps"]
     assert sizes[0] == 1024 and sizes == sorted(sizes) and len(sizes) >= 5
     bus = next(r for r in report["rows"] if r["metric"] == "allreduce_busbw_gbps")
