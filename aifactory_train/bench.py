@@ -163,13 +163,13 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
                          "params": {**params, "average_watts": recipe_meter.watts}})
         else:
             skipped.append({"metric": f"{name}_joules_per_sample", "reason": recipe_meter.reason})
-        flops = recipe_meter.flops_per_batch
+        flops = recipe_meter.flops_per_sample
         if gpu and flops:
             from lightning.fabric.utilities.throughput import get_available_flops
 
             peak = get_available_flops(device, torch.bfloat16)
             if peak:
-                mfu = flops / args.batch_size * recipe / peak
+                mfu = flops * recipe / peak
                 rows.append({"metric": f"{name}_mfu", "value": mfu, "unit": "fraction", "params": {**params, "peak_flops": peak}})
         elif f"{name}_mfu" in METRICS:
             skipped.append({"metric": f"{name}_mfu", "reason": "MFU needs a GPU with a known peak (and measured FLOPs)"})

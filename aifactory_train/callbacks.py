@@ -34,7 +34,7 @@ class TrainingThroughput(L.Callback):
     the CPU can no longer queue the next step while the GPU works; that costs throughput exactly where
     it is measured. This callback synchronises only on logging steps and still uses Lightning's
     ``Throughput`` for the arithmetic (windowed rates, FLOP/s, MFU from ``get_available_flops``).
-    FLOPs come from the module's ``flops_per_batch`` (measured with ``measure_flops``), when it has one.
+    FLOPs come from the module's ``flops_per_sample`` (measured with ``measure_flops``), when it has one.
     Time spent in validation is left out; data loading is included (it is part of what a user waits for).
     """
 
@@ -75,7 +75,8 @@ class TrainingThroughput(L.Callback):
         self.samples += size * trainer.world_size
         self._local_samples += size
         self._batches += 1
-        flops = getattr(pl_module, "flops_per_batch", None)
+        per_sample = getattr(pl_module, "flops_per_sample", None)
+        flops = per_sample * size if per_sample else None
         if flops:
             self._flops_since_update += flops
         if trainer.logger is None or trainer.global_step % self.log_every_n_steps != 0:

@@ -160,8 +160,7 @@ def run_training(cfg) -> dict[str, Any]:
         "train_samples": throughput.samples,
         "train_samples_per_s": throughput.samples_per_s,
         "wall_time_s": round(time.time() - started, 3),
-        "train_flops_per_sample": (module.flops_per_batch / datamodule.batch_size
-                                   if getattr(module, "flops_per_batch", None) else None),
+        "train_flops_per_sample": getattr(module, "flops_per_sample", None),
         "precision": str(trainer.precision),
         "num_processes": trainer.world_size,
         "dataset": lineage.as_dict() if lineage is not None else None,

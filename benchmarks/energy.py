@@ -14,7 +14,7 @@ class EnergyMeter:
     def __init__(self, device_index: int = 0):
         self.joules = None
         self.seconds = None
-        self.flops_per_batch = None
+        self.flops_per_sample = None
         self.reason = None
         self._handle = None
         try:

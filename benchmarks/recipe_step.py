@@ -256,7 +256,7 @@ def recipe_loop(spec, args, device, precision: str, meter=None) -> float:
             self.seconds = time.perf_counter() - self.start
             if meter:
                 meter.stop()
-            self.flops_per_batch = getattr(pl_module, "flops_per_batch", None)
+            self.flops_per_sample = getattr(pl_module, "flops_per_sample", None)
 
     torch.manual_seed(0)
     module, clip = spec.module()
@@ -268,7 +268,7 @@ def recipe_loop(spec, args, device, precision: str, meter=None) -> float:
     )
     trainer.fit(module, train_dataloaders=DataLoader(InMemory(), batch_size=None, num_workers=0))
     if meter is not None:
-        meter.flops_per_batch = timer.flops_per_batch
+        meter.flops_per_sample = timer.flops_per_sample
     return args.steps * args.batch_size / timer.seconds
 
 

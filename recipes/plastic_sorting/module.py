@@ -55,7 +55,7 @@ class PlasticSortingModule(L.LightningModule):
         self.val_metrics = _eval_metrics(num_classes, "val/")
         self.test_metrics = _eval_metrics(num_classes, "test/")
         self.channels_last = False
-        self.flops_per_batch: int | None = None
+        self.flops_per_sample: int | None = None
         self.progress_bar_values = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,13 +76,13 @@ class PlasticSortingModule(L.LightningModule):
         if self.hparams.model.get("compile") and stage == "fit":
             self.net.compile()  # in place: state_dict keys stay the same
         if stage == "fit":
-            batch_size = getattr(self.trainer.datamodule, "batch_size", 1) if self.trainer is not None else 1
-            self.flops_per_batch = self.measure_flops(batch_size)
+            self.flops_per_sample = self.measure_flops(batch_size=1)  # FLOPs grow linearly with the batch
 
     def measure_flops(self, batch_size: int) -> int:
         """Training FLOPs (forward + backward) of one batch, counted on the meta device (no compute).
 
-        Lightning's ThroughputMonitor turns this into FLOP/s and, on GPUs it knows, MFU.
+        aifactory_train.callbacks.TrainingThroughput turns ``flops_per_sample`` into FLOP/s and, on GPUs
+        Lightning knows, MFU.
         """
         from lightning.fabric.utilities.throughput import measure_flops
 
