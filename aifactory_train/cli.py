@@ -110,12 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a recipe (Hydra app; `aift train --help`)", add_help=False)
     sub.add_parser("eval", help="score a checkpoint (Hydra app; `aift eval --help`)", add_help=False)
     sub.add_parser("export", help="export a checkpoint (Hydra app; `aift export --help`)", add_help=False)
-    recipes = sub.add_parser("recipes", help="list the recipes", description="Show the recipes this install knows.")
+    recipes = sub.add_parser("recipes", prog="aift recipes", help="list the recipes",
+                             description="Show the recipes this install knows.")
     recipes.add_argument("action", choices=["list"], help="list: name, task, default model, data format, description")
-    data = sub.add_parser("data", help="data tools", description="Data tools.")
+    data = sub.add_parser("data", prog="aift data", help="data tools", description="Data tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     synth = data_sub.add_parser(
         "synth",
+        prog="aift data synth",
         help="write a demo dataset",
         description="Write a synthetic demo dataset of real files (images/annotations/notes) for a recipe.",
     )
@@ -127,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     bench = sub.add_parser(
         "bench",
+        prog="aift bench",
         help="benchmarks and hardware acceptance",
         description="Measure the hardware and the recipes; `acceptance` checks a profile of thresholds and exits 1 on "
                     "failure. Writes JSON, Markdown and plots into --out and logs them to MLflow as one run.",

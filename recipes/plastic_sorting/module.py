@@ -165,7 +165,9 @@ class PlasticSortingModule(L.LightningModule):
         ax.set_ylabel("true")
         for r in range(n):
             for c in range(n):
-                ax.text(c, r, int(confusion[r, c]), ha="center", va="center", fontsize=8)
+                dark = confusion[r, c] > confusion.max() / 2
+                ax.text(c, r, int(confusion[r, c]), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
         ax.set_title(f"{split} confusion matrix (step {self.global_step})")
         fig.tight_layout()
         image = out / f"{split}_confusion_matrix.png"
