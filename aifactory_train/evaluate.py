@@ -32,6 +32,9 @@ def run_evaluation(cfg) -> dict[str, Any]:
     from aifactory_train.train import use_hydra_logging
 
     use_hydra_logging()
+    from aifactory_train.tracking import TRACKING_STATE_FILE, Tracker
+
+    tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("test" if cfg.split == "test" else "validate")
@@ -56,6 +59,9 @@ def run_evaluation(cfg) -> dict[str, Any]:
     results = run(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     lineage = datamodule.lineage()
+    # the training run this checkpoint came from, when its folder still says so
+    trained = Path(ckpt_path).resolve().parent.parent / TRACKING_STATE_FILE
+    trained_run_id = json.loads(trained.read_text()).get("run_id") if trained.is_file() else None
     report = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "recipe": resolved["recipe"]["name"],
@@ -64,9 +70,24 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "dataset": lineage.as_dict(),
         "output_dir": str(run_dir.resolve()),
         "wall_time_s": round(time.time() - started, 3),
+        "trained_mlflow_run_id": trained_run_id,
+        "tracking_uri": tracker.uri,
+        "mlflow_run_id": None,
     }
     path = run_dir / EVAL_FILE
+    if tracker.enabled:
+        # one MLflow run per evaluation, next to the training runs, linked to the one that made the checkpoint
+        tracker.lightning_logger()
+        config_yaml = run_dir / "config.yaml"
+        config_yaml.write_text(OmegaConf.to_yaml(resolved))
+        tracker.log_run_start(resolved, config_yaml, lineage)
+        tracker.logger.log_metrics(report["metrics"])
+        tracker.set_tags({"aift.run_kind": "eval", "aift.eval.checkpoint": report["checkpoint"], "aift.eval.split": cfg.split,
+                          "aift.eval.trained_run_id": trained_run_id or ""})
+        report["mlflow_run_id"] = tracker.run_id
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    tracker.log_artifacts([run_dir / "reports", path])
+    tracker.finish("FINISHED")
     for key, value in report["metrics"].items():
         print(f"{key}: {value:.4f}")
     print(f"eval: {path}")

@@ -82,12 +82,18 @@ def test_eval_of_best_checkpoint_reproduces_test_metrics(smoke_run, plastic_data
     s = smoke_run["summary"]
     result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", f"data.root={plastic_data}",
                   "trainer.limit_test_batches=2", "data.num_workers=0", f"hydra.run.dir={smoke_run['work']}/eval",
-                  cwd=smoke_run["work"])
+                  f"tracking.uri={smoke_run['uri']}", cwd=smoke_run["work"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((smoke_run["work"] / "eval" / "eval.json").read_text())
     assert report["split"] == "test" and report["checkpoint"] == s["best_checkpoint"]
     assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
     assert report["dataset"]["digest"] == s["dataset"]["digest"]
+    # its own MLflow run, linked to the training run that wrote the checkpoint
+    run = MlflowClient(tracking_uri=smoke_run["uri"]).get_run(report["mlflow_run_id"])
+    assert report["mlflow_run_id"] != s["mlflow_run_id"] and report["trained_mlflow_run_id"] == s["mlflow_run_id"]
+    assert run.data.tags["aift.eval.trained_run_id"] == s["mlflow_run_id"] and run.data.tags["aift.run_kind"] == "eval"
+    assert run.data.metrics["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
+    assert len(run.inputs.dataset_inputs) == 3
 
 
 def test_eval_with_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
