@@ -218,3 +218,16 @@ def test_mixup_and_cutmix_train_with_soft_labels(plastic_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == 4 and 0 <= summary["metrics"]["train/acc"] <= 1
+
+
+def test_multirun_sweep_of_ddp_jobs_keeps_one_folder_per_point(plastic_data, tmp_path):
+    """Hydra -m with DDP: each point's second rank must join that point's folder, not make its own."""
+    result = aift("train", "-m", *SMOKE, f"data.root={plastic_data}", "strategy=ddp", "trainer.devices=2",
+                  "trainer.accelerator=cpu", "tracking=none", "run_test=false", "seed=1,2",
+                  "trainer.limit_val_batches=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray outputs/ from a child rank
+    for point in ("0", "1"):
+        summary = json.loads((tmp_path / "sweep" / point / "summary.json").read_text())
+        assert summary["num_processes"] == 2 and summary["output_dir"] == str(tmp_path / "sweep" / point)
+        assert (tmp_path / "sweep" / point / "train_ddp_process_1.log").is_file()
