@@ -20,6 +20,7 @@ usage:
   aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx) (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift data synth RECIPE --out DIR         write a demo dataset of real files
+  aift launch [--dry-run] KEY=VALUE ...    render + submit an sbatch job for a Slurm cluster profile
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
 
@@ -102,6 +103,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args.suite, args.profile, args.quick, args.out, tracking_uri, command)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from aifactory_train.launch.slurm import launch
+
+    return launch(args.overrides, args.dry_run, args.job_name, args.run_dir)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aift", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage=argparse.SUPPRESS)
@@ -127,6 +134,18 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     synth.add_argument("--variant", default=None, help="recipe-specific variant, e.g. multispectral for plastic_sorting")
     synth.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    launch = sub.add_parser(
+        "launch",
+        prog="aift launch",
+        help="submit a training job to Slurm",
+        description="Render slurm/sbatch.sh.j2 for the cluster profile (nodes = trainer.num_nodes, one task per "
+                    "device, USR1 to every rank before the time limit), check that the job fits the profile's "
+                    "nodes, and submit it with sbatch; --dry-run prints the resolved config and the script.",
+    )
+    launch.add_argument("overrides", nargs="*", help="the same overrides as aift train, e.g. recipe=... cluster=...")
+    launch.add_argument("--dry-run", action="store_true", help="print the config and script, submit nothing")
+    launch.add_argument("--job-name", default=None, help="Slurm job name (default aift-<recipe>)")
+    launch.add_argument("--run-dir", default=None, help="the run folder (default outputs/<recipe>/<date>_<time>)")
     bench = sub.add_parser(
         "bench",
         prog="aift bench",
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return _data_synth(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "launch":
+            return _launch(args)
     except AiftError as err:
         return _fail(str(err))
     _parser().print_help()

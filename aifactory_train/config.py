@@ -9,6 +9,7 @@ shared sections are defined here; each recipe extends :class:`RunConfig` with it
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -97,9 +98,36 @@ class StrategyConfig:
 
 
 @dataclass
+class NodeShape:
+    gpus: int = 0
+    cpus: int = 1
+    memory_gb: int = 1
+
+
+@dataclass
 class ClusterConfig:
+    """Where a job runs. ``scheduler: none`` is this machine; ``slurm`` profiles feed `aift launch`."""
+
     name: str = "local"
     scheduler: str = "none"
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: Optional[str] = None
+    allocation: Optional[str] = None
+    accounts: Dict[str, Optional[str]] = field(default_factory=dict)
+    node: NodeShape = field(default_factory=NodeShape)
+    cpus_per_task: int = 1
+    requeue_signal_seconds: int = 120
+    env: Dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_choice("cluster.scheduler", self.scheduler, ("none", "slurm"))
+        if self.scheduler == "slurm":
+            check(bool(self.partition), "cluster.partition", self.partition, "the Slurm partition to submit to")
+            check(self.allocation in self.accounts, "cluster.allocation", self.allocation,
+                  f"one of the tracks in cluster.accounts ({', '.join(self.accounts) or 'none defined'})")
+            check(bool(self.time_limit) and re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", self.time_limit) is not None,
+                  "cluster.time_limit", self.time_limit, "Slurm's [days-]hh:mm:ss")
 
 
 @dataclass

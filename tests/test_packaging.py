@@ -37,6 +37,7 @@ def test_wheel_contains_every_config_and_recipe_file(installed):
         assert f"aifactory_train/configs/{config.relative_to(REPO / 'configs').as_posix()}" in names
     for source in (REPO / "recipes").rglob("*.py"):
         assert f"aifactory_train/recipes/{source.relative_to(REPO / 'recipes').as_posix()}" in names
+    assert "aifactory_train/slurm/sbatch.sh.j2" in names
     for source in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "benchmarks").glob("profiles/*.yaml")]:
         assert f"aifactory_train/benchmarks/{source.relative_to(REPO / 'benchmarks').as_posix()}" in names
 
@@ -52,6 +53,8 @@ def test_installed_package_runs_from_another_folder(installed, tmp_path):
     assert probe.returncode == 0, probe.stderr
     assert all(line.startswith(str(installed / "site")) for line in probe.stdout.split())
     assert "plastic_sorting" in run_installed(installed, "recipes", "list", cwd=tmp_path).stdout
+    launch = run_installed(installed, "launch", "--dry-run", "cluster=aifactory_h100", "strategy=ddp", cwd=tmp_path)
+    assert launch.returncode == 0 and "#SBATCH --partition=gpu_h100" in launch.stdout, launch.stderr[-2000:]
     assert run_installed(installed, "data", "synth", "plastic_sorting", "--out", "d", "--size", "7", cwd=tmp_path).returncode == 0
     result = run_installed(installed, "train", "recipe=plastic_sorting", "debug=smoke", "data.root=d", "tracking=none",
                            "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "run_test=false",

@@ -1,0 +1,1 @@
+"""Launching training jobs on a scheduler (`aift launch`)."""

@@ -1,0 +1,123 @@
+"""`aift launch`: render an sbatch script from slurm/sbatch.sh.j2 for a cluster profile, check that the job
+fits the profile's nodes before any GPU hour is spent, and submit it (or print it with --dry-run)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from aifactory_train.errors import AiftError, ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def template_path() -> Path:
+    from aifactory_train.resources import config_dir
+
+    installed = config_dir().parent / "slurm" / "sbatch.sh.j2"  # inside the package when installed
+    return installed if installed.is_file() else Path(__file__).resolve().parents[2] / "slurm" / "sbatch.sh.j2"
+
+
+def job_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(nodes, tasks per node, GPUs per node) after checking them against the cluster profile."""
+    cluster, trainer, strategy = cfg["cluster"], cfg["trainer"], cfg["strategy"]
+    node_gpus = cluster["node"]["gpus"]
+    devices = trainer["devices"]
+    if devices == "auto":
+        devices = node_gpus or 1
+    if isinstance(devices, list):
+        devices = len(devices)
+    nodes = trainer["num_nodes"]
+    if node_gpus and devices > node_gpus:
+        raise ConfigError(f"trainer.devices={devices} but cluster '{cluster['name']}' nodes have {node_gpus} GPUs; "
+                          f"use trainer.devices<={node_gpus} and more trainer.num_nodes (now {nodes})")
+    if not node_gpus and trainer["accelerator"] in GPU_ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={trainer['accelerator']} but cluster '{cluster['name']}' has no GPUs; "
+                          f"choose a GPU cluster profile or trainer.accelerator=cpu")
+    if strategy["name"] == "single" and nodes * devices > 1:
+        raise ConfigError(f"strategy=single runs one process, but the job asks for {nodes} node(s) x {devices} "
+                          f"device(s); use strategy=ddp (or trainer.devices=1 trainer.num_nodes=1)")
+    if devices * cluster["cpus_per_task"] > cluster["node"]["cpus"]:
+        raise ConfigError(f"cluster.cpus_per_task={cluster['cpus_per_task']} x trainer.devices={devices} exceeds the "
+                          f"{cluster['node']['cpus']} CPUs of a '{cluster['name']}' node")
+    return nodes, devices, (devices if node_gpus else 0)
+
+
+def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Path) -> str:
+    import jinja2
+
+    cluster = cfg["cluster"]
+    if cluster["scheduler"] != "slurm":
+        raise ConfigError(f"cluster '{cluster['name']}' has scheduler '{cluster['scheduler']}'; `aift launch` needs a "
+                          f"Slurm profile (cluster=aifactory_h100, cluster=slurm, or your own copy of slurm.yaml)")
+    nodes, tasks, gpus = job_shape(cfg)
+    # the exact training command: the user's overrides, the shape they resolved to, and a fixed run folder so
+    # that a requeued job writes into (and resumes from) the same place
+    pinned = [o for o in overrides if not o.split("=")[0] in ("trainer.devices", "trainer.num_nodes", "hydra.run.dir")]
+    command = ["aift", "train", *pinned, f"trainer.devices={tasks}", f"trainer.num_nodes={nodes}",
+               f"hydra.run.dir={run_dir}"]
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    environment.filters["shell_quote"] = lambda value: shlex.quote(str(value))
+    template = environment.from_string(template_path().read_text())
+    return template.render(
+        cluster=cluster, job_name=job_name, account=cluster["accounts"].get(cluster["allocation"]),
+        nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus, log_dir=run_dir / "slurm",
+        env=cluster["env"], command=" ".join(shlex.quote(part) for part in command),
+    )
+
+
+def compose(overrides: list[str], run_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from aifactory_train.resources import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None) -> int:
+    from omegaconf import OmegaConf
+
+    from aifactory_train.config import validate
+
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "plastic_sorting")
+    job_name = job_name or f"aift-{recipe}"
+    run_path = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
+    cfg = compose(overrides, run_path)
+    validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    script = render(resolved, overrides, job_name, run_path)
+    if dry_run:
+        print(OmegaConf.to_yaml(resolved))
+        print(script)
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
+                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
+    (run_path / "slurm").mkdir(parents=True, exist_ok=True)
+    script_path = run_path / "launch.sbatch"
+    script_path.write_text(script)
+    result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}")
+    print(f"logs: {run_path / 'slurm'}/{job_name}-{job_id}.out (and .err)")
+    print(f"run folder: {run_path}")
+    return 0

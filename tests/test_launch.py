@@ -1,0 +1,63 @@
+"""`aift launch`: the sbatch script for a cluster profile, and the checks that run before anything is submitted.
+
+Submitting to a real Slurm cluster is not tested yet (that comes with the cluster the tests will start)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import aift
+
+GOLDEN = Path(__file__).parent / "assets" / "sbatch_aifactory_h100_4nodes.sh"
+H100_4_NODES = ["recipe=plastic_sorting", "cluster=aifactory_h100", "trainer.num_nodes=4", "strategy=ddp"]
+
+
+def script_of(stdout: str) -> str:
+    return stdout[stdout.index("#!/bin/bash"):]
+
+
+def test_sbatch_for_four_h100_nodes_matches_the_golden_file(tmp_path):
+    result = aift("launch", "--dry-run", *H100_4_NODES, "--job-name", "golden", "--run-dir", "/scratch/aif/run1",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    script = script_of(result.stdout)
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(script)
+    assert script == GOLDEN.read_text()
+    assert "--ntasks-per-node=4" in script and "--nodes=4" in script and "srun " in script
+    assert "--signal=USR1@300" in script and "B:USR1" not in script
+    assert "trainer.devices=4 trainer.num_nodes=4 hydra.run.dir=/scratch/aif/run1" in script
+    assert "paths:\n  data_dir: data\n  output_dir: /scratch/aif/run1" in result.stdout  # the resolved config too
+    assert not (tmp_path / "outputs").exists()  # a dry run writes nothing
+
+
+def test_allocation_track_selects_the_account(tmp_path):
+    result = aift("launch", "--dry-run", *H100_4_NODES, "cluster.allocation=euro_hpc", cwd=tmp_path)
+    assert "#SBATCH --account=aif-eurohpc" in result.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.devices=8"], "trainer.devices=8 but cluster 'aifactory_h100' nodes have 4 GPUs"),
+    (["strategy=single"], "strategy=single runs one process"),
+    (["cluster.node.gpus=0", "trainer.accelerator=gpu"], "has no GPUs"),
+    (["cluster.cpus_per_task=32"], "exceeds the 64 CPUs"),
+    (["cluster.allocation=eu"], "cluster.allocation"),
+    (["cluster.time_limit=2h"], "[days-]hh:mm:ss"),
+    (["cluster=local"], "needs a Slurm profile"),
+])
+def test_jobs_that_do_not_fit_are_refused_before_submission(overrides, message, tmp_path):
+    base = [o for o in H100_4_NODES if not (o.startswith("strategy=") and any(x.startswith("strategy=") for x in overrides))]
+    base = [o for o in base if not (o.startswith("cluster=") and any(x.startswith("cluster=") for x in overrides))]
+    result = aift("launch", "--dry-run", *base, *overrides, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-1000:]
+    assert message in result.stderr
+
+
+def test_without_sbatch_it_says_so_and_offers_dry_run(tmp_path):
+    result = aift("launch", *H100_4_NODES, cwd=tmp_path, env={"PATH": str(tmp_path / "no-such-bin")})
+    assert result.returncode == 2
+    assert "sbatch was not found" in result.stderr and "--dry-run" in result.stderr
+    assert not (tmp_path / "outputs").exists()
