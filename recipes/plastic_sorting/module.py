@@ -76,7 +76,8 @@ class PlasticSortingModule(L.LightningModule):
         if self.hparams.model.get("compile") and stage == "fit":
             self.net.compile()  # in place: state_dict keys stay the same
         if stage == "fit":
-            self.flops_per_sample = self.measure_flops(batch_size=1)  # FLOPs grow linearly with the batch
+            # FLOPs grow linearly with the batch; 2 samples, not 1: BatchNorm refuses a single value per channel
+            self.flops_per_sample = self.measure_flops(batch_size=2) // 2
 
     def measure_flops(self, batch_size: int) -> int:
         """Training FLOPs (forward + backward) of one batch, counted on the meta device (no compute).
