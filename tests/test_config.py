@@ -51,7 +51,7 @@ def recipe_of(group: str, name: str) -> str:
 def every_override() -> list[list[str]]:
     """One composition per file in configs/: each group option with the recipe it belongs to."""
     runs = [[f"recipe={name}"] for name in options("recipe")]
-    for group in ("model", "trainer", "strategy", "cluster", "tracking", "paths", "debug", "experiment"):
+    for group in ("model", "trainer", "precision", "strategy", "cluster", "tracking", "paths", "debug", "experiment"):
         runs += [[f"{group}={name}", f"recipe={recipe_of(group, name)}"] for name in options(group)]
     return runs
 
@@ -97,6 +97,11 @@ def test_eval_and_export_root_configs_compose(tmp_path):
     assert validate(cfg).split == "test"
     cfg = compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt"], tmp_path, root="export")
     assert validate(cfg).format == "onnx"
+
+
+def test_precision_group_sets_the_trainer_precision(tmp_path):
+    assert compose_run(["precision=bf16-true"], tmp_path).trainer.precision == "bf16-true"
+    assert compose_run([], tmp_path).trainer.precision == "auto"
 
 
 def test_unknown_group_option_lists_valid_ones(tmp_path):
