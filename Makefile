@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# deduce pins regex<2025, transformers 5 needs regex>=2025.10.22: deduce goes in without its pins (its other
+# dependencies come from pyproject). See recipes/clinical_notes/deidentify.py.
+DEDUCE_PIN := deduce==3.0.6
 DEMO_DIR ?= demo
 DEMO_ARGS ?= trainer.max_epochs=4
 
@@ -17,6 +20,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(DEDUCE_PIN)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -35,6 +35,8 @@ class TrainingThroughput(L.Callback):
     it is measured. This callback synchronises only on logging steps and still uses Lightning's
     ``Throughput`` for the arithmetic (windowed rates, FLOP/s, MFU from ``get_available_flops``).
     FLOPs come from the module's ``flops_per_sample`` (measured with ``measure_flops``), when it has one.
+    Language models also count tokens: a module with ``tokens_in_batch(batch)`` gets tokens/s (and FLOPs from
+    ``flops_per_token`` x tokens, since rows differ in length).
     Time spent in validation is left out; data loading is included (it is part of what a user waits for).
     """
 
@@ -42,6 +44,8 @@ class TrainingThroughput(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.window_size = window_size
         self.samples = 0  # over all ranks
+        self.tokens: int | None = None  # over all ranks, for modules that count tokens
+        self._local_tokens = 0
         self.seconds = 0.0
         self._local_samples = 0
         self._batches = 0
@@ -52,6 +56,10 @@ class TrainingThroughput(L.Callback):
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.seconds if self.seconds > 0 else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.tokens is not None and self.seconds > 0 else None
 
     def _train_seconds(self) -> float:
         running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
@@ -75,8 +83,16 @@ class TrainingThroughput(L.Callback):
         self.samples += size * trainer.world_size
         self._local_samples += size
         self._batches += 1
+        count_tokens = getattr(pl_module, "tokens_in_batch", None)
+        tokens = count_tokens(batch) if count_tokens is not None else None
+        if tokens is not None:
+            self._local_tokens += tokens
         per_sample = getattr(pl_module, "flops_per_sample", None)
-        flops = per_sample * size if per_sample else None
+        per_token = getattr(pl_module, "flops_per_token", None)
+        if per_token and tokens is not None:
+            flops = per_token * tokens
+        else:
+            flops = per_sample * size if per_sample else None
         if flops:
             self._flops_since_update += flops
         if trainer.logger is None or trainer.global_step % self.log_every_n_steps != 0:
@@ -84,9 +100,10 @@ class TrainingThroughput(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # only here: the elapsed time must include the queued GPU work
         self._throughput.update(time=self._train_seconds(), batches=self._batches, samples=self._local_samples,
+                                lengths=self._local_tokens if tokens is not None else None,
                                 flops=self._flops_since_update if flops else None)
         self._flops_since_update = 0
-        metrics = self._throughput.compute()
+        metrics = {k.replace("items_per_sec", "tokens_per_sec"): v for k, v in self._throughput.compute().items()}
         if metrics and trainer.is_global_zero:
             trainer.logger.log_metrics({f"throughput/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
@@ -98,6 +115,11 @@ class TrainingThroughput(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._epoch_start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if hasattr(pl_module, "tokens_in_batch"):
+            local = torch.tensor(float(self._local_tokens), device=pl_module.device)
+            self.tokens = int(trainer.strategy.reduce(local, reduce_op="sum"))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._epoch_start is not None:

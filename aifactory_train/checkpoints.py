@@ -38,6 +38,18 @@ def read_hyperparameters(path: str) -> dict[str, Any]:
     return checkpoint.get("hyper_parameters", {})
 
 
+def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
+    """A checkpoint trained on another class set (or with another tokenizer) cannot be resumed or scored here."""
+    if "class_names" in data_info:
+        check_classes_match(path, data_info["class_names"])
+        return
+    saved = read_hyperparameters(path).get("data_info", {})
+    for key in ("tokenizer_sha256",):
+        if key in data_info and saved.get(key) != data_info[key]:
+            raise CheckpointError(f"ckpt_path: '{path}' was trained with another tokenizer ({key} {saved.get(key)} vs "
+                                  f"{data_info[key]} here); resume or evaluate with the tokenizer stored in it")
+
+
 def check_classes_match(path: str, class_names: list[str]) -> None:
     """A checkpoint trained on another class set cannot be resumed or scored on this data."""
     saved = read_hyperparameters(path).get("data_info", {}).get("class_names")

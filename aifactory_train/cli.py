@@ -17,9 +17,12 @@ aift: train the AI Factory Groningen's recipes, from a laptop smoke run to a mul
 usage:
   aift train recipe=NAME [KEY=VALUE ...]   train (a Hydra app: --cfg job, -m, hydra.run.dir=DIR; --help)
   aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
-  aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx) (--help)
+  aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx,
+                                           clinical_notes: format=hf) (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift data synth RECIPE --out DIR         write a demo dataset of real files
+  aift data deidentify recipe=NAME data.root=RAW --out DIR
+                                           de-identify sensitive text (clinical_notes: deduce) before training
   aift launch [--dry-run] KEY=VALUE ...    render + submit an sbatch job for a Slurm cluster profile
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
@@ -86,10 +89,39 @@ def _recipes_list() -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     from aifactory_train.resources import load_object, recipe_info
 
-    synthesize = load_object(recipe_info(args.recipe).synth)
+    info = recipe_info(args.recipe)
+    synthesize = load_object(info.synth)
     out = synthesize(out=args.out, size=args.size, seed=args.seed, variant=args.variant, overwrite=args.overwrite)
     print(f"wrote {out}")
-    print(f"train on it: aift train recipe={args.recipe} data.root={out}")
+    if info.deidentify:
+        print(f"de-identify it first: aift data deidentify recipe={args.recipe} data.root={out} --out DIR")
+    else:
+        print(f"train on it: aift train recipe={args.recipe} data.root={out}")
+    return 0
+
+
+def _data_deidentify(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from aifactory_train.config import compose_train_config, validate
+    from aifactory_train.errors import ConfigError
+    from aifactory_train.resources import load_object
+
+    with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
+        cfg = compose_train_config(args.overrides, run_dir)
+        validate(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    recipe = resolved["recipe"]
+    if not recipe.get("deidentify"):
+        raise ConfigError(f"recipe '{recipe['name']}' has no de-identification step (recipe.deidentify is empty)")
+    deidentify = load_object(recipe["deidentify"])
+    report = deidentify(resolved["data"], out=args.out, overwrite=args.overwrite)
+    print(json.dumps({"records": report["records"], "tags": report["tags"], "notes_per_s": report["notes_per_s"]}))
+    print(f"wrote {args.out} (de-identified; report: deidentification_report.json)")
+    print(f"train on it: aift train recipe={recipe['name']} data.root={args.out}")
     return 0
 
 
@@ -134,6 +166,18 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     synth.add_argument("--variant", default=None, help="recipe-specific variant, e.g. multispectral for plastic_sorting")
     synth.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    deidentify = data_sub.add_parser(
+        "deidentify",
+        prog="aift data deidentify",
+        help="de-identify a dataset",
+        description="Replace names, dates, ages, BSNs, phone numbers, addresses and institutions in the recipe's "
+                    "text fields by tags (clinical_notes: deduce), writing the same splits into --out with a data "
+                    "card marked deidentified: true and a report of counts per tag type (never the originals).",
+    )
+    deidentify.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=clinical_notes "
+                                                        "data.root=RAW data.text_field=note")
+    deidentify.add_argument("--out", required=True, help="output folder; must be empty or new unless --overwrite")
+    deidentify.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     launch = sub.add_parser(
         "launch",
         prog="aift launch",
@@ -182,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recipes":
             return _recipes_list()
         if args.command == "data":
-            return _data_synth(args)
+            return _data_deidentify(args) if args.data_command == "deidentify" else _data_synth(args)
         if args.command == "bench":
             return _bench(args)
         if args.command == "launch":

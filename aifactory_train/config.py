@@ -158,6 +158,7 @@ class RecipeSection:
     description: str = ""
     data_format: str = ""
     synth: str = ""
+    deidentify: str = ""  # recipes on sensitive text: the `aift data deidentify` step
     schema: str = ""
     module: Dict[str, Any] = field(default_factory=dict)
     monitor: str = "val/loss"
@@ -203,6 +204,30 @@ class RunConfig:
     format: Optional[str] = None  # aift export only
     export: Dict[str, Any] = field(default_factory=dict)  # aift export only
 
+
+
+def compose_train_config(overrides: list[str], run_dir: Any):
+    """The `aift train` config for ``overrides``, composed outside a Hydra app (launch, data deidentify), with
+    ``paths.output_dir`` resolving to ``run_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+
+    from aifactory_train.resources import config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    except HydraException as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def validate(cfg) -> Any:

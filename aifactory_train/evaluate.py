@@ -25,7 +25,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import get_class, instantiate
 
-    from aifactory_train.checkpoints import check_classes_match, resolve_checkpoint
+    from aifactory_train.checkpoints import check_data_matches, resolve_checkpoint
     from aifactory_train.errors import DataError
     from aifactory_train.strategies import resolve_precision
 
@@ -37,10 +37,12 @@ def run_evaluation(cfg) -> dict[str, Any]:
     tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
+    if hasattr(datamodule, "adopt_checkpoint"):
+        datamodule.adopt_checkpoint(ckpt_path)
     datamodule.setup("test" if cfg.split == "test" else "validate")
     if not datamodule.has_split(cfg.split):
         raise DataError(f"data.root '{resolved['data']['root']}': there is no '{cfg.split}' split to evaluate on")
-    check_classes_match(ckpt_path, datamodule.data_info["class_names"])
+    check_data_matches(ckpt_path, datamodule.data_info)
     module_class = get_class(resolved["recipe"]["module"]["_target_"])
     module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
 

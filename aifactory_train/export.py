@@ -29,7 +29,7 @@ def run_export(cfg) -> dict[str, Any]:
     if not hasattr(module_class, "export_model"):
         raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no export; nothing to do for format={cfg.format}")
     module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    files = module.export_model(cfg.format, run_dir, list(resolved["export"]["image_size"]))
+    files = module.export_model(cfg.format, run_dir, resolved["export"])
     report = {"checkpoint": str(Path(ckpt_path).resolve()), "recipe": resolved["recipe"]["name"], "format": cfg.format,
               "files": [str(Path(f).resolve()) for f in files]}
     (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 DATACARD_FILE = "datacard.yaml"
-DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "description")
+DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "description", "deidentified",
+                   "deidentification")
 
 
 def digest_files(root: str | Path, paths: Iterable[str], labels: Iterable[Any]) -> str:

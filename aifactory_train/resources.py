@@ -28,6 +28,7 @@ class RecipeInfo:
     description: str
     synth: str  # "module:function" that writes a demo dataset
     schema: str  # "module:Class", the recipe's config schema
+    deidentify: str = ""  # "module:function" of `aift data deidentify`, for recipes on sensitive text
 
 
 def recipe_names() -> list[str]:
@@ -59,6 +60,7 @@ def recipe_info(name: str) -> RecipeInfo:
         description=recipe.description,
         synth=recipe.synth,
         schema=recipe.schema,
+        deidentify=recipe.get("deidentify", ""),
     )
 
 

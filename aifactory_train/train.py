@@ -4,7 +4,8 @@ Everything use-case specific is built from config with ``hydra.utils.instantiate
 ``data._target_`` and the LightningModule from ``recipe.module._target_``. The recipe contract:
 
 * the DataModule has ``data_info`` (a dict the module needs, e.g. ``class_names``), ``lineage()``
-  (an :class:`aifactory_train.lineage.DatasetLineage`) and ``has_split(name)``;
+  (an :class:`aifactory_train.lineage.DatasetLineage`) and ``has_split(name)``; when what it prepares depends on
+  the checkpoint (a tokenizer), also ``adopt_checkpoint(path)``, called before ``setup`` on resume and in eval;
 * the LightningModule takes ``model``, ``optim``, ``loss`` and ``data_info`` keyword arguments, keeps
   ``data_info`` in its hyperparameters and its torch model in ``self.net``, and writes its reports
   (plots, tables) into ``<run dir>/reports``.
@@ -74,17 +75,19 @@ def run_training(cfg) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from aifactory_train.callbacks import TrainingThroughput
-    from aifactory_train.checkpoints import CHECKPOINT_DIR, check_classes_match, resolve_checkpoint
+    from aifactory_train.checkpoints import CHECKPOINT_DIR, check_data_matches, resolve_checkpoint
     from aifactory_train.strategies import trainer_kwargs
     from aifactory_train.tracking import is_global_zero
 
     use_hydra_logging()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.setup("fit")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    if ckpt_path and hasattr(datamodule, "adopt_checkpoint"):
+        datamodule.adopt_checkpoint(ckpt_path)  # e.g. the tokenizer the checkpoint was trained with
+    datamodule.setup("fit")
     if ckpt_path:
-        check_classes_match(ckpt_path, datamodule.data_info["class_names"])
+        check_data_matches(ckpt_path, datamodule.data_info)
         log.info("resuming from %s", ckpt_path)
     module = instantiate(
         cfg.recipe.module,
@@ -159,8 +162,11 @@ def run_training(cfg) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "train_samples": throughput.samples,
         "train_samples_per_s": throughput.samples_per_s,
+        "train_tokens": throughput.tokens,
+        "train_tokens_per_s": throughput.tokens_per_s,
         "wall_time_s": round(time.time() - started, 3),
         "train_flops_per_sample": getattr(module, "flops_per_sample", None),
+        "train_flops_per_token": getattr(module, "flops_per_token", None),
         "precision": str(trainer.precision),
         "num_processes": trainer.world_size,
         "dataset": lineage.as_dict() if lineage is not None else None,

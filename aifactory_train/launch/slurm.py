@@ -71,22 +71,9 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
 
 
 def compose(overrides: list[str], run_dir: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from aifactory_train.config import compose_train_config
 
-    from aifactory_train.resources import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_train_config(overrides, run_dir)
 
 
 def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None) -> int:

@@ -236,9 +236,9 @@ class CropDetectionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- export ----------------------------------------------------------------------------------
-    def export_model(self, fmt: str, out_dir: Path, image_size: list[int]) -> list[Path]:
+    def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
         from aifactory_train.recipes.crop_detection.export import export_onnx
 
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': crop_detection exports 'onnx', not '{fmt}'")
-        return export_onnx(self, out_dir, image_size)
+        return export_onnx(self, out_dir, list(options["image_size"]))

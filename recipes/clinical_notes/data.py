@@ -1,0 +1,381 @@
+"""clinical_notes data: (note -> summary) JSONL splits, de-identified, tokenized for causal-LM fine-tuning.
+
+Reading order, top to bottom:
+
+1. ``read_jsonl`` reads one split, checking every record (a missing or empty field names the file and line,
+   never the text).
+2. The data must be de-identified: its data card says ``deidentified: true`` (written by
+   `aift data deidentify`), or ``data.deidentify=inline`` runs deduce here, before anything else sees the text.
+3. The tokenizer: the pretrained model's (``data.tokenizer_path``), or a byte-level BPE trained here on the
+   de-identified training text; on resume and in `aift eval` the checkpoint's own (``adopt_checkpoint``).
+4. ``PromptEncoder`` builds ``bos + template(note) + summary + eos`` with the loss only on the summary; a note
+   too long for ``data.max_length`` is truncated (and counted, never dropped).
+5. Optional packing puts several examples in one row, with position ids restarting per example (transformers
+   then keeps attention inside each example).
+
+The text is held in memory only: records go into ``datasets.Dataset.from_dict`` and are tokenized with
+``keep_in_memory``, so no Arrow cache with note text is written anywhere (``load_dataset`` would write one under
+~/.cache, outside the run and out of the data owner's control).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from aifactory_train.errors import DataError
+from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+TOKENIZER_CHECKPOINT_KEY = "aift_tokenizer"  # {file name: text} of the tokenizer, inside every checkpoint
+IGNORE_INDEX = -100
+
+
+# -- 1. reading ---------------------------------------------------------------------------------------
+def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> list[tuple[int, str, str]]:
+    """(line number, note, summary) of every record; errors name the file, line and field, never the text."""
+    if not path.is_file():
+        raise DataError(f"data.splits.{split}: '{path}' does not exist; make demo data with "
+                        f"`aift data synth clinical_notes --out DIR` or point data.root at your JSONL files")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {line_number}: not valid JSON ({err.msg} at column {err.colno}); "
+                                f"each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {line_number}: a {type(record).__name__}, not a JSON object")
+            values = []
+            for key, name in (("data.text_field", text_field), ("data.target_field", target_field)):
+                if name not in record:
+                    raise DataError(f"{path} line {line_number}: the record has no field '{name}' ({key}); "
+                                    f"its fields are {sorted(record)}; set {key} to the right one")
+                value = record[name]
+                if not isinstance(value, str):
+                    raise DataError(f"{path} line {line_number}: field '{name}' ({key}) must be a string, "
+                                    f"not {type(value).__name__}")
+                if not value.strip():
+                    raise DataError(f"{path} line {line_number}: field '{name}' ({key}) is empty; every record "
+                                    f"needs a non-empty note and summary (remove or complete this record)")
+                values.append(value)
+            records.append((line_number, values[0], values[1]))
+    if not records:
+        raise DataError(f"data.splits.{split}: '{path}' has no records")
+    return records
+
+
+# -- 3. tokenizer -------------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (no unknown tokens, any script) trained on the de-identified training text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise DataError(f"tokenizer folder '{path}' cannot be loaded: {str(err).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer folder '{path}': the tokenizer has no eos_token; the model could not learn where "
+                        f"a summary ends")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss, so any id works
+    return tokenizer
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The tokenizer's save_pretrained files as text (kept inside checkpoints)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, str]):
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return load_tokenizer(tmp)
+
+
+def tokenizer_digest(files: dict[str, str]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(files):
+        if name == "tokenizer.json":  # the vocabulary and merges; the config file carries paths and versions
+            sha.update(files[name].encode())
+    return sha.hexdigest()
+
+
+# -- 4. prompts ---------------------------------------------------------------------------------------
+class PromptEncoder:
+    """Token ids of ``bos + template(note) + summary + eos`` and labels that score only the summary.
+
+    The template's text around ``{text}`` is tokenized once, apart from the note, so the note can be cut to fit
+    ``max_length`` token-exactly. The summary is cut to ``max_target_length`` first; then the note gives way.
+    """
+
+    def __init__(self, tokenizer, template: str, max_length: int, max_target_length: int):
+        before, after = template.split("{text}")
+        self.tokenizer = tokenizer
+        self.before = tokenizer(before, add_special_tokens=False)["input_ids"]
+        self.after = tokenizer(after, add_special_tokens=False)["input_ids"]
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+        fixed = len(self.bos) + len(self.before) + len(self.after)
+        if fixed + 1 + 1 >= max_length:
+            raise DataError(f"data.max_length {max_length} leaves no room for the note: the prompt template alone takes "
+                            f"{fixed} tokens; raise data.max_length or shorten data.prompt_template")
+        self.fixed = fixed
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, note_ids: list[int], budget: int) -> list[int]:
+        return self.bos + self.before + note_ids[:budget] + self.after
+
+    def encode(self, note: str, summary: str) -> dict[str, Any]:
+        note_ids, target = self._ids(note), self._ids(summary) + [self.eos]
+        summary_cut = len(target) > self.max_target_length
+        target = target[: self.max_target_length]
+        budget = self.max_length - self.fixed - len(target)
+        prompt = self.prompt(note_ids, budget)
+        # the prompt for generation leaves room for a summary of max_target_length tokens, whatever this one's length
+        generation_prompt = self.prompt(note_ids, self.max_length - self.fixed - self.max_target_length)
+        return {
+            "input_ids": prompt + target,
+            "labels": [IGNORE_INDEX] * len(prompt) + target,
+            "prompt_ids": generation_prompt,
+            "note_truncated": len(note_ids) > budget,
+            "summary_truncated": summary_cut,
+        }
+
+
+def pack_rows(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedy packing in order: whole examples only, position ids restarting at each example."""
+    rows, current = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        length = len(example["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + length > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += example["input_ids"]
+        current["labels"] += example["labels"]
+        current["position_ids"] += list(range(length))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+class Collator:
+    """Right-pads training rows (left-pads generation prompts) to the longest in the batch."""
+
+    def __init__(self, pad_id: int, generation: bool):
+        self.pad_id = pad_id
+        self.generation = generation
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch: dict[str, Any] = {}
+
+        def right(key: str, fill: int) -> torch.Tensor:
+            return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
+
+        batch["input_ids"] = right("input_ids", self.pad_id)
+        batch["labels"] = right("labels", IGNORE_INDEX)
+        if "position_ids" in rows[0]:
+            # padding continues as one more "sequence" of its own; it has no labels
+            batch["position_ids"] = torch.tensor(
+                [r["position_ids"] + list(range(width - len(r["position_ids"]))) for r in rows], dtype=torch.long)
+        else:
+            batch["attention_mask"] = torch.tensor(
+                [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], dtype=torch.long)
+        batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
+        if self.generation:
+            prompt_width = max(len(r["prompt_ids"]) for r in rows)
+            batch["prompt_ids"] = torch.tensor(
+                [[self.pad_id] * (prompt_width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows], dtype=torch.long)
+            batch["prompt_mask"] = torch.tensor(
+                [[0] * (prompt_width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows], dtype=torch.long)
+            batch["references"] = [r["reference"] for r in rows]
+        return batch
+
+
+# -- the DataModule -----------------------------------------------------------------------------------
+class ClinicalNotesDataModule(L.LightningDataModule):
+    def __init__(self, root: str, splits: dict[str, str], text_field: str = "note", target_field: str = "summary",
+                 prompt_template: str = "Notitie:\n{text}\n\nSamenvatting:\n", max_length: int = 256,
+                 max_target_length: int = 64, packing: bool = False, deidentify: str = "none",
+                 tokenizer_path: str | None = None, tokenizer_vocab_size: int = 1024, batch_size: int = 8,
+                 num_workers: int = 0):
+        super().__init__()
+        self.root = Path(root)
+        self.split_files = dict(splits)
+        self.text_field, self.target_field = text_field, target_field
+        self.prompt_template = prompt_template
+        self.max_length, self.max_target_length = max_length, max_target_length
+        self.packing = packing
+        self.deidentify = deidentify
+        self.tokenizer_path = tokenizer_path
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.tokenizer = None
+        self.tokenizer_source = None
+        self.records: dict[str, list[tuple[int, str, str]]] = {}
+        self.encoded: dict[str, list[dict[str, Any]]] = {}
+        self.counts: dict[str, Counter] = {}
+        self.tag_counts: Counter = Counter()
+        self._digests: dict[str, str] = {}
+
+    # -- the tokenizer a checkpoint was trained with (resume, eval) --
+    def adopt_checkpoint(self, ckpt_path: str) -> None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
+        if not files:
+            raise DataError(f"ckpt_path '{ckpt_path}' holds no tokenizer; it was not written by the clinical_notes recipe")
+        self.tokenizer = tokenizer_from_files(files)
+        self.tokenizer_source = f"checkpoint {ckpt_path}"
+
+    def has_split(self, name: str) -> bool:
+        return name in self.split_files
+
+    def _read(self, split: str) -> list[tuple[int, str, str]]:
+        path = self.root / self.split_files[split]
+        records = read_jsonl(path, split, self.text_field, self.target_field)
+        self._digests[split] = digest_files(self.root, [self.split_files[split]], [split])
+        return records
+
+    def _check_deidentified(self) -> None:
+        card = read_datacard(self.root)
+        if self.deidentify == "inline" or card.get("deidentified", "").lower() == "true":
+            return
+        raise DataError(
+            f"data.root '{self.root}' is not marked de-identified (its datacard.yaml has deidentified: "
+            f"{card.get('deidentified', 'missing')}); this recipe trains only on de-identified notes. Run "
+            f"`aift data deidentify recipe=clinical_notes data.root={self.root} --out DIR` and train with "
+            f"data.root=DIR, or set data.deidentify=inline")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.records:
+            return
+        self._check_deidentified()
+        wanted = list(self.split_files) if stage in (None, "fit") else [s for s in self.split_files if s != "train"]
+        for split in wanted:
+            self.records[split] = self._read(split)
+        if self.deidentify == "inline":
+            from aifactory_train.recipes.clinical_notes.deidentify import Deidentifier
+
+            deidentifier = Deidentifier()
+            for split, records in self.records.items():
+                self.records[split] = [(line, deidentifier(note), deidentifier(summary))
+                                       for line, note, summary in records]
+            self.tag_counts = deidentifier.counts
+            log.info("de-identified inline: %s", dict(sorted(deidentifier.counts.items())))
+        if self.tokenizer is None:
+            if self.tokenizer_path:
+                self.tokenizer = load_tokenizer(self.tokenizer_path)
+                self.tokenizer_source = f"pretrained {self.tokenizer_path}"
+            else:
+                if "train" not in self.records:
+                    raise DataError("no tokenizer: train one on the train split (aift train) or load a checkpoint's")
+                texts = [text for _, note, summary in self.records["train"] for text in (note, summary)]
+                self.tokenizer = train_tokenizer(texts, self.tokenizer_vocab_size)
+                self.tokenizer_source = f"BPE trained on {len(texts)} de-identified train texts"
+        encoder = PromptEncoder(self.tokenizer, self.prompt_template, self.max_length, self.max_target_length)
+        for split, records in self.records.items():
+            self.encoded[split], self.counts[split] = self._encode(encoder, records)
+            if self.counts[split]["note_truncated"]:
+                log.warning("%s: %d of %d notes were longer than data.max_length=%d tokens allows and were truncated "
+                            "(kept, not dropped)", split, self.counts[split]["note_truncated"], len(records),
+                            self.max_length)
+
+    def _encode(self, encoder: PromptEncoder, records) -> tuple[list[dict[str, Any]], Counter]:
+        from datasets import Dataset
+
+        table = Dataset.from_dict({"line": [r[0] for r in records], "note": [r[1] for r in records],
+                                   "summary": [r[2] for r in records]})
+        encoded = table.map(lambda row: {**encoder.encode(row["note"], row["summary"]), "reference": row["summary"]},
+                            remove_columns=["note", "summary"], keep_in_memory=True)
+        rows = encoded.to_list()
+        counts = Counter(note_truncated=sum(r["note_truncated"] for r in rows),
+                         summary_truncated=sum(r["summary_truncated"] for r in rows), records=len(rows),
+                         tokens=sum(len(r["input_ids"]) for r in rows))
+        return rows, counts
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        files = tokenizer_files(self.tokenizer)
+        return {
+            "vocab_size": len(self.tokenizer),
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "bos_token_id": self.tokenizer.bos_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "tokenizer_sha256": tokenizer_digest(files),
+            "max_length": self.max_length,
+            "max_target_length": self.max_target_length,
+        }
+
+    def lineage(self) -> DatasetLineage:
+        from datasets import Dataset
+
+        lineage = DatasetLineage(name="clinical_notes", root=str(self.root), datacard=read_datacard(self.root))
+        extra = {}
+        for split, rows in self.encoded.items():
+            # MLflow's dataset input gets a schema and row count only: line numbers and token counts, no text
+            meta = Dataset.from_dict({"line": [r["line"] for r in rows],
+                                      "tokens": [len(r["input_ids"]) for r in rows]})
+            lineage.splits[split] = SplitLineage(name=split, num_rows=len(rows), digest=self._digests[split],
+                                                 dataset=meta)
+            extra.update({f"{key}_{split}": str(value) for key, value in self.counts[split].items()})
+        extra.update({f"deidentified_inline_{tag}": str(n) for tag, n in sorted(self.tag_counts.items())})
+        extra["tokenizer"] = self.tokenizer_source or ""
+        lineage.datacard = {**lineage.datacard, **extra}
+        return lineage
+
+    # -- loaders --
+    def _rows(self, split: str, train: bool) -> list[dict[str, Any]]:
+        rows = self.encoded[split]
+        if train and self.packing:
+            return pack_rows(rows, self.max_length)
+        keep = ("input_ids", "labels") if train else ("input_ids", "labels", "prompt_ids", "reference")
+        return [{k: r[k] for k in keep} for r in rows]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(self._rows(split, train), batch_size=self.batch_size, shuffle=train,
+                          num_workers=self.num_workers, collate_fn=Collator(self.tokenizer.pad_token_id, not train),
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

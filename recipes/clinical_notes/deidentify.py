@@ -1,0 +1,94 @@
+"""De-identification with deduce, before anything else sees the text.
+
+`aift data deidentify recipe=clinical_notes data.root=RAW --out DIR` writes DIR/<split>.jsonl with the
+configured text and target fields de-identified (names, dates, ages, BSNs, phone numbers, addresses,
+institutions become tags such as ``[PERSOON-1]``; other fields are not copied, they may identify too), a data
+card marked ``deidentified: true``, and ``deidentification_report.json`` with counts per tag type, never the
+originals.
+
+Install path: deduce 3.0.6 pins ``regex<2025`` while transformers 5 needs ``regex>=2025.10.22``. deduce runs
+correctly on the newer regex (the tests check it finds every identifier planted in the synthetic notes), so
+the project installs deduce with ``pip install --no-deps`` after the rest (see the Makefile) and its real
+dependencies (docdeid, rapidfuzz, frozendict) through pyproject. A single environment keeps the inline
+option (``data.deidentify=inline``) possible; the price is that pip's resolver cannot check deduce's pin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from aifactory_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "deidentification_report.json"
+INSTALL_HINT = "pip install --no-deps deduce==3.0.6 (after `pip install aifactory-train`; see the README)"
+
+
+class Deidentifier:
+    """Text in, text with identifiers replaced by tags out; counts the tags it placed (never the originals)."""
+
+    def __init__(self) -> None:
+        try:
+            from deduce import Deduce
+        except ImportError as err:
+            raise ConfigError(f"de-identification needs the 'deduce' package, which cannot be imported ({err}); "
+                              f"install it with: {INSTALL_HINT}") from None
+        log.info("loading deduce (its first start on a new install builds lookup tables, about a minute)")
+        self._deduce = Deduce()
+        self.counts: Counter = Counter()
+        self.texts = 0
+
+    def __call__(self, text: str) -> str:
+        document = self._deduce.deidentify(text)
+        self.counts.update(annotation.tag for annotation in document.annotations)
+        self.texts += 1
+        return document.deidentified_text
+
+
+def deidentify_dataset(data: dict[str, Any], out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """De-identify every split of ``data`` (the composed ``data`` config) into ``out``; return the report."""
+    from aifactory_train.lineage import DATACARD_FILE, read_datacard
+    from aifactory_train.recipes.clinical_notes.data import read_jsonl
+    from aifactory_train.synth import prepare_output_folder, write_datacard
+
+    root = Path(data["root"])
+    text_field, target_field = data["text_field"], data["target_field"]
+    # read (and check) everything before writing anything
+    splits = {split: read_jsonl(root / file, split, text_field, target_field) for split, file in data["splits"].items()}
+    owned = tuple(data["splits"].values()) + (REPORT_FILE, DATACARD_FILE)
+    out = prepare_output_folder(out, overwrite, owned=owned)
+    deidentifier = Deidentifier()
+    started = time.perf_counter()
+    report: dict[str, Any] = {"tool": f"deduce {metadata.version('deduce')}", "source": str(root.resolve()),
+                              "fields": [text_field, target_field], "splits": {}}
+    for split, records in splits.items():
+        before = Counter(deidentifier.counts)
+        target = out / data["splits"][split]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for _, note, summary in records:
+                row = {text_field: deidentifier(note), target_field: deidentifier(summary)}
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(target)
+        report["splits"][split] = {"records": len(records),
+                                   "tags": dict(sorted((deidentifier.counts - before).items()))}
+    seconds = time.perf_counter() - started
+    notes = sum(len(r) for r in splits.values())
+    report["tags"] = dict(sorted(deidentifier.counts.items()))
+    report["records"] = notes
+    report["seconds"] = round(seconds, 3)
+    report["notes_per_s"] = round(notes / seconds, 1) if seconds > 0 else None
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    card = read_datacard(root)
+    card.update({"deidentified": "true", "deidentification": f"{report['tool']} on fields {text_field}, {target_field}",
+                 "source": f"{card.get('source', root)} -> aift data deidentify"})
+    write_datacard(out, card)
+    return report

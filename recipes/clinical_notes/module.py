@@ -1,0 +1,195 @@
+"""clinical_notes LightningModule: supervised fine-tuning of a causal LM on (note -> summary) pairs.
+
+Loss on the summary tokens only (labels are -100 on the prompt); validation and test report the token-weighted
+loss, perplexity and ROUGE-L of greedy summaries (torchmetrics). Generated text stays in memory: it is written
+to ``reports/samples_<split>.jsonl`` only when ``recipe.module.log_samples`` > 0 says so. The tokenizer travels
+inside every checkpoint, so `aift eval`, `aift export` and resume use exactly the one the model was trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.text import ROUGEScore
+
+from aifactory_train.errors import ConfigError
+from aifactory_train.recipes.clinical_notes.data import TOKENIZER_CHECKPOINT_KEY, tokenizer_files, tokenizer_from_files
+from aifactory_train.recipes.clinical_notes.model import build_model
+from aifactory_train.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def normalize_for_rouge(text: str) -> str:
+    """torchmetrics' default keeps only [a-z0-9] and would drop Dutch letters such as ë; keep every word character."""
+    return re.sub(r"[^\w]+", " ", text.lower())
+
+
+class ClinicalNotesModule(L.LightningModule):
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], loss: dict[str, Any], data_info: dict[str, Any],
+                 max_new_tokens: int = 64, rouge_max_batches: int = 4, log_samples: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_model(model, data_info)
+        self.tokenizer = None
+        self.tokenizer_files: dict[str, str] | None = None
+        self.flops_per_token: int | None = None
+        self.nll = torch.nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        self.rouge = torch.nn.ModuleDict({split: ROUGEScore(rouge_keys="rougeL", normalizer=normalize_for_rouge)
+                                          for split in ("val", "test")})
+        self._samples: list[dict[str, str]] = []
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.tokenizer is not None:
+            self.tokenizer = datamodule.tokenizer
+            self.tokenizer_files = tokenizer_files(self.tokenizer)
+        if stage != "fit":
+            return
+        if self.hparams.model.get("gradient_checkpointing"):
+            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.flops_per_token is None:
+            self.flops_per_token = self.measure_flops_per_token()
+        if self.hparams.model.get("compile"):
+            self.net.compile()  # in place: state_dict keys stay the same
+
+    def measure_flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token at data.max_length, counted on the meta device."""
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        length = self.hparams.data_info["max_length"]
+        with torch.device("meta"):
+            net = build_model(self.hparams.model, self.hparams.data_info, load_weights=False)
+            ids = torch.zeros(1, length, dtype=torch.long)
+        return measure_flops(net, lambda: net(input_ids=ids).logits, loss_fn=torch.Tensor.sum) // length
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(Path(self.trainer.default_root_dir) / "tokenizer")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TOKENIZER_CHECKPOINT_KEY] = self.tokenizer_files
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                        position_ids=batch.get("position_ids"), labels=batch["labels"]).loss
+
+    @staticmethod
+    def tokens_in_batch(batch: dict[str, Any]) -> int:
+        """Real (non-padding) tokens, for TrainingThroughput's tokens/s and FLOP/s."""
+        return int(batch["num_tokens"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch)
+        self.log("train/loss", loss, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch, split: str, batch_idx: int) -> None:
+        loss = self(batch)
+        scored = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
+        self.nll[split].update(loss.detach(), weight=scored)
+        if batch_idx >= self.hparams.rouge_max_batches:
+            return
+        generated = self.generate(batch["prompt_ids"], batch["prompt_mask"])
+        self.rouge[split].update(generated, batch["references"])
+        wanted = self.hparams.log_samples - len(self._samples)
+        for text, reference in list(zip(generated, batch["references"]))[: max(0, wanted)]:
+            self._samples.append({"generated": text, "reference": reference})
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", batch_idx)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+        """Greedy summaries (text) for left-padded prompts."""
+        info = self.hparams.data_info
+        output = self.net.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                                   max_new_tokens=self.hparams.max_new_tokens, pad_token_id=info["pad_token_id"],
+                                   eos_token_id=info["eos_token_id"])
+        return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+    def _end_eval(self, split: str) -> None:
+        if self.trainer.sanity_checking:
+            self.nll[split].reset()
+            self.rouge[split].reset()
+            self._samples.clear()
+            return
+        nll = self.nll[split].compute()
+        self.log(f"{split}/loss", nll, sync_dist=False)  # MeanMetric already reduced over ranks
+        self.log(f"{split}/perplexity", torch.exp(nll.clamp(max=30)))
+        self.log(f"{split}/rougeL", self.rouge[split].compute()["rougeL_fmeasure"])
+        self.nll[split].reset()
+        self.rouge[split].reset()
+        if self._samples and self.trainer.is_global_zero:
+            reports = Path(self.trainer.default_root_dir) / "reports"
+            reports.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(s, ensure_ascii=False) for s in self._samples]
+            (reports / f"samples_{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self._samples.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        params = [p for p in self.parameters() if p.requires_grad]  # with LoRA: the adapters only
+        if cfg["name"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+        else:
+            fused = self.device.type == "cuda"
+            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
+        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+                                  cfg["min_lr_ratio"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export ----------------------------------------------------------------------------------
+    def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
+        """``format=hf``: a folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained load.
+
+        LoRA runs: ``export.merge_lora=true`` (default) merges the adapters into the weights; ``false`` keeps
+        them as a peft adapter folder whose adapter_config names its base (the pretrained folder, or the base
+        weights written next to it for a model built from config).
+        """
+        if fmt != "hf":
+            raise ConfigError(f"config key 'format': clinical_notes exports 'hf', not '{fmt}'")
+        if not self.tokenizer_files:
+            raise ConfigError("ckpt_path: this checkpoint holds no tokenizer; it was not written by clinical_notes")
+        tokenizer = tokenizer_from_files(self.tokenizer_files)
+        net = self.net.cpu().eval()
+        target = Path(out_dir) / "model"
+        if self.hparams.model["finetune"] != "lora":
+            net.save_pretrained(target)
+        elif options.get("merge_lora", True):
+            copy.deepcopy(net).merge_and_unload().save_pretrained(target)
+        else:
+            base = self.hparams.model.get("pretrained_path")
+            if base is None:
+                base_dir = Path(out_dir) / "base"
+                copy.deepcopy(net).unload().save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+                base = str(base_dir.resolve())
+            net.peft_config["default"].base_model_name_or_path = str(base)
+            net.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        return sorted(p for p in Path(out_dir).rglob("*") if p.is_file())
