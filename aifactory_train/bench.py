@@ -10,7 +10,6 @@ exit status is 1 when a check fails). Every run writes ``<suite>_<hardware>_<dat
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from pathlib import Path

@@ -103,7 +103,8 @@ class TrainingThroughput(L.Callback):
                                 lengths=self._local_tokens if tokens is not None else None,
                                 flops=self._flops_since_update if flops else None)
         self._flops_since_update = 0
-        metrics = {k.replace("items_per_sec", "tokens_per_sec"): v for k, v in self._throughput.compute().items()}
+        metrics = {k.replace("items_per_sec", "tokens_per_sec").replace("lengths", "tokens"): v
+                   for k, v in self._throughput.compute().items()}
         if metrics and trainer.is_global_zero:
             trainer.logger.log_metrics({f"throughput/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 

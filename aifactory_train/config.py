@@ -206,6 +206,22 @@ class RunConfig:
 
 
 
+def build(node, **kwargs):
+    """``hydra.utils.instantiate``, except that a user error raised while building (a bad pretrained folder, an
+    unknown LoRA target) reaches the CLI as itself rather than wrapped in Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from aifactory_train.errors import AiftError
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, AiftError):
+            raise err.__cause__ from None
+        raise
+
+
 def compose_train_config(overrides: list[str], run_dir: Any):
     """The `aift train` config for ``overrides``, composed outside a Hydra app (launch, data deidentify), with
     ``paths.output_dir`` resolving to ``run_dir``."""

@@ -14,7 +14,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import check_choice, validate
+    from aifactory_train.config import build, check_choice, validate
 
     validate(cfg)
     check_choice("split", cfg.split, ("test", "val"))
@@ -23,7 +23,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     import lightning as L
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_class
 
     from aifactory_train.checkpoints import check_data_matches, resolve_checkpoint
     from aifactory_train.errors import DataError
@@ -36,7 +36,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
 
     tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = build(cfg.data, _convert_="all")
     if hasattr(datamodule, "adopt_checkpoint"):
         datamodule.adopt_checkpoint(ckpt_path)
     datamodule.setup("test" if cfg.split == "test" else "validate")

@@ -212,8 +212,9 @@ class Tracker:
                     targets="label" if "label" in split.dataset.column_names else None,
                     source=str(Path(lineage.root).resolve()),
                 )
+                entity = dataset._to_mlflow_entity()
             tags = [InputTag(key="mlflow.data.context", value=split.name)]
-            inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags))
+            inputs.append(DatasetInput(dataset=entity, tags=tags))
         self.client.log_inputs(self.logger.run_id, datasets=inputs)
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:

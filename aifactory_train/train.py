@@ -59,7 +59,7 @@ def run_training(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import validate
+    from aifactory_train.config import build, validate
 
     validate(cfg)  # types and names, before any data is read or tracking run created
     run_dir = Path(cfg.paths.output_dir)
@@ -71,7 +71,6 @@ def run_training(cfg) -> dict[str, Any]:
     tracker = Tracker(resolved["tracking"], run_dir, resume=cfg.ckpt_path is not None)
 
     import lightning as L
-    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from aifactory_train.callbacks import TrainingThroughput
@@ -81,7 +80,7 @@ def run_training(cfg) -> dict[str, Any]:
 
     use_hydra_logging()
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = build(cfg.data, _convert_="all")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     if ckpt_path and hasattr(datamodule, "adopt_checkpoint"):
         datamodule.adopt_checkpoint(ckpt_path)  # e.g. the tokenizer the checkpoint was trained with
@@ -89,7 +88,7 @@ def run_training(cfg) -> dict[str, Any]:
     if ckpt_path:
         check_data_matches(ckpt_path, datamodule.data_info)
         log.info("resuming from %s", ckpt_path)
-    module = instantiate(
+    module = build(
         cfg.recipe.module,
         model=resolved["model"],
         optim=resolved["optim"],

@@ -63,5 +63,46 @@ def crop_copy(crop_data, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_roots(plastic_data, crop_data) -> dict:
-    return {"plastic_sorting": plastic_data, "crop_detection": crop_data}
+def data_roots(plastic_data, crop_data, clinical_data) -> dict:
+    return {"plastic_sorting": plastic_data, "crop_detection": crop_data, "clinical_notes": clinical_data}
+
+
+@pytest.fixture(scope="session")
+def clinical_raw(tmp_path_factory) -> Path:
+    """Raw clinical_notes JSONL (invented identifiers; not de-identified): 120 train, 18 val, 18 test notes."""
+    from aifactory_train.recipes.clinical_notes.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "notes_raw", size=120, seed=5)
+
+
+@pytest.fixture(scope="session")
+def clinical_data(clinical_raw, tmp_path_factory) -> Path:
+    """The same notes after the real de-identification step (deduce). Read-only for tests."""
+    from aifactory_train.recipes.clinical_notes.deidentify import deidentify_dataset
+
+    out = tmp_path_factory.mktemp("data") / "notes"
+    data = {"root": str(clinical_raw), "text_field": "note", "target_field": "summary",
+            "splits": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}}
+    deidentify_dataset(data, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_lm(clinical_data, tmp_path_factory) -> Path:
+    """A tiny causal LM saved with save_pretrained (config.json, safetensors, tokenizer), as a hospital would
+    keep a pretrained model on local disk."""
+    from transformers import AutoModelForCausalLM
+
+    from aifactory_train.recipes.clinical_notes.data import read_jsonl, train_tokenizer
+    from aifactory_train.recipes.clinical_notes.model import llama_config
+
+    records = read_jsonl(clinical_data / "train.jsonl", "train", "note", "summary")
+    tokenizer = train_tokenizer([text for _, note, summary in records for text in (note, summary)], 512)
+    info = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+             "max_position_embeddings": 512, "vocab_size": None}
+    out = tmp_path_factory.mktemp("models") / "tiny_lm"
+    AutoModelForCausalLM.from_config(llama_config(sizes, info)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -65,12 +65,14 @@ def test_every_config_file_is_covered():
 
 
 @pytest.mark.parametrize("overrides", every_override(), ids=lambda o: "+".join(o))
-def test_config_composes_validates_and_instantiates(overrides, tmp_path, data_roots):
+def test_config_composes_validates_and_instantiates(overrides, tmp_path, data_roots, pretrained_lm):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     recipe = [o for o in overrides if o.startswith("recipe=")][-1].split("=")[1]
     group_override = [o for o in overrides if not o.startswith("recipe=")]
+    if "model=hf_local" in group_override:  # its pretrained_path is mandatory (???): a user's own folder
+        group_override.append(f"model.pretrained_path={pretrained_lm}")
     cfg = compose_run([f"recipe={recipe}", *group_override, f"data.root={data_roots[recipe]}"], tmp_path)
     typed = validate(cfg)
     assert typed.recipe.name == recipe

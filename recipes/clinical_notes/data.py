@@ -82,7 +82,7 @@ def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> li
 # -- 3. tokenizer -------------------------------------------------------------------------------------
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE (no unknown tokens, any script) trained on the de-identified training text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -91,6 +91,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    # users of the exported model call tokenizer(prompt): give them the <s> the model was trained with
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
@@ -339,6 +343,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
             "tokenizer_sha256": tokenizer_digest(files),
             "max_length": self.max_length,
             "max_target_length": self.max_target_length,
+            "prompt_template": self.prompt_template,
         }
 
     def lineage(self) -> DatasetLineage:

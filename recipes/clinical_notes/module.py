@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -85,8 +84,10 @@ class ClinicalNotesModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        # use_cache=False: no KV cache to build in training, and transformers looks for packed rows (restarting
+        # position ids) only when there is none; with a cache, packed examples would attend to each other.
         return self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                        position_ids=batch.get("position_ids"), labels=batch["labels"]).loss
+                        position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False).loss
 
     @staticmethod
     def tokens_in_batch(batch: dict[str, Any]) -> int:
@@ -178,6 +179,7 @@ class ClinicalNotesModule(L.LightningModule):
         tokenizer = tokenizer_from_files(self.tokenizer_files)
         net = self.net.cpu().eval()
         target = Path(out_dir) / "model"
+        written = [target]
         if self.hparams.model["finetune"] != "lora":
             net.save_pretrained(target)
         elif options.get("merge_lora", True):
@@ -189,7 +191,14 @@ class ClinicalNotesModule(L.LightningModule):
                 copy.deepcopy(net).unload().save_pretrained(base_dir)
                 tokenizer.save_pretrained(base_dir)
                 base = str(base_dir.resolve())
+                written.append(base_dir)
             net.peft_config["default"].base_model_name_or_path = str(base)
             net.save_pretrained(target)
         tokenizer.save_pretrained(target)
-        return sorted(p for p in Path(out_dir).rglob("*") if p.is_file())
+        info = self.hparams.data_info
+        (target / "aift_prompt.json").write_text(json.dumps(
+            {"prompt_template": info.get("prompt_template"), "max_length": info["max_length"],
+             "max_new_tokens": self.hparams.max_new_tokens,
+             "usage": "tokenizer(prompt_template.format(text=note)) -> model.generate(..., do_sample=False)"},
+            indent=2) + "\n")
+        return sorted(p for folder in written for p in folder.rglob("*") if p.is_file())

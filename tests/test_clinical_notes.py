@@ -1,0 +1,404 @@
+"""clinical_notes: de-identification, no leaks, SFT with LoRA, eval, HF export, and every bad input named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import aift
+
+SMOKE = ["debug=smoke", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def notes_copy(clinical_data, tmp_path) -> Path:
+    """A private copy of the de-identified notes that a test may damage."""
+    return Path(shutil.copytree(clinical_data, tmp_path / "notes"))
+
+
+# -- synthetic data and de-identification ---------------------------------------------------------------
+def test_synth_writes_jsonl_splits_marked_not_deidentified(clinical_raw):
+    import yaml
+
+    rows = read_jsonl_rows(clinical_raw / "train.jsonl")
+    assert len(rows) == 120 and set(rows[0]) == {"note", "summary"}
+    assert "BSN" in rows[0]["note"] and rows[0]["summary"]
+    assert yaml.safe_load((clinical_raw / "datacard.yaml").read_text())["deidentified"] == "false"
+
+
+def test_synthetic_bsns_pass_the_eleven_test():
+    from random import Random
+
+    from aifactory_train.recipes.clinical_notes.synth import bsn
+
+    rng = Random(3)
+    for _ in range(50):
+        digits = [int(c) for c in bsn(rng)]
+        assert sum(d * w for d, w in zip(digits, [9, 8, 7, 6, 5, 4, 3, 2, -1])) % 11 == 0
+
+
+def test_deidentify_step_finds_every_planted_identifier(clinical_raw, clinical_data):
+    """The CLI's output for the synthetic splits contains none of the names, dates, ages, BSNs, phone numbers,
+    addresses and hospitals that synth planted (regenerated here from the same seeds)."""
+    from aifactory_train.recipes.clinical_notes.synth import generate_records, split_sizes
+
+    report = json.loads((clinical_data / "deidentification_report.json").read_text())
+    for offset, (split, count) in enumerate(split_sizes(120).items()):
+        records = generate_records(count, seed=5 * 1000 + offset)
+        raw = read_jsonl_rows(clinical_raw / f"{split}.jsonl")
+        assert [r["note"] for r in raw] == [r["note"] for r in records]  # same generator, same notes
+        clean = read_jsonl_rows(clinical_data / f"{split}.jsonl")
+        assert len(clean) == count
+        for record, row in zip(records, clean):
+            for tag, values in record["planted"].items():
+                for value in values:
+                    assert value not in row["note"], (split, tag)
+            assert "[PERSOON-1]" in row["note"] and "[BSN-1]" in row["note"]
+        tags = report["splits"][split]["tags"]
+        assert tags["bsn"] == count and tags["persoon"] == 2 * count and tags["telefoonnummer"] == count
+    # the report holds counts only, never an original
+    text = (clinical_data / "deidentification_report.json").read_text()
+    assert records[0]["planted"]["bsn"][0] not in text
+
+
+def test_deidentify_cli_writes_marked_copy_and_refuses_a_non_empty_out(clinical_raw, tmp_path):
+    result = aift("data", "deidentify", "recipe=clinical_notes", f"data.root={clinical_raw}", "--out", "clean",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "aift train recipe=clinical_notes data.root=clean" in result.stdout
+    assert "deidentified: 'true'" in (tmp_path / "clean" / "datacard.yaml").read_text()
+    before = (tmp_path / "clean" / "train.jsonl").read_bytes()
+    again = aift("data", "deidentify", "recipe=clinical_notes", f"data.root={clinical_raw}", "--out", "clean",
+                 cwd=tmp_path)
+    assert again.returncode == 2 and "not empty" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "clean" / "train.jsonl").read_bytes() == before
+
+
+def test_deidentify_for_a_recipe_without_it_is_refused(plastic_data, tmp_path):
+    result = aift("data", "deidentify", "recipe=plastic_sorting", f"data.root={plastic_data}", "--out", "x", cwd=tmp_path)
+    assert result.returncode == 2 and "no de-identification step" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_raw_notes_are_refused_unless_deidentified_inline(clinical_raw, tmp_path):
+    result = aift("train", "recipe=clinical_notes", f"data.root={clinical_raw}", *SMOKE, "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not marked de-identified" in result.stderr and "aift data deidentify" in result.stderr
+    assert "data.deidentify=inline" in result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints/*.ckpt"))
+
+
+# -- no leaks -----------------------------------------------------------------------------------------------
+CANARY_NOTE = ("Mevr. Geertruida Kanariehof, geboren 29-02-1952 (72 jaar), BSN 111222333. Adres: Vogelzangsteeg 77, "
+               "9999 ZZ Warffum. Telefoon 06-98765432. Op 14 juli 2024 gezien op de polikliniek neurologie van het "
+               "UMCG door dr. Q. Xylofoonhuis. Patient meldt hoofdpijn sinds 3 dagen. Bij lichamelijk onderzoek een "
+               "normale auscultatie. Beleid: start paracetamol 500 mg, controle over 2 weken.")
+CANARY_SUMMARY = "Hoofdpijn sinds 3 dagen bij mevr. Kanariehof (tel. 06-98765432), gezien bij neurologie."
+CANARIES = ["Kanariehof", "Geertruida", "Xylofoonhuis", "111222333", "98765432", "Vogelzangsteeg", "29-02-1952",
+            "9999 ZZ"]
+
+
+def files_containing_canaries(folders: list[Path]) -> dict[str, list[str]]:
+    found = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                hits = [c for c in CANARIES if c.encode() in data]
+                if hits:
+                    found[str(path)] = hits
+    return found
+
+
+@pytest.fixture
+def canary_raw(clinical_raw, tmp_path) -> Path:
+    """The raw notes with canary identifiers planted in every split."""
+    raw = Path(shutil.copytree(clinical_raw, tmp_path / "raw"))
+    for split in ("train", "val", "test"):
+        rows = read_jsonl_rows(raw / f"{split}.jsonl")
+        rows[1] = {"note": CANARY_NOTE, "summary": CANARY_SUMMARY}
+        write_jsonl(raw / f"{split}.jsonl", rows * (2 if split == "train" else 1))
+    return raw
+
+
+def test_no_canary_leaves_the_run(canary_raw, tmp_path):
+    """Plant identifiers, then de-identify, train (LoRA, checkpoints logged to MLflow), evaluate and export, also
+    once with inline de-identification; search every file written (run folders, MLflow store and artifacts,
+    checkpoints, tokenizer, exported model, de-identified data, HF cache): no canary anywhere."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_DATASETS_CACHE": str(tmp_path / "hf_home" / "datasets")}
+    # the search works: it finds every canary in the raw data
+    assert set(sum(files_containing_canaries([canary_raw]).values(), [])) == set(CANARIES)
+
+    steps = [
+        ["data", "deidentify", "recipe=clinical_notes", f"data.root={canary_raw}", "--out", "clean"],
+        ["train", "recipe=clinical_notes", "data.root=clean", "model.finetune=lora", "tracking.log_checkpoints=true",
+         "hydra.run.dir=outputs/run", *SMOKE],
+        ["eval", "recipe=clinical_notes", "data.root=clean", "ckpt_path=outputs/run/checkpoints/last.ckpt",
+         "hydra.run.dir=outputs/eval", "trainer.limit_test_batches=1"],
+        ["export", "recipe=clinical_notes", "ckpt_path=outputs/run/checkpoints/last.ckpt", "format=hf",
+         "hydra.run.dir=outputs/export"],
+        ["train", "recipe=clinical_notes", f"data.root={canary_raw}", "data.deidentify=inline",
+         "hydra.run.dir=outputs/inline", *SMOKE],
+    ]
+    logs = []
+    for step in steps:
+        result = aift(*step, cwd=work, env=env)
+        assert result.returncode == 0, (step, result.stderr[-3000:])
+        logs.append(result.stdout + result.stderr)
+    assert (work / "outputs/run/tokenizer/tokenizer.json").is_file()
+    assert (work / "outputs/export/model/model.safetensors").is_file()
+    assert list((work / "mlruns").rglob("*.ckpt")), "checkpoints were to be logged as MLflow artifacts"
+    assert (work / "mlflow.db").is_file()
+    leaks = files_containing_canaries([work, tmp_path / "hf_home"] if (tmp_path / "hf_home").exists() else [work])
+    assert leaks == {}
+    assert not [c for c in CANARIES for log in logs if c in log]
+    # generated samples are off by default: no sample file anywhere
+    assert not list(work.rglob("samples_*.jsonl"))
+
+
+# -- training, tracking, eval, export -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_run(clinical_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("clinical_run")
+    result = aift("train", "recipe=clinical_notes", f"data.root={clinical_data}", "model.finetune=lora",
+                  "trainer.max_epochs=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                  "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "hydra.run.dir=outputs/run",
+                  cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, json.loads((work / "outputs/run/summary.json").read_text())
+
+
+def test_lora_run_logs_loss_perplexity_rouge_and_tokens_to_mlflow(lora_run):
+    work, summary = lora_run
+    assert summary["recipe"] == "clinical_notes" and summary["task"] == "causal_lm"
+    assert summary["train_tokens"] > summary["train_samples"] > 0 and summary["train_tokens_per_s"] > 0
+    assert summary["train_flops_per_token"] > 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    for key in ("train/loss", "val/loss", "val/perplexity", "val/rougeL", "test/rougeL", "throughput/device/tokens_per_sec"):
+        assert key in run.data.metrics, key
+    assert 0 <= run.data.metrics["val/rougeL"] <= 1
+    assert run.data.params["model/finetune"] == "lora"
+    assert run.data.tags["aift.data.deidentified"] == "true"
+    history = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert history[-1] < history[0]  # LoRA adapters do train
+    # only the adapters train with LoRA
+    ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert any("lora_A" in k for k in ckpt["state_dict"]) and "aift_tokenizer" in ckpt
+
+
+def test_eval_scores_the_checkpoint_with_its_own_tokenizer(lora_run, clinical_data):
+    work, summary = lora_run
+    result = aift("eval", "recipe=clinical_notes", f"data.root={clinical_data}", f"ckpt_path={summary['last_checkpoint']}",
+                  "split=val", "trainer.limit_val_batches=1", "hydra.run.dir=outputs/eval", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((work / "outputs/eval/eval.json").read_text())
+    assert {"val/loss", "val/perplexity", "val/rougeL"} <= set(report["metrics"])
+    assert report["trained_mlflow_run_id"] == summary["mlflow_run_id"]
+    assert not (work / "outputs/eval/tokenizer").exists()  # no tokenizer was trained for eval
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_hf_export_loads_with_from_pretrained_and_generates_like_the_module(lora_run, merge):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aifactory_train.recipes.clinical_notes.module import ClinicalNotesModule
+
+    work, summary = lora_run
+    out = f"outputs/export_{merge}"
+    result = aift("export", "recipe=clinical_notes", f"ckpt_path={summary['last_checkpoint']}", "format=hf",
+                  f"export.merge_lora={str(merge).lower()}", f"hydra.run.dir={out}", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = work / out / "model"
+    assert (folder / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    module = ClinicalNotesModule.load_from_checkpoint(summary["last_checkpoint"], map_location="cpu",
+                                                      weights_only=True).eval()
+    prompt = json.loads((folder / "aift_prompt.json").read_text())["prompt_template"].format(
+        text="[PERSOON-1], geboren [DATUM-1]. Patient meldt hoofdpijn sinds 3 dagen.")
+    ids = tokenizer(prompt, return_tensors="pt")
+    assert ids.input_ids[0, 0].item() == tokenizer.bos_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, module.net(**ids).logits, atol=1e-4, rtol=1e-4)
+        ours = module.net.generate(**ids, max_new_tokens=12, do_sample=False)
+    theirs = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_resume_uses_the_checkpoint_tokenizer_and_continues(lora_run, clinical_data, tmp_path):
+    work, summary = lora_run
+    run = Path(shutil.copytree(work / "outputs/run", tmp_path / "run"))
+    (run / "tokenizer").rename(run / "tokenizer_moved")  # resume must not depend on the folder copy
+    result = aift("train", "recipe=clinical_notes", f"data.root={clinical_data}", "model.finetune=lora",
+                  "ckpt_path=last", f"hydra.run.dir={run}", "trainer.max_epochs=3", "trainer.limit_val_batches=1",
+                  "trainer.limit_test_batches=1", "tracking=none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["global_step"] > summary["global_step"]
+    assert (run / "tokenizer/tokenizer.json").read_text() == (run / "tokenizer_moved/tokenizer.json").read_text()
+
+
+def test_pretrained_local_model_fine_tunes_with_lora(pretrained_lm, clinical_data, tmp_path):
+    result = aift("train", "recipe=clinical_notes", "model=hf_local", f"model.pretrained_path={pretrained_lm}",
+                  f"data.root={clinical_data}", *SMOKE, "tracking=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # its own tokenizer, not one trained on the data
+    saved = json.loads((tmp_path / "run/tokenizer/tokenizer.json").read_text())
+    assert saved["model"]["vocab"] == json.loads((pretrained_lm / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+# -- prompts, labels, packing, truncation -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(clinical_data):
+    from aifactory_train.recipes.clinical_notes.data import read_jsonl, train_tokenizer
+
+    records = read_jsonl(clinical_data / "train.jsonl", "train", "note", "summary")
+    return train_tokenizer([t for _, note, summary in records for t in (note, summary)], 600)
+
+
+def test_loss_is_only_on_the_summary_tokens(tokenizer):
+    from aifactory_train.recipes.clinical_notes.data import PromptEncoder
+
+    encoder = PromptEncoder(tokenizer, "Notitie:\n{text}\n\nSamenvatting:\n", max_length=128, max_target_length=40)
+    example = encoder.encode("Patient meldt hoofdpijn sinds 3 dagen.", "Hoofdpijn sinds 3 dagen.")
+    scored = [label for label in example["labels"] if label != -100]
+    assert scored == tokenizer("Hoofdpijn sinds 3 dagen.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_len = len(example["input_ids"]) - len(scored)
+    assert example["labels"][:prompt_len] == [-100] * prompt_len
+    assert example["input_ids"][0] == tokenizer.bos_token_id
+    assert example["prompt_ids"] == example["input_ids"][:prompt_len]
+
+
+def test_long_note_is_truncated_and_counted_not_dropped(notes_copy, tmp_path):
+    rows = read_jsonl_rows(notes_copy / "train.jsonl")
+    rows[0]["note"] = rows[0]["note"] + " Aanvullend:" + " hoofdpijn en duizeligheid" * 300
+    write_jsonl(notes_copy / "train.jsonl", rows)
+    result = aift("train", "recipe=clinical_notes", f"data.root={notes_copy}", *SMOKE, "tracking=none",
+                  "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dataset = json.loads((tmp_path / "run/summary.json").read_text())["dataset"]
+    assert dataset["datacard"]["note_truncated_train"] == "1"
+    assert dataset["splits"]["train"]["num_rows"] == len(rows)
+    assert "1 of 120 notes were longer than data.max_length" in result.stdout + result.stderr
+
+
+def test_packed_rows_give_the_same_logits_as_separate_examples(tokenizer):
+    """Packing keeps attention inside each example (transformers reads the restarting position ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from aifactory_train.recipes.clinical_notes.data import Collator, PromptEncoder, pack_rows
+    from aifactory_train.recipes.clinical_notes.model import llama_config
+
+    encoder = PromptEncoder(tokenizer, "Notitie:\n{text}\n\nSamenvatting:\n", max_length=128, max_target_length=40)
+    examples = [encoder.encode(f"Patient meldt hoofdpijn sinds {n} dagen.", f"Hoofdpijn sinds {n} dagen.")
+                for n in (2, 3, 4)]
+    rows = pack_rows(examples, max_length=128)
+    assert len(rows) == 1 and len(rows[0]["input_ids"]) == sum(len(e["input_ids"]) for e in examples)
+    info = {"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": None,
+             "max_position_embeddings": 256, "vocab_size": None}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(sizes, info), attn_implementation="sdpa").eval()
+    batch = Collator(pad_id=0, generation=False)(rows)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for example in examples:
+            alone = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start:start + len(alone)], alone, atol=1e-5, rtol=1e-4)
+            start += len(alone)
+        # and the module's own forward (the training loss) on the packed row: the token-weighted mean of the
+        # examples' losses on their own
+        from types import SimpleNamespace
+
+        from aifactory_train.recipes.clinical_notes.module import ClinicalNotesModule
+
+        packed_loss = ClinicalNotesModule.forward(SimpleNamespace(net=model.train()), batch)
+        separate = Collator(pad_id=0, generation=False)
+        losses, weights = [], []
+        for example in examples:
+            single = separate([{"input_ids": example["input_ids"], "labels": example["labels"]}])
+            losses.append(ClinicalNotesModule.forward(SimpleNamespace(net=model), single))
+            weights.append(sum(label != -100 for label in example["labels"]))
+        expected = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+        torch.testing.assert_close(packed_loss, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_trains_end_to_end(clinical_data, tmp_path):
+    result = aift("train", "recipe=clinical_notes", f"data.root={clinical_data}", "data.packing=true", "data.max_length=512",
+                  *SMOKE, "tracking=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["train_tokens"] / summary["train_samples"] > 300  # rows hold several ~145-token examples
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+def test_record_missing_the_configured_field_names_file_and_line(notes_copy, tmp_path):
+    rows = read_jsonl_rows(notes_copy / "train.jsonl")
+    rows[6] = {"note": rows[6]["note"], "samenvatting": rows[6]["summary"]}
+    write_jsonl(notes_copy / "train.jsonl", rows)
+    result = aift("train", "recipe=clinical_notes", f"data.root={notes_copy}", *SMOKE, "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.jsonl line 7" in result.stderr and "'summary' (data.target_field)" in result.stderr
+    assert "samenvatting" in result.stderr  # the fields it does have, so the user can fix the config
+    assert rows[6]["note"][:30] not in result.stderr  # never the text
+
+
+@pytest.mark.parametrize("field", ["note", "summary"])
+def test_empty_note_or_summary_is_refused_with_its_line(notes_copy, tmp_path, field):
+    rows = read_jsonl_rows(notes_copy / "val.jsonl")
+    rows[2][field] = "  "
+    write_jsonl(notes_copy / "val.jsonl", rows)
+    result = aift("train", "recipe=clinical_notes", f"data.root={notes_copy}", *SMOKE, "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"val.jsonl line 3: field '{field}'" in result.stderr and "is empty" in result.stderr
+
+
+def test_pretrained_path_that_does_not_exist(clinical_data, tmp_path):
+    result = aift("train", "recipe=clinical_notes", "model=hf_local", "model.pretrained_path=/nowhere/lm",
+                  f"data.root={clinical_data}", *SMOKE, "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.pretrained_path" in result.stderr and "/nowhere/lm" in result.stderr
+    assert "nothing is downloaded" in result.stderr
+
+
+def test_pretrained_folder_whose_tokenizer_outgrows_the_model_vocab(pretrained_lm, clinical_data, tmp_path):
+    folder = Path(shutil.copytree(pretrained_lm, tmp_path / "lm"))
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 100
+    (folder / "config.json").write_text(json.dumps(config))
+    result = aift("train", "recipe=clinical_notes", "model=hf_local", f"model.pretrained_path={folder}",
+                  f"data.root={clinical_data}", *SMOKE, "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the tokenizer has 512 tokens but the model's vocab_size (config.json) is 100" in result.stderr
+
+
+def test_lora_target_modules_not_in_the_model_list_the_available_ones(clinical_data, tmp_path):
+    result = aift("train", "recipe=clinical_notes", "model.finetune=lora", "model.lora.target_modules=[qkv_proj]",
+                  f"data.root={clinical_data}", *SMOKE, "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.lora.target_modules" in result.stderr and "qkv_proj" in result.stderr
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in result.stderr
+
+
+def test_prompt_template_without_placeholder_is_refused(clinical_data, tmp_path):
+    result = aift("train", "recipe=clinical_notes", "data.prompt_template=Samenvatting", f"data.root={clinical_data}",
+                  "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2 and "data.prompt_template" in result.stderr and "{text}" in result.stderr
