@@ -36,6 +36,13 @@ METRICS = {
     "crop_detection_ratio": ("recipe/plain samples/s", False),
     "crop_detection_samples_per_s": ("recipe samples/s", False),
     "crop_detection_joules_per_sample": ("GPU energy / samples", True),
+    "clinical_notes_ratio": ("recipe/plain tokens/s", False),
+    "clinical_notes_samples_per_s": ("recipe rows/s", False),
+    "clinical_notes_tokens_per_s": ("recipe tokens/s", False),
+    "clinical_notes_mfu": ("recipe model FLOP/s / peak", True),
+    "clinical_notes_joules_per_sample": ("GPU energy / rows", True),
+    "clinical_notes_joules_per_1k_tokens": ("GPU energy / 1k tokens", True),
+    "clinical_notes_data_wait_fraction": ("share of step time waiting for data (real files)", False),
     "plastic_sorting_data_wait_fraction": ("share of step time waiting for data (real files)", False),
     "crop_detection_data_wait_fraction": ("share of step time waiting for data (real files)", False),
 }
@@ -137,11 +144,15 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
         "crop_detection": (dict(model="fasterrcnn_resnet50_fpn_v2", batch_size=16, image_size=640, steps=20, warmup=3)
                            if gpu else dict(model="fasterrcnn_mobilenet_v3_large_320_fpn", batch_size=2 if quick else 4,
                                             image_size=256, steps=2 if quick else 8, warmup=1 if quick else 2)),
+        "clinical_notes": (dict(model="llama_374m", batch_size=8, seq_len=2048, image_size=None, steps=20, warmup=5)
+                           if gpu else dict(model="llama_tiny", batch_size=8 if quick else 16, seq_len=256 if quick else 512,
+                                            image_size=None, steps=4 if quick else 10, warmup=2 if quick else 3)),
     }
     rows, skipped = [], []
     for name, spec_class in RECIPES.items():
         args = SimpleNamespace(**settings[name], repeats=1, _compile=False)
-        log(f"recipes: {name} ({args.model}, batch {args.batch_size}, {args.image_size} px, {precision})")
+        shape = f"{args.seq_len} tokens" if getattr(args, "seq_len", None) else f"{args.image_size} px"
+        log(f"recipes: {name} ({args.model}, batch {args.batch_size}, {shape}, {precision})")
         spec = spec_class(args, device)
         plain_meter, recipe_meter = EnergyMeter(), EnergyMeter()
         if gpu:
@@ -150,9 +161,14 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
         recipe = recipe_loop(spec, args, device, precision, meter=recipe_meter)
         params = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
                   "precision": precision, "steps": args.steps}
+        tokens = getattr(spec, "tokens_per_sample", None)
+        if tokens:
+            params["seq_len"] = tokens
         rows.append({"metric": f"{name}_samples_per_s", "value": recipe, "unit": "samples/s", "params": params})
         rows.append({"metric": f"{name}_plain_samples_per_s", "value": plain, "unit": "samples/s", "params": params})
         rows.append({"metric": f"{name}_ratio", "value": recipe / plain, "unit": "ratio", "params": params})
+        if tokens:
+            rows.append({"metric": f"{name}_tokens_per_s", "value": recipe * tokens, "unit": "tokens/s", "params": params})
         if gpu:
             rows.append({"metric": f"{name}_peak_memory_gib", "value": torch.cuda.max_memory_allocated() / 2**30,
                          "unit": "GiB", "params": params})
@@ -160,6 +176,9 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
             samples = args.steps * args.batch_size
             rows.append({"metric": f"{name}_joules_per_sample", "value": recipe_meter.joules / samples, "unit": "J/sample",
                          "params": {**params, "average_watts": recipe_meter.watts}})
+            if tokens:
+                rows.append({"metric": f"{name}_joules_per_1k_tokens", "value": 1000 * recipe_meter.joules / (samples * tokens),
+                             "unit": "J/1k tokens", "params": {**params, "average_watts": recipe_meter.watts}})
         else:
             skipped.append({"metric": f"{name}_joules_per_sample", "reason": recipe_meter.reason})
         flops = recipe_meter.flops_per_sample

@@ -32,9 +32,12 @@ def test_cpu_acceptance_passes_and_reports_every_measurement(acceptance):
     assert report["schema_version"] == 1 and report["suite"] == "acceptance" and report["passed"] is True
     metrics = {row["metric"] for row in report["rows"]}
     assert {"gemm_tflops", "memory_gbps", "allreduce_busbw_gbps", "dataloader_images_per_s",
-            "plastic_sorting_ratio", "crop_detection_ratio"} <= metrics
+            "plastic_sorting_ratio", "crop_detection_ratio", "clinical_notes_ratio", "clinical_notes_tokens_per_s"} <= metrics
     assert all(row["value"] > 0 for row in report["rows"] if "wait" not in row["metric"])
-    for name in ("plastic_sorting", "crop_detection"):
+    tokens = next(r for r in report["rows"] if r["metric"] == "clinical_notes_tokens_per_s")
+    samples = next(r for r in report["rows"] if r["metric"] == "clinical_notes_samples_per_s")
+    assert tokens["value"] == pytest.approx(samples["value"] * tokens["params"]["seq_len"])
+    for name in ("plastic_sorting", "crop_detection", "clinical_notes"):
         split = next(r for r in report["rows"] if r["metric"] == f"{name}_data_wait_fraction")
         assert 0 <= split["value"] < 1 and split["params"]["compute_s"] > 0
     sizes = [row["params"]["bytes"] for row in report["rows"] if row["metric"] == "allreduce_busbw_gbps"]

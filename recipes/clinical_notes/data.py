@@ -320,8 +320,9 @@ class ClinicalNotesDataModule(L.LightningDataModule):
                             self.max_length)
 
     def _encode(self, encoder: PromptEncoder, records) -> tuple[list[dict[str, Any]], Counter]:
-        from datasets import Dataset
+        from datasets import Dataset, disable_progress_bars
 
+        disable_progress_bars()  # a "Map" bar per split is noise in the run's log
         table = Dataset.from_dict({"line": [r[0] for r in records], "note": [r[1] for r in records],
                                    "summary": [r[2] for r in records]})
         encoded = table.map(lambda row: {**encoder.encode(row["note"], row["summary"]), "reference": row["summary"]},

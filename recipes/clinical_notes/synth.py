@@ -23,7 +23,7 @@ from aifactory_train.synth import prepare_output_folder, write_datacard
 
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.15, "test": 0.15}
 DEFAULT_SIZE = 400
-VARIANTS = ("jsonl",)
+VARIANTS = ("jsonl", "tagged")  # tagged: identifiers written as de-identification tags from the start
 
 FIRST_NAMES = ["Jan", "Pieter", "Klaas", "Hendrik", "Johanna", "Maria", "Anna", "Sietske", "Geert", "Willem",
                "Femke", "Marloes", "Bram", "Sanne", "Lotte", "Joost", "Anouk", "Ruben", "Eva", "Thijs"]
@@ -88,6 +88,12 @@ def make_record(rng: Random) -> dict[str, Any]:
         f"Beleid: start {medication} {dose}, {follow_up}.",
     ]
     note = " ".join(sentences)
+    tagged = note
+    for original, tag in ((f"{title} {first} {surname}", "[PERSOON-1]"), (doctor, "[PERSOON-2]"),
+                          (born.strftime("%d-%m-%Y"), "[DATUM-1]"), (visit_text, "[DATUM-2]"),
+                          (f"({age} jaar)", "([LEEFTIJD-1] jaar)"), (number, "[BSN-1]"), (phone, "[TELEFOONNUMMER-1]"),
+                          (street, "[LOCATIE-1]"), (f"{postcode} {city}", "[LOCATIE-2]"), (hospital, "[ZIEKENHUIS-1]")):
+        tagged = tagged.replace(original, tag, 1)
     summary = (f"{complaint[0].upper()}{complaint[1:]} sinds {duration}, gezien bij {department}. "
                f"Onderzoek: {finding}. Beleid: {medication} {dose}, {follow_up}.")
     planted = {
@@ -99,7 +105,7 @@ def make_record(rng: Random) -> dict[str, Any]:
         "locatie": [street, f"{postcode} {city}"],
         "ziekenhuis": [hospital],
     }
-    return {"note": note, "summary": summary, "planted": planted}
+    return {"note": note, "summary": summary, "planted": planted, "tagged_note": tagged}
 
 
 def generate_records(count: int, seed: int) -> list[dict[str, Any]]:
@@ -113,7 +119,12 @@ def split_sizes(size: int) -> dict[str, int]:
 
 def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant: str | None = None,
                overwrite: bool = False) -> Path:
-    """Write ``<split>.jsonl`` files (fields ``note`` and ``summary``) and a data card under ``out``."""
+    """Write ``<split>.jsonl`` files (fields ``note`` and ``summary``) and a data card under ``out``.
+
+    ``variant="tagged"`` writes the notes as de-identification would leave them (tags such as ``[PERSOON-1]``
+    instead of invented identifiers, which are never written), marked de-identified: for benchmarks and quick
+    demos without deduce.
+    """
     variant = variant or "jsonl"
     if variant not in VARIANTS:
         raise DataError(f"--variant '{variant}' is not valid for clinical_notes; valid variants: {', '.join(VARIANTS)}")
@@ -125,7 +136,8 @@ def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant:
         records = generate_records(count, seed=seed * 1000 + offset)
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:
             for record in records:
-                handle.write(json.dumps({"note": record["note"], "summary": record["summary"]}, ensure_ascii=False))
+                note = record["tagged_note"] if variant == "tagged" else record["note"]
+                handle.write(json.dumps({"note": note, "summary": record["summary"]}, ensure_ascii=False))
                 handle.write("\n")
     card = {
         "name": "clinical_notes synthetic outpatient notes",
@@ -134,7 +146,10 @@ def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant:
         "consent": "not applicable: invented patients (the raw notes carry invented identifiers by design)",
         "source": f"aift data synth clinical_notes --size {size} --seed {seed}",
         "description": "Dutch-style notes with names, dates, BSNs, phone numbers, addresses; summary per note",
-        "deidentified": "false",
+        "deidentified": "true" if variant == "tagged" else "false",
     }
+    if variant == "tagged":
+        card["deidentification"] = "synthetic: identifiers were generated as tags, never as text"
+        card["consent"] = "not applicable: invented patients, no identifiers"
     write_datacard(out, card)
     return out
