@@ -340,8 +340,9 @@ def test_packed_rows_give_the_same_logits_as_separate_examples(tokenizer):
         torch.testing.assert_close(packed_loss, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_packing_trains_end_to_end(clinical_data, tmp_path):
+def test_packing_and_gradient_checkpointing_train_end_to_end(clinical_data, tmp_path):
     result = aift("train", "recipe=clinical_notes", f"data.root={clinical_data}", "data.packing=true", "data.max_length=512",
+                  "model.gradient_checkpointing=true",
                   *SMOKE, "tracking=none", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
