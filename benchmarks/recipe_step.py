@@ -500,7 +500,7 @@ def main() -> None:
             lines += [f"| {r['compile']} | {r['plain_tokens_per_s']:.0f} | {r['recipe_tokens_per_s']:.0f} | "
                       f"{r.get('recipe_mfu') if r.get('recipe_mfu') is not None else 'n/a (CPU)'} | {r['flops_per_token']:,} |"
                       for r in rows]
-        lines += ["", "Input pipeline alone (real files, decode + augment in DataLoader workers):", "",
+        lines += ["", "Input pipeline alone (real files through the recipe's DataModule, in DataLoader workers):", "",
                   "| workers | samples/s | training step samples/s |", "|---|---|---|"]
         lines += [f"| {p['workers']} | {p['samples_per_s']:.1f} | {rows[0]['recipe_samples_per_s']:.2f} |" for p in pipeline]
         deid = [p for p in pipeline if p.get("deidentify_notes_per_s")]
