@@ -8,6 +8,20 @@ from typing import Any
 from aifactory_train.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+# inside a DeepSpeed checkpoint folder, the file with Lightning's state (hparams, loops): ZeRO-1/2, then ZeRO-3
+DEEPSPEED_STATES = ("checkpoint/mp_rank_00_model_states.pt", "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def deepspeed_state(path: Path) -> Path | None:
+    for name in DEEPSPEED_STATES:
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A Lightning checkpoint file, or the folder DeepSpeed writes under the same name."""
+    return path.is_file() or deepspeed_state(path) is not None
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -16,26 +30,33 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         last = run_dir / CHECKPOINT_DIR / "last.ckpt"
-        if not last.is_file():
+        if not is_checkpoint(last):
             raise CheckpointError(
                 f"ckpt_path=last: no checkpoint at '{last}'. To resume a run, pass its folder as well: "
                 f"hydra.run.dir=<that run's folder> ckpt_path=last (or give ckpt_path=<file>)"
             )
         return str(last)
     path = Path(ckpt_path)
-    if not path.is_file():
+    if not is_checkpoint(path):
         raise CheckpointError(f"ckpt_path: checkpoint '{path}' does not exist")
     return str(path)
 
 
-def read_hyperparameters(path: str) -> dict[str, Any]:
+def load_checkpoint_state(path: str) -> dict[str, Any]:
+    """A checkpoint's dict (hyper_parameters, loops, what modules add), also from a DeepSpeed folder, where it
+    sits beside the sharded tensors."""
     import torch
 
+    if Path(path).is_dir():
+        path = str(deepspeed_state(Path(path)))
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - corrupt or foreign file
         raise CheckpointError(f"ckpt_path: '{path}' is not a readable Lightning checkpoint: {err}") from None
-    return checkpoint.get("hyper_parameters", {})
+
+
+def read_hyperparameters(path: str) -> dict[str, Any]:
+    return load_checkpoint_state(path).get("hyper_parameters", {})
 
 
 def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
@@ -61,3 +82,24 @@ def check_classes_match(path: str, class_names: list[str]) -> None:
             f"{len(class_names)} classes {list(class_names)}; use a checkpoint of this class set, or start "
             f"from its weights with model.weights_path instead"
         )
+
+
+def consolidate(checkpoint_dir: str, output: str | None = None) -> Path:
+    """A DeepSpeed (ZeRO) checkpoint folder -> one fp32 Lightning checkpoint file that `aift eval`, `aift export`
+    and ``load_from_checkpoint`` read on any number of devices. The folder is left as it is."""
+    source = Path(checkpoint_dir)
+    if source.is_file():
+        raise CheckpointError(f"'{source}' is already a single checkpoint file; only DeepSpeed checkpoint folders "
+                              f"need consolidating")
+    if deepspeed_state(source) is None:
+        raise CheckpointError(f"'{source}' is not a DeepSpeed checkpoint folder (no {' or '.join(DEEPSPEED_STATES)} "
+                              f"in it)")
+    target = Path(output) if output else source.with_name(source.name.removesuffix(".ckpt") + "-consolidated.ckpt")
+    if target.exists():
+        raise CheckpointError(f"--out '{target}' exists; choose another path (nothing was overwritten)")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    partial = target.with_name(target.name + ".partial")
+    convert_zero_checkpoint_to_fp32_state_dict(str(source), str(partial))
+    partial.replace(target)  # a reader never sees half a file
+    return target

@@ -24,6 +24,7 @@ usage:
   aift data deidentify recipe=NAME data.root=RAW --out DIR
                                            de-identify sensitive text (clinical_notes: deduce) before training
   aift launch [--dry-run] KEY=VALUE ...    render + submit an sbatch job for a Slurm cluster profile
+  aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
 
@@ -178,6 +179,15 @@ def _parser() -> argparse.ArgumentParser:
                                                         "data.root=RAW data.text_field=note")
     deidentify.add_argument("--out", required=True, help="output folder; must be empty or new unless --overwrite")
     deidentify.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    checkpoint = sub.add_parser("checkpoint", prog="aift checkpoint", help="checkpoint tools",
+                                description="Checkpoint tools.")
+    checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    consolidate = checkpoint_sub.add_parser(
+        "consolidate", prog="aift checkpoint consolidate", help="DeepSpeed checkpoint folder -> one fp32 file",
+        description="Gather a DeepSpeed ZeRO checkpoint folder (sharded over ranks) into one fp32 Lightning checkpoint "
+                    "that aift eval / aift export read on any number of devices. The folder is kept.")
+    consolidate.add_argument("checkpoint", help="the DeepSpeed checkpoint folder, e.g. outputs/<run>/checkpoints/last.ckpt")
+    consolidate.add_argument("--out", default=None, help="output file (default <name>-consolidated.ckpt beside it)")
     launch = sub.add_parser(
         "launch",
         prog="aift launch",
@@ -227,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             return _recipes_list()
         if args.command == "data":
             return _data_deidentify(args) if args.data_command == "deidentify" else _data_synth(args)
+        if args.command == "checkpoint":
+            from aifactory_train.checkpoints import consolidate
+
+            print(f"wrote {consolidate(args.checkpoint, args.out)}")
+            return 0
         if args.command == "bench":
             return _bench(args)
         if args.command == "launch":

@@ -17,7 +17,9 @@ from aifactory_train.errors import ConfigError
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-STRATEGIES = ("single", "ddp")
+STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+GPU_STRATEGIES = ("fsdp", "deepspeed")  # on CPU only with strategy.cpu_smoke=true
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 TRACKING_BACKENDS = ("mlflow", "none")
 
 
@@ -85,16 +87,56 @@ class TrainerConfig:
 
 @dataclass
 class StrategyConfig:
+    """One schema for every strategy; each configs/strategy/<name>.yaml sets what applies to it."""
+
     name: str = "single"
     process_group_backend: Optional[str] = None
+    # A CPU run of a GPU strategy (FSDP, DeepSpeed) with gloo: checks the config on a laptop or in CI.
+    cpu_smoke: bool = False
+    # ddp
     find_unused_parameters: bool = False
     gradient_as_bucket_view: bool = True
     static_graph: bool = False
+    # fsdp
+    sharding_strategy: str = "FULL_SHARD"
+    auto_wrap_policy: List[str] = field(default_factory=list)  # layer classes (dotted paths) to shard one by one
+    activation_checkpointing: List[str] = field(default_factory=list)  # layer classes to recompute in backward
+    cpu_offload: bool = False
+    state_dict_type: str = "full"
+    # deepspeed
+    stage: int = 2
+    offload_optimizer: str = "none"
+    offload_parameters: str = "none"
+    nvme_path: Optional[str] = None
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
 
     def check(self) -> None:
         check_choice("strategy.name", self.name, STRATEGIES)
         if self.process_group_backend is not None:
             check_choice("strategy.process_group_backend", self.process_group_backend, ("nccl", "gloo"))
+        if self.name == "fsdp":
+            check_choice("strategy.sharding_strategy", self.sharding_strategy,
+                         ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"))
+            check_choice("strategy.state_dict_type", self.state_dict_type, ("full", "sharded"))
+        if self.name == "deepspeed":
+            check_choice("strategy.stage", self.stage, (1, 2, 3))
+            check_choice("strategy.offload_optimizer", self.offload_optimizer, OFFLOAD_DEVICES)
+            check_choice("strategy.offload_parameters", self.offload_parameters, OFFLOAD_DEVICES)
+            if self.offload_parameters != "none":
+                check(self.stage == 3, "strategy.offload_parameters", self.offload_parameters,
+                      f"'none' with ZeRO stage {self.stage}: parameter offload needs strategy.stage=3 "
+                      f"(strategy=deepspeed_zero3_offload)")
+            if "nvme" in (self.offload_optimizer, self.offload_parameters):
+                check(bool(self.nvme_path), "strategy.nvme_path", self.nvme_path,
+                      "a local NVMe folder for offload_*=nvme")
+            for key in ("allgather_bucket_size", "reduce_bucket_size", "stage3_prefetch_bucket_size"):
+                check(getattr(self, key) > 0, f"strategy.{key}", getattr(self, key), "a number of elements > 0")
 
 
 @dataclass

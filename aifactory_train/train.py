@@ -44,6 +44,11 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def zero_stage(trainer) -> int | None:
+    config = getattr(trainer.strategy, "config", None)
+    return (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+
+
 def use_hydra_logging() -> None:
     """Lightning adds its own console handler; under Hydra the root logger already prints and writes the
     run's log file, so drop Lightning's to avoid every line appearing twice."""
@@ -52,6 +57,24 @@ def use_hydra_logging() -> None:
         lightning_logger = logging.getLogger("lightning")
         for handler in list(lightning_logger.handlers):
             lightning_logger.removeHandler(handler)
+
+
+def _strategy_config_file_callback():
+    import lightning as L
+
+    class StrategyConfigFile(L.Callback):
+        """Write the DeepSpeed JSON as DeepSpeed received it (after Lightning added precision, clipping,
+        accumulation and batch size) to <run>/deepspeed_config.json, so a run says exactly how it was sharded."""
+
+        def __init__(self, run_dir: Path):
+            self.run_dir = run_dir
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            config = getattr(trainer.strategy, "config", None)
+            if trainer.is_global_zero and isinstance(config, dict):
+                (self.run_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return StrategyConfigFile
 
 
 def run_training(cfg) -> dict[str, Any]:
@@ -75,7 +98,9 @@ def run_training(cfg) -> dict[str, Any]:
 
     from aifactory_train.callbacks import TrainingThroughput
     from aifactory_train.checkpoints import CHECKPOINT_DIR, check_data_matches, resolve_checkpoint
-    from aifactory_train.strategies import trainer_kwargs
+    from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
+
+    StrategyConfigFile = _strategy_config_file_callback()
     from aifactory_train.tracking import is_global_zero
 
     use_hydra_logging()
@@ -110,12 +135,14 @@ def run_training(cfg) -> dict[str, Any]:
         enable_version_counter=False,
     )
     throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
-    callbacks = [checkpoint, throughput]
+    callbacks = [checkpoint, throughput, StrategyConfigFile(run_dir)]
     logger = tracker.lightning_logger()
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs = trainer_kwargs(resolved["trainer"], resolved["strategy"])
+    callbacks += strategy_callbacks(kwargs)
     trainer = L.Trainer(
-        **trainer_kwargs(resolved["trainer"], resolved["strategy"]),
+        **kwargs,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         default_root_dir=run_dir,
@@ -133,9 +160,21 @@ def run_training(cfg) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = _scalar_metrics(trainer.callback_metrics)
         best_path, last_path = checkpoint.best_model_path, checkpoint.last_model_path
-        if cfg.run_test and datamodule.has_split("test"):
-            best = "best" if best_path else None
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        tested = None
+        if cfg.run_test and datamodule.has_split("test") and resolved["strategy"]["name"] == "fsdp":
+            # Lightning's FSDP test stage after fit does not reload a full state dict into the wrapped model (nor
+            # run the unwrapped one): score the checkpoint in a separate `aift eval`, which loads it whole
+            log.warning("strategy=fsdp: no test stage in this run; score a checkpoint with `aift eval ckpt_path=...`")
+        elif cfg.run_test and datamodule.has_split("test"):
+            tested = "best" if best_path else "final"
+            if best_path and zero_stage(trainer) == 3:
+                # DeepSpeed cannot load a ZeRO-3 checkpoint into its inference engine (Lightning #17704): test the
+                # weights in memory, and say so
+                log.warning("ZeRO-3: testing the final weights in memory, not the best checkpoint (consolidate it "
+                            "with `aift checkpoint consolidate` and score it with `aift eval`)")
+                tested = "final"
+            trainer.test(module, datamodule=datamodule, ckpt_path="best" if tested == "best" else None,
+                         weights_only=True)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
     except BaseException:
         tracker.finish("FAILED")
@@ -157,6 +196,7 @@ def run_training(cfg) -> dict[str, Any]:
         "best_checkpoint": str(Path(best_path).resolve()) if best_path else None,
         "last_checkpoint": str(Path(last_path).resolve()) if last_path else None,
         "resumed_from": ckpt_path,
+        "tested_weights": tested,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_samples": throughput.samples,

@@ -259,8 +259,9 @@ class ClinicalNotesDataModule(L.LightningDataModule):
 
     # -- the tokenizer a checkpoint was trained with (resume, eval) --
     def adopt_checkpoint(self, ckpt_path: str) -> None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
+        from aifactory_train.checkpoints import load_checkpoint_state
+
+        files = load_checkpoint_state(ckpt_path).get(TOKENIZER_CHECKPOINT_KEY)
         if not files:
             raise DataError(f"ckpt_path '{ckpt_path}' holds no tokenizer; it was not written by the clinical_notes recipe")
         self.tokenizer = tokenizer_from_files(files)

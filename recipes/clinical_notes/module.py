@@ -139,7 +139,8 @@ class ClinicalNotesModule(L.LightningModule):
         nll = self.nll[split].compute()
         self.log(f"{split}/loss", nll, sync_dist=False)  # MeanMetric already reduced over ranks
         self.log(f"{split}/perplexity", torch.exp(nll.clamp(max=30)))
-        self.log(f"{split}/rougeL", self.rouge[split].compute()["rougeL_fmeasure"])
+        if self.hparams.rouge_max_batches > 0:
+            self.log(f"{split}/rougeL", self.rouge[split].compute()["rougeL_fmeasure"])
         self.nll[split].reset()
         self.rouge[split].reset()
         if self._samples and self.trainer.is_global_zero:
