@@ -78,6 +78,10 @@ class TrainingThroughput(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._epoch_start is None:  # a run resumed mid-epoch starts here, without on_train_epoch_start
+            self._epoch_start = time.perf_counter()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         size = batch_size_of(batch)
         self.samples += size * trainer.world_size

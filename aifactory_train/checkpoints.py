@@ -25,9 +25,14 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``None`` → start fresh; ``last`` → this run folder's last.ckpt; else an existing file."""
+    """``None`` → start fresh; ``last`` → this run folder's last.ckpt; ``auto`` → the newest checkpoint in this
+    run folder if any (requeue/restart), else fresh; else an existing file (or DeepSpeed folder)."""
     if ckpt_path in (None, "", "null"):
         return None
+    if ckpt_path == "auto":
+        from aifactory_train.resume import find_resume_checkpoint
+
+        return find_resume_checkpoint(run_dir)
     if ckpt_path == "last":
         last = run_dir / CHECKPOINT_DIR / "last.ckpt"
         if not is_checkpoint(last):

@@ -230,6 +230,22 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When last.ckpt is (also) written during an epoch, so a preempted or killed job loses little work."""
+
+    every_n_train_steps: Optional[int] = None
+    every_n_minutes: Optional[float] = None
+
+    def check(self) -> None:
+        check(self.every_n_train_steps is None or self.every_n_train_steps >= 1, "checkpoint.every_n_train_steps",
+              self.every_n_train_steps, "null or an integer >= 1")
+        check(self.every_n_minutes is None or self.every_n_minutes > 0, "checkpoint.every_n_minutes",
+              self.every_n_minutes, "null or a number of minutes > 0")
+        check(self.every_n_train_steps is None or self.every_n_minutes is None, "checkpoint.every_n_minutes",
+              self.every_n_minutes, "null when checkpoint.every_n_train_steps is set (one trigger)")
+
+
+@dataclass
 class RunConfig:
     """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
 
@@ -239,6 +255,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 42
     ckpt_path: Optional[str] = None
     run_test: bool = True

@@ -89,15 +89,17 @@ def run_training(cfg) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
+    from aifactory_train.checkpoints import CHECKPOINT_DIR, check_data_matches, resolve_checkpoint
     from aifactory_train.tracking import Tracker
 
-    tracker = Tracker(resolved["tracking"], run_dir, resume=cfg.ckpt_path is not None)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)  # ckpt_path=auto: None on a first start
+    tracker = Tracker(resolved["tracking"], run_dir, resume=ckpt_path is not None)
 
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from aifactory_train.callbacks import TrainingThroughput
-    from aifactory_train.checkpoints import CHECKPOINT_DIR, check_data_matches, resolve_checkpoint
+    from aifactory_train.resume import AtomicCheckpointIO, RNGStateCallback
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
 
     StrategyConfigFile = _strategy_config_file_callback()
@@ -106,7 +108,6 @@ def run_training(cfg) -> dict[str, Any]:
     use_hydra_logging()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, _convert_="all")
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     if ckpt_path and hasattr(datamodule, "adopt_checkpoint"):
         datamodule.adopt_checkpoint(ckpt_path)  # e.g. the tokenizer the checkpoint was trained with
     datamodule.setup("fit")
@@ -135,12 +136,23 @@ def run_training(cfg) -> dict[str, Any]:
         enable_version_counter=False,
     )
     throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
-    callbacks = [checkpoint, throughput, StrategyConfigFile(run_dir)]
+    callbacks = [checkpoint, throughput, StrategyConfigFile(run_dir), RNGStateCallback()]
+    periodic = resolved["checkpoint"]
+    if periodic["every_n_train_steps"] or periodic["every_n_minutes"]:
+        from datetime import timedelta
+
+        minutes = periodic["every_n_minutes"]
+        callbacks.append(ModelCheckpoint(  # last.ckpt during the epoch too; best-* stays with the monitor above
+            dirpath=run_dir / CHECKPOINT_DIR, save_top_k=0, save_last=True, enable_version_counter=False,
+            every_n_train_steps=periodic["every_n_train_steps"],
+            train_time_interval=timedelta(minutes=minutes) if minutes else None))
     logger = tracker.lightning_logger()
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs = trainer_kwargs(resolved["trainer"], resolved["strategy"])
     callbacks += strategy_callbacks(kwargs)
+    if resolved["strategy"]["name"] != "deepspeed":  # DeepSpeed writes its checkpoint folders itself
+        kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer = L.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,

@@ -30,9 +30,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from aifactory_train.errors import DataError
+from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
 
 log = logging.getLogger(__name__)

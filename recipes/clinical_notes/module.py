@@ -165,7 +165,7 @@ class ClinicalNotesModule(L.LightningModule):
         else:
             fused = self.device.type == "cuda"
             optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
-        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+        scheduler = warmup_cosine(optimizer, lambda: self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -24,11 +24,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
+from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
+from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
 
 log = logging.getLogger(__name__)

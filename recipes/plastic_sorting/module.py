@@ -184,6 +184,6 @@ class PlasticSortingModule(L.LightningModule):
                                         weight_decay=cfg["weight_decay"], nesterov=True)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+        scheduler = warmup_cosine(optimizer, lambda: self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
