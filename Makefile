@@ -35,8 +35,14 @@ demo: venv
 	@echo "Open the MLflow UI:  cd $(DEMO_DIR) && ../$(BIN)/mlflow ui   (then http://127.0.0.1:5000)"
 
 ## test: set up (with dev extras) and run the test suite
+SLURM_DIR ?= /tmp/aift-slurm
+
+## test: set up (with dev extras), start a local Slurm cluster (slurm/local_cluster.sh: apt-get installs slurm-wlm +
+## munge if missing; its tests are skipped, with the reason, if it cannot start), run the test suite, stop the cluster
 test: venv
-	$(BIN)/python -m pytest -q
+	@bash slurm/local_cluster.sh start $(SLURM_DIR) || echo "warning: no local Slurm cluster; its tests will be skipped"
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/python -m pytest -q; status=$$?; \
+		bash slurm/local_cluster.sh stop $(SLURM_DIR) >/dev/null 2>&1; exit $$status
 
 clean:
 	rm -rf $(DEMO_DIR) outputs multirun mlruns mlflow.db

@@ -146,7 +146,7 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
                                             image_size=256, steps=2 if quick else 8, warmup=1 if quick else 2)),
         "clinical_notes": (dict(model="llama_374m", batch_size=8, seq_len=2048, image_size=None, steps=20, warmup=5)
                            if gpu else dict(model="llama_tiny", batch_size=8 if quick else 16, seq_len=256 if quick else 512,
-                                            image_size=None, steps=4 if quick else 10, warmup=2 if quick else 3)),
+                                            image_size=None, steps=10, warmup=3)),
     }
     rows, skipped = [], []
     for name, spec_class in RECIPES.items():

@@ -97,3 +97,60 @@ def find_resume_checkpoint(run_dir: Path) -> str | None:
     if not candidates:
         return None
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+class JobRequeued(BaseException):
+    """Raised on every rank after the requeue checkpoint is saved and the job is requeued: the process ends
+    without a summary, and the MLflow run stays open for the requeued job to continue."""
+
+
+REQUEUE_CHECK_EVERY_N_STEPS = 10  # ranks agree on a pending signal this often (a collective; cheap, not free)
+
+
+class SlurmRequeue(L.Callback):
+    """On the requeue signal (Slurm's ``--signal=USR1@<s>``, sent to every rank): save ``hpc_ckpt_<n>.ckpt`` at
+    the next step boundary the ranks agree on, ``scontrol requeue`` the job, and stop.
+
+    Why not Lightning's own auto-requeue: it saves from inside the signal handler, at whatever point the signal
+    lands. A checkpoint taken in the middle of a step counts that step's batch as served but not trained, and the
+    requeued run then ends one step short (measured: 119 of 120 steps). Saving between steps keeps the count, the
+    data position and the RNG states consistent. ``train.py`` turns Lightning's handler off
+    (``SLURMEnvironment(auto_requeue=False)``) when this runs.
+    """
+
+    def __init__(self, signum: int | None = None) -> None:
+        import signal
+
+        self.signum = signum or signal.SIGUSR1
+        self.received = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+
+        def handler(signum, frame) -> None:
+            self.received = True
+
+        signal.signal(self.signum, handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1:
+            if trainer.global_step % REQUEUE_CHECK_EVERY_N_STEPS != 0:
+                return
+            pending = trainer.strategy.reduce_boolean_decision(self.received, all=False)
+        else:
+            pending = self.received
+        if not pending:
+            return
+        import subprocess
+
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"saved {path}, but `scontrol requeue {job}` failed ({result.returncode}): "
+                                   f"{result.stderr.strip()}; resubmit the same `aift launch` (ckpt_path=auto resumes)")
+        raise JobRequeued(str(path))

@@ -127,7 +127,10 @@ class Tracker:
         self.logger = None
         if not self.enabled:
             return
-        check_tracking_uri(self.uri)
+        if is_global_zero():
+            # only rank 0 touches the store: ranks started together (srun) would otherwise race to create a new
+            # sqlite store and break its schema migration
+            check_tracking_uri(self.uri)
         state_file = run_dir / TRACKING_STATE_FILE
         if resume and state_file.is_file():
             state = json.loads(state_file.read_text())
@@ -135,7 +138,9 @@ class Tracker:
                 self._resume_run_id = state.get("run_id")
 
     def lightning_logger(self):
-        if not self.enabled:
+        """The MLflow logger on rank 0; None on the other ranks, which log nothing (and must not open the store:
+        ranks that srun starts together would race to create a new sqlite store)."""
+        if not self.enabled or not is_global_zero():
             return None
         from lightning.pytorch.loggers import MLFlowLogger
 

@@ -99,7 +99,7 @@ def run_training(cfg) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from aifactory_train.callbacks import TrainingThroughput
-    from aifactory_train.resume import AtomicCheckpointIO, RNGStateCallback
+    from aifactory_train.resume import AtomicCheckpointIO, JobRequeued, RNGStateCallback, SlurmRequeue
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
 
     StrategyConfigFile = _strategy_config_file_callback()
@@ -151,8 +151,14 @@ def run_training(cfg) -> dict[str, Any]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs = trainer_kwargs(resolved["trainer"], resolved["strategy"])
     callbacks += strategy_callbacks(kwargs)
+    kwargs["plugins"] = []
     if resolved["strategy"]["name"] != "deepspeed":  # DeepSpeed writes its checkpoint folders itself
-        kwargs["plugins"] = [AtomicCheckpointIO()]
+        kwargs["plugins"].append(AtomicCheckpointIO())
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # our requeue (between steps) instead of Lightning's (inside the handler)
+        kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue())
     trainer = L.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,
@@ -188,6 +194,9 @@ def run_training(cfg) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path="best" if tested == "best" else None,
                          weights_only=True)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
+    except JobRequeued as requeued:
+        log.info("saved %s and requeued the job; the requeued job continues from it", requeued)
+        return {"status": "requeued", "checkpoint": str(requeued)}
     except BaseException:
         tracker.finish("FAILED")
         raise

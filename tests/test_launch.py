@@ -4,6 +4,7 @@ Submitting to a real Slurm cluster is not tested yet (that comes with the cluste
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def test_allocation_track_selects_the_account(tmp_path):
     (["cluster.allocation=eu"], "cluster.allocation"),
     (["cluster.time_limit=2h"], "[days-]hh:mm:ss"),
     (["cluster=local"], "needs a Slurm profile"),
+    (["cluster=local_slurm", "trainer.accelerator=cpu", "trainer.devices=2", "strategy=deepspeed_zero3"],
+     "strategy=deepspeed shards over GPUs, but cluster 'local_slurm' has none"),
+    (["strategy=deepspeed_zero2", "strategy.offload_parameters=cpu"], "needs strategy.stage=3"),
+    (["cluster.time_limit=00:20:00", "checkpoint.every_n_minutes=30"], "ends the job before the first checkpoint"),
 ])
 def test_jobs_that_do_not_fit_are_refused_before_submission(overrides, message, tmp_path):
     base = [o for o in H100_4_NODES if not (o.startswith("strategy=") and any(x.startswith("strategy=") for x in overrides))]
@@ -61,3 +66,12 @@ def test_without_sbatch_it_says_so_and_offers_dry_run(tmp_path):
     assert result.returncode == 2
     assert "sbatch was not found" in result.stderr and "--dry-run" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_launch_local_runs_n_processes_on_this_machine(clinical_data, tmp_path):
+    result = aift("launch", "--local", "2", "recipe=clinical_notes", f"data.root={clinical_data}", "debug=smoke",
+                  "trainer.accelerator=cpu", "tracking=none", "run_test=false", "recipe.module.rouge_max_batches=0",
+                  "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["global_step"] == 4

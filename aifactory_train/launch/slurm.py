@@ -41,10 +41,30 @@ def job_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
     if strategy["name"] == "single" and nodes * devices > 1:
         raise ConfigError(f"strategy=single runs one process, but the job asks for {nodes} node(s) x {devices} "
                           f"device(s); use strategy=ddp (or trainer.devices=1 trainer.num_nodes=1)")
+    from aifactory_train.config import GPU_STRATEGIES
+
+    if not node_gpus and strategy["name"] in GPU_STRATEGIES and not strategy.get("cpu_smoke"):
+        raise ConfigError(f"strategy={strategy['name']} shards over GPUs, but cluster '{cluster['name']}' has none; "
+                          f"use strategy=ddp there, or strategy.cpu_smoke=true to check the config on CPU processes")
+    minutes = (cfg.get("checkpoint") or {}).get("every_n_minutes")
+    limit = _minutes(cluster["time_limit"])
+    if minutes and limit is not None and minutes >= limit - cluster["requeue_signal_seconds"] / 60:
+        raise ConfigError(f"checkpoint.every_n_minutes={minutes} but cluster.time_limit={cluster['time_limit']} "
+                          f"(less the {cluster['requeue_signal_seconds']} s requeue warning) ends the job before the "
+                          f"first checkpoint; checkpoint more often or ask for more time")
     if devices * cluster["cpus_per_task"] > cluster["node"]["cpus"]:
         raise ConfigError(f"cluster.cpus_per_task={cluster['cpus_per_task']} x trainer.devices={devices} exceeds the "
                           f"{cluster['node']['cpus']} CPUs of a '{cluster['name']}' node")
     return nodes, devices, (devices if node_gpus else 0)
+
+
+def _minutes(time_limit: str | None) -> float | None:
+    """Slurm's [days-]hh:mm:ss in minutes."""
+    if not time_limit:
+        return None
+    days, _, clock = time_limit.rpartition("-")
+    hours, minutes, seconds = (int(x) for x in clock.split(":"))
+    return (int(days or 0) * 24 + hours) * 60 + minutes + seconds / 60
 
 
 def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Path) -> str:
@@ -55,10 +75,11 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
         raise ConfigError(f"cluster '{cluster['name']}' has scheduler '{cluster['scheduler']}'; `aift launch` needs a "
                           f"Slurm profile (cluster=aifactory_h100, cluster=slurm, or your own copy of slurm.yaml)")
     nodes, tasks, gpus = job_shape(cfg)
-    # the exact training command: the user's overrides, the shape they resolved to, and a fixed run folder so
-    # that a requeued job writes into (and resumes from) the same place
+    # the exact training command: the user's overrides, the shape they resolved to, a fixed run folder and
+    # ckpt_path=auto, so that a requeued job writes into and resumes from the same place
     pinned = [o for o in overrides if not o.split("=")[0] in ("trainer.devices", "trainer.num_nodes", "hydra.run.dir")]
-    command = ["aift", "train", *pinned, f"trainer.devices={tasks}", f"trainer.num_nodes={nodes}",
+    resume = [] if any(o.split("=")[0] == "ckpt_path" for o in overrides) else ["ckpt_path=auto"]
+    command = ["aift", "train", *pinned, *resume, f"trainer.devices={tasks}", f"trainer.num_nodes={nodes}",
                f"hydra.run.dir={run_dir}"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     environment.filters["shell_quote"] = lambda value: shlex.quote(str(value))

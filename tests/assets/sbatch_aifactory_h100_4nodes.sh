@@ -25,5 +25,5 @@ export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
 # srun starts one process per device (4 x 4); Lightning reads ranks from Slurm.
-srun --kill-on-bad-exit=1 aift train recipe=plastic_sorting cluster=aifactory_h100 strategy=ddp trainer.devices=4 trainer.num_nodes=4 hydra.run.dir=/scratch/aif/run1
+srun --kill-on-bad-exit=1 aift train recipe=plastic_sorting cluster=aifactory_h100 strategy=ddp ckpt_path=auto trainer.devices=4 trainer.num_nodes=4 hydra.run.dir=/scratch/aif/run1
 

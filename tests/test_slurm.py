@@ -1,0 +1,131 @@
+"""`aift launch` against a real Slurm cluster: slurm/local_cluster.sh (started by .ci/run, or by hand) runs munge,
+slurmctld and two slurmd daemons (two emulated nodes on this machine). These tests submit real jobs and wait for them.
+They are skipped, with the reason, only when no such cluster answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import aift
+
+SLURM_CONF = os.environ.get("SLURM_CONF") or "/tmp/aift-slurm/slurm.conf"
+
+
+def _cluster_reason() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch is not installed (bash slurm/local_cluster.sh start installs and starts a local cluster)"
+    if not Path(SLURM_CONF).is_file():
+        return f"no Slurm config at {SLURM_CONF} (start one: bash slurm/local_cluster.sh start)"
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                            env={**os.environ, "SLURM_CONF": SLURM_CONF}, timeout=20)
+    if result.returncode != 0 or "idle" not in result.stdout and "mix" not in result.stdout:
+        return f"the local Slurm cluster does not answer (sinfo: {result.stderr.strip() or result.stdout.strip()})"
+    return None
+
+
+REASON = _cluster_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def slurm_env(tmp_path: Path) -> dict[str, str]:
+    # the job runs `aift` from PATH (sbatch exports the submitting environment), so put this environment's first
+    return {"SLURM_CONF": SLURM_CONF, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+
+
+def job_id_of(stdout: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith("submitted job "))
+    return line.split()[-1]
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    result = subprocess.run(["scontrol", "show", "job", job_id, "-o"], capture_output=True, text=True,
+                            env={**os.environ, "SLURM_CONF": SLURM_CONF})
+    fields = dict(part.split("=", 1) for part in result.stdout.split() if "=" in part)
+    return fields
+
+
+def wait_for(job_id: str, timeout: float = 400) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job_id)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], env={**os.environ, "SLURM_CONF": SLURM_CONF})
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {job_state(job_id)}")
+
+
+def logs(run: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((run / "slurm").glob("*")))
+
+
+def launch(tmp_path: Path, *overrides: str, name: str) -> tuple[str, Path]:
+    run = tmp_path / name
+    result = aift("launch", "cluster=local_slurm", "trainer.accelerator=cpu", *overrides, "--run-dir", str(run),
+                  cwd=tmp_path, env=slurm_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run folder: {run}" in result.stdout
+    return job_id_of(result.stdout), run
+
+
+SMOKE = ["recipe=clinical_notes", "debug=smoke", "run_test=false", "trainer.limit_val_batches=1",
+         "recipe.module.rouge_max_batches=0", "tracking.experiment=slurm"]
+
+
+def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, tmp_path):
+    one_node, run_a = launch(tmp_path, *SMOKE, f"data.root={clinical_data}", "strategy=ddp", "trainer.devices=2",
+                             name="one_node")
+    two_nodes, run_b = launch(tmp_path, *SMOKE, f"data.root={clinical_data}", "strategy=ddp", "trainer.devices=1",
+                              "trainer.num_nodes=2", name="two_nodes")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for job, run, nodes in ((one_node, run_a, 1), (two_nodes, run_b, 2)):
+        state = wait_for(job)
+        assert state["JobState"] == "COMPLETED", (state, logs(run))
+        assert state["NumNodes"] == str(nodes)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["num_processes"] == 2 and summary["global_step"] == 4
+        mlflow_run = client.get_run(summary["mlflow_run_id"])
+        assert mlflow_run.info.status == "FINISHED" and "train/loss" in mlflow_run.data.metrics
+    experiment = client.get_experiment_by_name("slurm").experiment_id
+    assert len(client.search_runs([experiment])) == 2  # one MLflow run per job, whatever the rank count
+
+
+def test_deepspeed_zero3_job_on_two_cpu_processes(clinical_data, tmp_path):
+    job, run = launch(tmp_path, *SMOKE, f"data.root={clinical_data}", "strategy=deepspeed_zero3",
+                      "strategy.cpu_smoke=true", "strategy.stage3_param_persistence_threshold=0", "trainer.devices=2",
+                      name="zero3")
+    state = wait_for(job)
+    assert state["JobState"] == "COMPLETED", (state, logs(run))
+    assert json.loads((run / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 3
+    assert (run / "checkpoints" / "last.ckpt" / "checkpoint").is_dir()
+
+
+def test_usr1_requeues_the_job_which_resumes_and_finishes_at_the_planned_step(clinical_data, tmp_path):
+    job, run = launch(tmp_path, "recipe=clinical_notes", f"data.root={clinical_data}", "trainer.max_epochs=8",
+                      "run_test=false", "trainer.limit_val_batches=1", "recipe.module.rouge_max_batches=0",
+                      "trainer.enable_progress_bar=false", name="requeue")
+    deadline = time.time() + 300
+    while not list((run / "checkpoints").glob("*.ckpt")) and time.time() < deadline:  # training is under way
+        assert job_state(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), logs(run)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env={**os.environ, "SLURM_CONF": SLURM_CONF})
+    state = wait_for(job, timeout=600)
+    assert state["JobState"] == "COMPLETED", (state, logs(run))
+    assert int(state["Restarts"]) >= 1, state  # it was requeued, not finished in one go
+    train_log = (run / "train.log").read_text()
+    assert "hpc_ckpt" in train_log and "resuming from" in train_log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 8 * 15 and summary["epochs"] == 8  # the planned count, not more, not less
+    runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("clinical_notes").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # the requeued job logged into the same run
