@@ -25,11 +25,24 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler as _TorchdataRandomSampler
 
 # torchdata 0.11 calls a torch API that torch now marks deprecated, on every iterator; nothing to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 ResumableDataLoader = StatefulDataLoader  # the recipes' DataLoader: same arguments as torch's, plus state_dict()
+
+
+class StatefulRandomSampler(_TorchdataRandomSampler, torch.utils.data.RandomSampler):
+    """torchdata's shuffling sampler (its generator state travels in the checkpoint), that is also a torch
+    RandomSampler. Lightning gives DDP and DeepSpeed a *shuffling* DistributedSampler only when it recognises the
+    loader as shuffled, and with torchdata's class alone a DeepSpeed run was not shuffled at all (caught by the
+    test that ZeRO-2 trains the same weights as DDP). Use ``sampler=shuffled(dataset)`` instead of
+    ``shuffle=True``."""
+
+
+def shuffled(dataset) -> StatefulRandomSampler:
+    return StatefulRandomSampler(dataset)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -33,6 +33,7 @@ import torch
 
 from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
+from aifactory_train.resume import shuffled
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,8 @@ class ClinicalNotesDataModule(L.LightningDataModule):
         return [{k: r[k] for k in keep} for r in rows]
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(self._rows(split, train), batch_size=self.batch_size, shuffle=train,
+        rows = self._rows(split, train)
+        return DataLoader(rows, batch_size=self.batch_size, sampler=shuffled(rows) if train else None,
                           num_workers=self.num_workers, collate_fn=Collator(self.tokenizer.pad_token_id, not train),
                           persistent_workers=self.num_workers > 0, drop_last=False)
 

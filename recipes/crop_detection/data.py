@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
+from aifactory_train.resume import shuffled
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,8 @@ class CropDetectionDataModule(L.LightningDataModule):
         return [v2.functional.to_dtype(i, torch.float32, scale=True) for i in images], targets
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(self.dataset(split, train), batch_size=self.batch_size, shuffle=train,
+        dataset = self.dataset(split, train)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=shuffled(dataset) if train else None,
                           drop_last=train and len(self.splits[split]) > self.batch_size,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate_detection)

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
+from aifactory_train.resume import shuffled
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
 
 log = logging.getLogger(__name__)
@@ -313,10 +314,11 @@ class PlasticSortingDataModule(L.LightningDataModule):
         return ImageFiles(self.root, ds["path"], ds["label"], len(self.channels), self.transform(train))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.dataset(split, train)
         return DataLoader(
-            self.dataset(split, train),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=shuffled(dataset) if train else None,
             drop_last=train and len(self.splits[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
