@@ -57,7 +57,9 @@ def _hydra_app(command: str, config_name: str, args: list[str]) -> int:
             if command == "train":
                 from aifactory_train.train import run_training
 
-                run_training(cfg)
+                outcome = run_training(cfg)
+                if isinstance(outcome, dict) and outcome.get("status") == "stopped":
+                    sys.exit(143)  # 128 + SIGTERM: stopped, not finished (the checkpoint is saved)
             elif command == "eval":
                 from aifactory_train.evaluate import run_evaluation
 

@@ -25,24 +25,70 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler as _TorchdataRandomSampler
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 # torchdata 0.11 calls a torch API that torch now marks deprecated, on every iterator; nothing to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-ResumableDataLoader = StatefulDataLoader  # the recipes' DataLoader: same arguments as torch's, plus state_dict()
+class _IgnoreSIGTERM:
+    """Worker init: DataLoader workers ignore SIGTERM. Slurm signals every process of a job step, and a worker
+    killed by it failed the main process's next fetch before it could save; the main process ends its workers
+    itself when it stops."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
 
 
-class StatefulRandomSampler(_TorchdataRandomSampler, torch.utils.data.RandomSampler):
-    """torchdata's shuffling sampler (its generator state travels in the checkpoint), that is also a torch
-    RandomSampler. Lightning gives DDP and DeepSpeed a *shuffling* DistributedSampler only when it recognises the
-    loader as shuffled, and with torchdata's class alone a DeepSpeed run was not shuffled at all (caught by the
-    test that ZeRO-2 trains the same weights as DDP). Use ``sampler=shuffled(dataset)`` instead of
-    ``shuffle=True``."""
+class ResumableDataLoader(StatefulDataLoader):
+    """The recipes' DataLoader: torch's arguments, plus ``state_dict()`` (torchdata) and workers that leave
+    SIGTERM to the main process."""
+
+    def __init__(self, *args, worker_init_fn=None, **kwargs):
+        if not isinstance(worker_init_fn, _IgnoreSIGTERM):
+            worker_init_fn = _IgnoreSIGTERM(worker_init_fn)
+        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
 
 
-def shuffled(dataset) -> StatefulRandomSampler:
-    return StatefulRandomSampler(dataset)
+class ResumableSampler(StatefulDistributedSampler):
+    """The recipes' shuffling sampler: a ``DistributedSampler`` (so Lightning keeps it under DDP, FSDP and
+    DeepSpeed instead of swapping in its own) whose checkpointed state holds the epoch as well as the position.
+
+    Why not torch's or torchdata's samplers as they are: on resume Lightning creates the data iterator *before* it
+    calls ``set_epoch``, so a sampler whose order depends on the epoch but does not save it replays epoch 0's
+    order (DDP mid-epoch resumes went wrong this way), and torchdata's ``RandomSampler`` keeps a generator state
+    that is only right mid-epoch (a resume from an epoch's last step shuffled the next epoch differently).
+    Here the order is a pure function of (seed, epoch, rank), and the loaded state sets the epoch before the
+    iterator is made. Use ``sampler=shuffled(dataset)`` instead of ``shuffle=True``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.epoch = state_dict.get("epoch", self.epoch)
+
+
+def shuffled(dataset, trainer: L.Trainer | None = None, seed: int | None = None) -> ResumableSampler:
+    """A shuffling sampler for ``dataset``, split over the ranks when a process group is up (it is by the time
+    Lightning asks for the train DataLoader). Pass the DataModule's ``self.trainer``: a run resumed from an
+    epoch-end checkpoint then starts at the epoch it continues with (Lightning's first batch is fetched before its
+    ``set_epoch``, and with worker processes even the order is drawn then). The seed defaults to the run's
+    (``PL_GLOBAL_SEED``, as Lightning's own sampler)."""
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = ResumableSampler(dataset, shuffle=True, seed=seed)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    if trainer is not None:
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)  # restored before this is called
+    return sampler
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -52,6 +98,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial = path.with_name(path.name + ".tmp")
         torch.save(checkpoint, partial)
         os.replace(partial, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def is_epoch_last_batch(trainer: L.Trainer) -> bool:
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def periodic_checkpoint(dirpath: Path, every_n_train_steps: int | None, every_n_minutes: float | None):
+    """``last.ckpt`` every N steps and/or minutes, except on an epoch's last batch.
+
+    Why the exception: Lightning 2.6 cannot resume exactly from a state saved after the last batch of an epoch
+    but before the epoch's end (it skips the next epoch, and the epoch's validation). The epoch-end checkpoint of
+    the recipe's monitor callback follows a moment later, so nothing is lost; without one (validation less often
+    than every epoch) the next periodic save comes one interval later."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class PeriodicCheckpoint(ModelCheckpoint):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if not is_epoch_last_batch(trainer):
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    return PeriodicCheckpoint(
+        dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False,
+        every_n_train_steps=every_n_train_steps,
+        train_time_interval=timedelta(minutes=every_n_minutes) if every_n_minutes else None)
 
 
 def _rng_states() -> dict[str, Any]:
@@ -112,53 +184,73 @@ def find_resume_checkpoint(run_dir: Path) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
-class JobRequeued(BaseException):
-    """Raised on every rank after the requeue checkpoint is saved and the job is requeued: the process ends
-    without a summary, and the MLflow run stays open for the requeued job to continue."""
+class JobStopped(BaseException):
+    """Raised on every rank after the stop checkpoint is saved: the process ends without a summary, and the
+    MLflow run stays open for the continuing job (``ckpt_path=auto``) to log into."""
 
 
-REQUEUE_CHECK_EVERY_N_STEPS = 10  # ranks agree on a pending signal this often (a collective; cheap, not free)
+class JobRequeued(JobStopped):
+    """JobStopped, and the job was requeued with ``scontrol requeue``."""
 
 
-class SlurmRequeue(L.Callback):
-    """On the requeue signal (Slurm's ``--signal=USR1@<s>``, sent to every rank): save ``hpc_ckpt_<n>.ckpt`` at
-    the next step boundary the ranks agree on, ``scontrol requeue`` the job, and stop.
+class SignalCheckpoint(L.Callback):
+    """Save ``hpc_ckpt_<n>.ckpt`` at the next step boundary the ranks agree on, then stop, when a signal asks:
 
-    Why not Lightning's own auto-requeue: it saves from inside the signal handler, at whatever point the signal
-    lands. A checkpoint taken in the middle of a step counts that step's batch as served but not trained, and the
-    requeued run then ends one step short (measured: 119 of 120 steps). Saving between steps keeps the count, the
-    data position and the RNG states consistent. ``train.py`` turns Lightning's handler off
-    (``SLURMEnvironment(auto_requeue=False)``) when this runs.
+    * SIGTERM (preemption, ``scancel``, the time limit, ``kill``): save and stop. No requeue from here: Slurm
+      requeues a preempted job itself (``--requeue``), and a cancelled one should stay cancelled.
+    * the requeue signal, under Slurm (``--signal=USR1@<s>``, sent to every rank before the time limit): save,
+      ``scontrol requeue`` the job, and stop.
+
+    Why not Lightning's own handling: its auto-requeue saves from inside the signal handler, at whatever point the
+    signal lands; a checkpoint taken in the middle of a step counts that step's batch as served but not trained,
+    and the requeued run then ended one step short (measured: 119 of 120 steps). On SIGTERM Lightning stops after
+    the step without saving at all. Saving between steps keeps the step count, data position and RNG states
+    consistent. ``train.py`` turns Lightning's Slurm handler off (``SLURMEnvironment(auto_requeue=False)``); this
+    callback's SIGTERM handler replaces Lightning's, and passes the signal on to ranks Lightning started itself.
+
+    With several ranks the decision is one all-reduce of a small integer per step (Lightning 2.6 already
+    broadcasts a SIGTERM flag every step). An epoch's last batch is skipped as a boundary (see
+    ``periodic_checkpoint``); the epoch-end checkpoint is written right after it.
     """
 
-    def __init__(self, signum: int | None = None) -> None:
-        import signal
+    NONE, REQUEUE, TERMINATE = 0, 1, 2
 
-        self.signum = signum or signal.SIGUSR1
-        self.received = False
+    def __init__(self, requeue_signal: int | None = None) -> None:
+        self.requeue_signal = requeue_signal
+        self.received = self.NONE
 
     def on_train_start(self, trainer, pl_module) -> None:
         import signal
 
-        def handler(signum, frame) -> None:
-            self.received = True
+        def on_requeue(signum, frame) -> None:
+            self.received = max(self.received, self.REQUEUE)
 
-        signal.signal(self.signum, handler)
+        def on_terminate(signum, frame) -> None:
+            self.received = self.TERMINATE
+            launcher = trainer.strategy.launcher
+            if launcher is not None and hasattr(launcher, "kill"):  # ranks Lightning started as our children
+                launcher.kill(signum)
+
+        if self.requeue_signal is not None:
+            signal.signal(self.requeue_signal, on_requeue)
+        signal.signal(signal.SIGTERM, on_terminate)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1:
-            if trainer.global_step % REQUEUE_CHECK_EVERY_N_STEPS != 0:
-                return
-            pending = trainer.strategy.reduce_boolean_decision(self.received, all=False)
-        else:
-            pending = self.received
-        if not pending:
+        if is_epoch_last_batch(trainer):
             return
-        import subprocess
-
+        decision = self.received
+        if trainer.world_size > 1:
+            flag = torch.tensor(self.received, device=trainer.strategy.root_device)
+            decision = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if decision == self.NONE:
+            return
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
+        if decision == self.TERMINATE:
+            raise JobStopped(str(path))
         if trainer.is_global_zero:
+            import subprocess
+
             job = os.environ.get("SLURM_JOB_ID", "")
             if os.environ.get("SLURM_ARRAY_JOB_ID"):
                 job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"

@@ -99,7 +99,8 @@ def run_training(cfg) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from aifactory_train.callbacks import TrainingThroughput
-    from aifactory_train.resume import AtomicCheckpointIO, JobRequeued, RNGStateCallback, SlurmRequeue
+    from aifactory_train.resume import (AtomicCheckpointIO, JobRequeued, JobStopped, RNGStateCallback,
+                                        SignalCheckpoint, periodic_checkpoint)
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
 
     StrategyConfigFile = _strategy_config_file_callback()
@@ -139,13 +140,9 @@ def run_training(cfg) -> dict[str, Any]:
     callbacks = [checkpoint, throughput, StrategyConfigFile(run_dir), RNGStateCallback()]
     periodic = resolved["checkpoint"]
     if periodic["every_n_train_steps"] or periodic["every_n_minutes"]:
-        from datetime import timedelta
-
-        minutes = periodic["every_n_minutes"]
-        callbacks.append(ModelCheckpoint(  # last.ckpt during the epoch too; best-* stays with the monitor above
-            dirpath=run_dir / CHECKPOINT_DIR, save_top_k=0, save_last=True, enable_version_counter=False,
-            every_n_train_steps=periodic["every_n_train_steps"],
-            train_time_interval=timedelta(minutes=minutes) if minutes else None))
+        # last.ckpt during the epoch too; best-* stays with the monitor above
+        callbacks.append(periodic_checkpoint(run_dir / CHECKPOINT_DIR, periodic["every_n_train_steps"],
+                                             periodic["every_n_minutes"]))
     logger = tracker.lightning_logger()
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -156,9 +153,13 @@ def run_training(cfg) -> dict[str, Any]:
         kwargs["plugins"].append(AtomicCheckpointIO())
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    requeue_signal = None
     if SLURMEnvironment.detect():  # our requeue (between steps) instead of Lightning's (inside the handler)
+        import signal
+
         kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(SlurmRequeue())
+        requeue_signal = signal.SIGUSR1  # the --signal=USR1@<s> of slurm/job.sh.j2
+    callbacks.append(SignalCheckpoint(requeue_signal))
     trainer = L.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,
@@ -194,9 +195,12 @@ def run_training(cfg) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path="best" if tested == "best" else None,
                          weights_only=True)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
-    except JobRequeued as requeued:
-        log.info("saved %s and requeued the job; the requeued job continues from it", requeued)
-        return {"status": "requeued", "checkpoint": str(requeued)}
+    except JobStopped as stopped:
+        if isinstance(stopped, JobRequeued):
+            log.info("saved %s and requeued the job; the requeued job continues from it", stopped)
+            return {"status": "requeued", "checkpoint": str(stopped)}
+        log.info("stopped on SIGTERM after saving %s; the same command with ckpt_path=auto continues from it", stopped)
+        return {"status": "stopped", "checkpoint": str(stopped)}
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -376,7 +376,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         rows = self._rows(split, train)
-        return DataLoader(rows, batch_size=self.batch_size, sampler=shuffled(rows) if train else None,
+        return DataLoader(rows, batch_size=self.batch_size, sampler=shuffled(rows, self.trainer) if train else None,
                           num_workers=self.num_workers, collate_fn=Collator(self.tokenizer.pad_token_id, not train),
                           persistent_workers=self.num_workers > 0, drop_last=False)
 

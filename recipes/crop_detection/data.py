@@ -274,7 +274,7 @@ class CropDetectionDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.dataset(split, train)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=shuffled(dataset) if train else None,
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=shuffled(dataset, self.trainer) if train else None,
                           drop_last=train and len(self.splits[split]) > self.batch_size,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate_detection)

@@ -318,7 +318,7 @@ class PlasticSortingDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=shuffled(dataset) if train else None,
+            sampler=shuffled(dataset, self.trainer) if train else None,
             drop_last=train and len(self.splits[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
