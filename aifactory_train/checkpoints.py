@@ -76,6 +76,35 @@ def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
                                   f"{data_info[key]} here); resume or evaluate with the tokenizer stored in it")
 
 
+def saved_world_size(path: str) -> int | None:
+    """How many ranks wrote a checkpoint: DeepSpeed's optimizer shards, else the per-rank RNG states that
+    ``RNGStateCallback`` keeps (None for a checkpoint without them)."""
+    folder = Path(path)
+    if folder.is_dir():
+        shards = list((folder / "checkpoint").glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+        if shards:
+            return len(shards)
+    ranks = load_checkpoint_state(path).get("callbacks", {}).get("RNGStateCallback", {}).get("ranks")
+    return len(ranks) if ranks else None
+
+
+def check_world_size(path: str, world_size: int) -> str | None:
+    """A DeepSpeed checkpoint resumes only with the number of ranks that wrote it (its optimizer state is
+    partitioned per rank): refuse another count before any GPU time is spent. A Lightning checkpoint (single,
+    DDP, FSDP full state) loads with any count; the returned warning says what then does not continue exactly."""
+    saved = saved_world_size(path)
+    if saved is None or saved == world_size:
+        return None
+    if Path(path).is_dir():
+        raise CheckpointError(
+            f"ckpt_path: '{path}' is a DeepSpeed checkpoint written by {saved} ranks, but this job has {world_size} "
+            f"(trainer.num_nodes x trainer.devices); resume it with {saved} ranks, or take its weights with "
+            f"`aift checkpoint consolidate {path}` and start a new run from them")
+    return (f"resuming '{path}', written by {saved} ranks, with {world_size}: weights, optimizer, schedule and step "
+            f"continue, but the data order of the interrupted epoch and the random streams do not (each rank's "
+            f"share of the epoch changes); resume with {saved} ranks for an exact continuation")
+
+
 def check_classes_match(path: str, class_names: list[str]) -> None:
     """A checkpoint trained on another class set cannot be resumed or scored on this data."""
     saved = read_hyperparameters(path).get("data_info", {}).get("class_names")

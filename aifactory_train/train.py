@@ -167,6 +167,12 @@ def run_training(cfg) -> dict[str, Any]:
         default_root_dir=run_dir,
     )
 
+    if ckpt_path:
+        from aifactory_train.checkpoints import check_world_size
+
+        if (warning := check_world_size(ckpt_path, trainer.world_size)) and is_global_zero():
+            log.warning(warning)
+
     config_yaml = run_dir / "config.yaml"
     if is_global_zero():
         config_yaml.write_text(OmegaConf.to_yaml(resolved))

@@ -148,3 +148,26 @@ def test_consolidate_refuses_what_it_cannot_or_should_not_do(strategy_runs, tmp_
     result = aift("checkpoint", "consolidate", str(strategy_runs["deepspeed_zero3"] / "checkpoints/last.ckpt"),
                   "--out", str(existing), cwd=tmp_path)
     assert result.returncode == 2 and "exists" in result.stderr and existing.read_bytes() == b"keep me"
+
+
+def test_resuming_with_another_number_of_ranks(strategy_runs, clinical_data, tmp_path):
+    """A DeepSpeed checkpoint of 2 ranks is refused on 1 (its optimizer state is partitioned per rank), before
+    training and without touching it; a DDP checkpoint of 2 ranks resumes on 1, with a warning of what is not exact."""
+    import shutil
+
+    one_process = [a for a in STRATEGY_RUN if a != "trainer.devices=2"] + ["trainer.devices=1"]
+    zero2 = Path(shutil.copytree(strategy_runs["deepspeed_zero2"], tmp_path / "zero2"))
+    before = {p: p.stat().st_mtime_ns for p in (zero2 / "checkpoints").rglob("*") if p.is_file()}
+    result = aift("train", *one_process, f"data.root={clinical_data}", "strategy=deepspeed_zero2", "strategy.cpu_smoke=true",
+                  "ckpt_path=last", "trainer.max_epochs=2", f"hydra.run.dir={zero2}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "is a DeepSpeed checkpoint written by 2 ranks, but this job has 1" in result.stderr
+    assert "aift checkpoint consolidate" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in (zero2 / "checkpoints").rglob("*") if p.is_file()} == before
+
+    ddp = Path(shutil.copytree(strategy_runs["ddp"], tmp_path / "ddp"))
+    result = aift("train", *one_process, f"data.root={clinical_data}", "strategy=ddp", "ckpt_path=last",
+                  "trainer.max_epochs=2", f"hydra.run.dir={ddp}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "written by 2 ranks, with 1" in (ddp / "train.log").read_text()
+    assert json.loads((ddp / "summary.json").read_text())["global_step"] > 4
