@@ -77,6 +77,16 @@ def _strategy_config_file_callback():
     return StrategyConfigFile
 
 
+def _peak_device_memory_gib(trainer) -> float | None:
+    """This rank's peak of memory allocated by torch on its GPU (None on CPU)."""
+    import torch
+
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train the configured recipe; return the summary (also written to <run dir>/summary.json)."""
     started = time.time()
@@ -239,6 +249,7 @@ def run_training(cfg) -> dict[str, Any]:
         "train_flops_per_token": getattr(module, "flops_per_token", None),
         "precision": str(trainer.precision),
         "num_processes": trainer.world_size,
+        "peak_device_memory_gib": _peak_device_memory_gib(trainer),
         "dataset": lineage.as_dict() if lineage is not None else None,
     }
     if not is_global_zero():

@@ -1,8 +1,17 @@
-"""Per-strategy step time and peak memory per process: one model, 2 processes on this machine (CPU: gloo, with the
-CPU smoke path for FSDP and DeepSpeed). On CPU this says what each strategy costs in memory and time for the same
-work, not how it scales (2 processes on 2 cores share one memory bus).
+"""Per-strategy step time and peak memory per process.
+
+CPU (default): one model, 2 processes on this machine (gloo, with the CPU smoke path for FSDP and DeepSpeed). This
+says what each strategy costs in memory and time for the same work, not how it scales (2 processes on 2 cores
+share one memory bus).
 
     python benchmarks/strategies.py --out benchmarks/results/strategies_cpu-2proc_<date>.json --markdown ....md
+
+GPU (--gpu): one process on one GPU, `experiment=clinical_notes_gpu` (Llama 374M, 8 x 2048 tokens, bf16-mixed,
+eager) under single, ddp, deepspeed_zero2 and deepspeed_zero3: tokens/s is the last windowed value of the
+run's own throughput metric (steady state, MLflow), memory is the run's peak_device_memory_gib. On one GPU
+the sharded strategies have nothing to shard over, so this shows their fixed cost; see README for where they pay.
+
+    python benchmarks/strategies.py --gpu --steps 60 --out $OUT/strategies_gpu.json --markdown $OUT/strategies_gpu.md
 
 Each strategy runs `aift launch --local 2` of clinical_notes with a 25M-parameter Llama (hidden 512, 8 layers),
 full fine-tuning, batch 4 x 256 tokens per process, fp32, for --steps steps. Peak memory is the largest resident
@@ -28,6 +37,33 @@ STRATEGIES = {
     "deepspeed_zero3": ["strategy.cpu_smoke=true", "strategy.stage3_param_persistence_threshold=0"],
 }
 MODEL = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.intermediate_size=1376"]
+GPU_STRATEGIES = {"single": [], "ddp": [], "deepspeed_zero2": [], "deepspeed_zero3": []}
+GPU_RUN = ["experiment=clinical_notes_gpu", "model.compile=false", "trainer.devices=1", "trainer.log_every_n_steps=10",
+           "trainer.limit_val_batches=0", "run_test=false", "trainer.enable_progress_bar=false"]
+
+
+# --gpu --on-cpu: the same plan with a tiny model on this CPU, to check the script before spending GPU time
+ON_CPU = ["trainer.accelerator=cpu", "model=llama_tiny", "trainer.precision=32-true", "data.max_length=256",
+          "data.max_target_length=64", "data.num_workers=0"]
+
+
+def run_gpu(strategy: str, data: Path, work: Path, steps: int, extra: list[str]) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{work}/mlflow.db"
+    args = [sys.executable, "-m", "aifactory_train.cli", "train", f"data.root={data}", f"strategy={strategy}",
+            *GPU_STRATEGIES[strategy], *GPU_RUN, f"trainer.max_steps={steps}", f"tracking.uri={uri}", *extra,
+            f"hydra.run.dir={work / strategy}"]
+    started = time.time()
+    result = subprocess.run(args, capture_output=True, text=True, cwd=work)
+    if result.returncode != 0:
+        return {"strategy": strategy, "error": result.stderr[-1500:]}
+    summary = json.loads((work / strategy / "summary.json").read_text())
+    history = MlflowClient(tracking_uri=uri).get_metric_history(summary["mlflow_run_id"], "throughput/device/tokens_per_sec")
+    steady = max(history, key=lambda m: m.step).value if history else None
+    return {"strategy": strategy, "tokens_per_s_steady": steady, "tokens_per_s_whole_run": summary["train_tokens_per_s"],
+            "peak_device_memory_gib": summary["peak_device_memory_gib"], "wall_s": time.time() - started,
+            "global_step": summary["global_step"]}
 
 
 def run(strategy: str, data: Path, work: Path, steps: int) -> dict:
@@ -54,21 +90,50 @@ def run(strategy: str, data: Path, work: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gpu", action="store_true", help="one GPU: single, ddp, ZeRO-2, ZeRO-3 on the 374M model")
+    parser.add_argument("--notes", type=int, default=None, help="synthetic notes to train on")
+    parser.add_argument("--on-cpu", action="store_true", help="with --gpu: the same plan, tiny model, on CPU (a check)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
     from aifactory_train.recipes.clinical_notes.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="aift-strategies-"))
-    data = synthesize(work / "notes", size=200, seed=0, variant="tagged")
+    data = synthesize(work / "notes", size=args.notes or (4000 if args.gpu else 200), seed=0, variant="tagged")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    date = time.strftime("%Y-%m-%d")
+    if args.gpu:
+        rows = []
+        for strategy in GPU_STRATEGIES:
+            extra = ON_CPU + (["strategy.cpu_smoke=true"] if strategy.startswith("deepspeed") else []) if args.on_cpu else []
+            row = run_gpu(strategy, data, work, args.steps, extra)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        report = {"benchmark": "strategies_gpu", "command": command, "date": date, "rows": rows,
+                  "model": "llama_374m", "processes": 1, "batch": "8 x 2048 tokens, bf16-mixed, eager"}
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        if args.markdown:
+            lines = [f"# Strategies on one GPU — {date}", "", f"Command: `{command}`", "",
+                     (f"clinical_notes, Llama 374M, 8 x 2048 tokens, bf16-mixed, eager, {args.steps} steps, one process." if not
+                      args.on_cpu else f"A check of the plan on CPU: llama_tiny, 8 x 256 tokens, fp32, {args.steps} steps."), "",
+                     "| strategy | tokens/s (steady) | tokens/s (whole run) | peak GPU memory (GiB) |", "|---|---|---|---|"]
+            for r in rows:
+                if "error" in r:
+                    lines.append(f"| {r['strategy']} | failed | | |")
+                else:
+                    steady, peak = r["tokens_per_s_steady"], r["peak_device_memory_gib"]
+                    lines.append(f"| {r['strategy']} | {f'{steady:.0f}' if steady else '—'} | "
+                                 f"{r['tokens_per_s_whole_run']:.0f} | {f'{peak:.2f}' if peak else '— (CPU)'} |")
+            Path(args.markdown).write_text("\n".join(lines) + "\n")
+        return
     rows = []
     for strategy in STRATEGIES:
         row = run(strategy, data, work, args.steps)
         rows.append(row)
         print(f"{strategy}: {row['step_time_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, peak RSS "
               f"{row['peak_rss_gib_max_process']:.2f} GiB (largest process)", flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    report = {"benchmark": "strategies_cpu", "command": command, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+    report = {"benchmark": "strategies_cpu", "command": command, "date": date, "rows": rows,
               "model": "llama 25M (hidden 512, 8 layers)", "processes": 2, "batch_per_process": "4 x 256 tokens"}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -32,6 +32,8 @@ def test_summary_file_has_the_documented_keys(smoke_run):
     assert Path(s["best_checkpoint"]).is_file() and Path(s["last_checkpoint"]).is_file()
     assert s["global_step"] == 4 and s["train_samples"] == 4 * 16
     assert s["train_samples_per_s"] > 0 and s["wall_time_s"] > 0
+    peak = s["peak_device_memory_gib"]  # rank 0's GPU peak, null on CPU
+    assert "peak_device_memory_gib" in s and (peak is None or peak > 0)
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "test/acc"):
         assert key in s["metrics"]
     assert set(s["dataset"]["splits"]) == {"train", "val", "test"}
