@@ -23,7 +23,8 @@ usage:
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
                                            de-identify sensitive text (clinical_notes: deduce) before training
-  aift launch [--dry-run] KEY=VALUE ...    render + submit an sbatch job for a Slurm cluster profile
+  aift launch [--dry-run] [-m] KEY=VALUE ...
+                                           render + submit an sbatch job (-m: one job per sweep point)
   aift launch --local N KEY=VALUE ...      the same job as N processes on this machine (smoke test)
   aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
@@ -145,12 +146,14 @@ def _launch(args: argparse.Namespace) -> int:
 
         if args.local < 1:
             raise ConfigError(f"--local {args.local}: give the number of processes, >= 1")
+        if args.multirun:
+            raise ConfigError("--local runs one job on this machine; for a local sweep use `aift train -m ...`")
         strategy = [] if any(o.startswith("strategy=") for o in args.overrides) else ["strategy=ddp"]
         shape = [o for o in args.overrides if o.split("=")[0] not in ("trainer.devices", "trainer.num_nodes")]
         return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"])
     from aifactory_train.launch.slurm import launch
 
-    return launch(args.overrides, args.dry_run, args.job_name, args.run_dir)
+    return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("overrides", nargs="*", help="the same overrides as aift train, e.g. recipe=... cluster=...")
     launch.add_argument("--dry-run", action="store_true", help="print the config and script, submit nothing")
+    launch.add_argument("-m", "--multirun", action="store_true",
+                        help="one job per point of a sweep (seed=1,2 optim.lr=1e-4,3e-4: 4 jobs), run folders "
+                             "<run-dir>/<i>; all points are validated before the first is submitted")
     launch.add_argument("--local", type=int, default=None, metavar="N",
                         help="no Slurm: run N processes on this machine (one per device, DDP unless a strategy is "
                              "given), as a smoke test of a multi-process job")

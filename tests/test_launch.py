@@ -68,6 +68,27 @@ def test_without_sbatch_it_says_so_and_offers_dry_run(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_multirun_renders_one_job_per_sweep_point(tmp_path):
+    result = aift("launch", "-m", "--dry-run", *H100_4_NODES, "seed=1,2", "optim.lr=0.001,0.003",
+                  "--run-dir", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
+    assert len(commands) == 4
+    for index, (seed, lr) in enumerate([(1, 0.001), (1, 0.003), (2, 0.001), (2, 0.003)]):
+        assert f"seed={seed} optim.lr={lr}" in commands[index] and f"hydra.run.dir={tmp_path}/sweep/{index}" in commands[index]
+        assert f"#SBATCH --output={tmp_path}/sweep/{index}/slurm/" in result.stdout
+
+
+def test_a_sweep_without_m_or_with_a_bad_point_submits_nothing(tmp_path):
+    result = aift("launch", "--dry-run", *H100_4_NODES, "seed=1,2", cwd=tmp_path)
+    assert result.returncode == 2 and "seed=1,2: a sweep (2 points); add -m" in result.stderr
+    # the second point does not fit a 4-GPU node: refused before the first is submitted (sbatch is not even looked up)
+    result = aift("launch", "-m", *H100_4_NODES, "trainer.devices=4,8", cwd=tmp_path,
+                  env={"PATH": str(tmp_path / "no-such-bin")})
+    assert result.returncode == 2 and "trainer.devices=8 but cluster 'aifactory_h100' nodes have 4 GPUs" in result.stderr
+    assert "sbatch was not found" not in result.stderr and not (tmp_path / "outputs").exists()
+
+
 def test_launch_local_runs_n_processes_on_this_machine(clinical_data, tmp_path):
     result = aift("launch", "--local", "2", "recipe=clinical_notes", f"data.root={clinical_data}", "debug=smoke",
                   "trainer.accelerator=cpu", "tracking=none", "run_test=false", "recipe.module.rouge_max_batches=0",

@@ -129,3 +129,22 @@ def test_usr1_requeues_the_job_which_resumes_and_finishes_at_the_planned_step(cl
     runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("clinical_notes").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # the requeued job logged into the same run
+
+
+def test_multirun_submits_one_job_and_one_mlflow_run_per_point(clinical_data, tmp_path):
+    result = aift("launch", "-m", "cluster=local_slurm", "trainer.accelerator=cpu", *SMOKE, f"data.root={clinical_data}",
+                  "tracking.experiment=sweep", "seed=1,2", "--run-dir", str(tmp_path / "sweep"),
+                  cwd=tmp_path, env=slurm_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("submitted job ")]
+    assert len(set(jobs)) == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    seeds = set()
+    for index, job in enumerate(jobs):
+        run = tmp_path / "sweep" / str(index)
+        state = wait_for(job)
+        assert state["JobState"] == "COMPLETED", (state, logs(run))
+        summary = json.loads((run / "summary.json").read_text())
+        seeds.add(client.get_run(summary["mlflow_run_id"]).data.params["seed"])
+    assert seeds == {"1", "2"}
+    assert len(client.search_runs([client.get_experiment_by_name("sweep").experiment_id])) == 2

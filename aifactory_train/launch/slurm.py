@@ -97,35 +97,68 @@ def compose(overrides: list[str], run_dir: Path):
     return compose_train_config(overrides, run_dir)
 
 
-def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None) -> int:
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """The points of a Hydra sweep (``seed=1,2 optim.lr=range(1,3)``: 4 points), with Hydra's own override
+    grammar; one point when nothing sweeps. (Hydra's BasicSweeper does the same product, but privately.)"""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    points: list[list[str]] = [[]]
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            values = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            values = [override.input_line]
+        points = [point + [value] for point in points for value in values]
+    return points
+
+
+def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None,
+           multirun: bool = False) -> int:
+    """Submit one job, or with ``multirun`` one job per sweep point (run folders <run_dir>/<i>). Every point is
+    composed and validated before the first is submitted."""
     from omegaconf import OmegaConf
 
     from aifactory_train.config import validate
 
+    points = sweep_points(overrides)
+    if len(points) > 1 and not multirun:
+        sweeping = [o for o in overrides if o not in points[0]]
+        raise AiftError(f"{' '.join(sweeping)}: a sweep ({len(points)} points); add -m to submit one job per point, "
+                        f"or give one value")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "plastic_sorting")
     job_name = job_name or f"aift-{recipe}"
-    run_path = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
-    cfg = compose(overrides, run_path)
-    validate(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    script = render(resolved, overrides, job_name, run_path)
+    base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
+    jobs = []
+    for index, point in enumerate(points):
+        run_path = base / str(index) if multirun else base
+        cfg = compose(point, run_path)
+        validate(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        jobs.append((point, resolved, run_path, render(resolved, point, job_name, run_path)))
     if dry_run:
-        print(OmegaConf.to_yaml(resolved))
-        print(script)
+        for point, resolved, run_path, script in jobs:
+            if multirun:
+                print(f"# point {run_path.name}: {' '.join(point)}")
+            print(OmegaConf.to_yaml(resolved))
+            print(script)
         return 0
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
                         "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
-    (run_path / "slurm").mkdir(parents=True, exist_ok=True)
-    script_path = run_path / "launch.sbatch"
-    script_path.write_text(script)
-    result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
-    job_id = result.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id}")
-    print(f"logs: {run_path / 'slurm'}/{job_name}-{job_id}.out (and .err)")
-    print(f"run folder: {run_path}")
+    for point, _, run_path, script in jobs:
+        (run_path / "slurm").mkdir(parents=True, exist_ok=True)
+        script_path = run_path / "launch.sbatch"
+        script_path.write_text(script)
+        result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
+        job_id = result.stdout.strip().split(";")[0]
+        if multirun:
+            print(f"point {run_path.name}: {' '.join(point)}")
+        print(f"submitted job {job_id}")
+        print(f"logs: {run_path / 'slurm'}/{job_name}-{job_id}.out (and .err)")
+        print(f"run folder: {run_path}")
     return 0
