@@ -8,8 +8,8 @@
   draws continue as if never interrupted).
 * **Atomic files**: ``AtomicCheckpointIO`` writes ``<file>.tmp`` and renames it, so a kill while saving leaves the
   previous checkpoint whole (Lightning writes the final path directly).
-* **Where to resume from**: ``find_resume_checkpoint`` (``ckpt_path=auto``) picks the newest of Lightning's
-  Slurm requeue checkpoint (``hpc_ckpt_*.ckpt``) and ``checkpoints/last.ckpt`` in the run folder.
+* **Where to resume from**: ``find_resume_checkpoint`` (``ckpt_path=auto``) picks, of the stop/requeue checkpoints
+  (``hpc_ckpt_*.ckpt``) and ``checkpoints/last.ckpt`` in the run folder, the one furthest in training.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class RNGStateCallback(L.Callback):
 
 
 def find_resume_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint a requeued or restarted job should continue from, or None for a fresh start."""
+    """The checkpoint a requeued or restarted job should continue from, or None for a fresh start."""
     from aifactory_train.checkpoints import CHECKPOINT_DIR, is_checkpoint
 
     candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if is_checkpoint(p)]
@@ -181,7 +181,14 @@ def find_resume_checkpoint(run_dir: Path) -> str | None:
         candidates.append(last)
     if not candidates:
         return None
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    # the furthest step wins; not the newest file: a DeepSpeed checkpoint is a folder whose own mtime stays at its
+    # creation while it is rewritten
+    from aifactory_train.checkpoints import load_checkpoint_state
+
+    def progress(path: Path) -> tuple[int, float]:
+        return int(load_checkpoint_state(str(path)).get("global_step", -1)), path.stat().st_mtime
+
+    return str(max(candidates, key=progress))
 
 
 class JobStopped(BaseException):

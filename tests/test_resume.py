@@ -39,7 +39,14 @@ def loss_curve(uri: str, run_id: str) -> dict[int, float]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_dir():  # DeepSpeed: gather the shards with the CLI a user would run
+        out = run / "consolidated.ckpt"
+        if not out.exists():
+            result = aift("checkpoint", "consolidate", str(last), "--out", str(out), cwd=run)
+            assert result.returncode == 0, result.stderr[-2000:]
+        last = out
+    return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -128,27 +135,44 @@ def test_sigkill_then_resume_gives_the_same_weights_and_loss_curve(runs, where):
     assert_same_run(work, runs["uri"], straight, name, step)
 
 
-def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_exact(runs):
+def terminate_then_resume(runs, name: str, extra: list[str], seed: int) -> int:
+    """SIGTERM at a random moment after the first checkpoint: the run saves hpc_ckpt_<n> at the next step boundary
+    and exits 143; the same command then continues from it. Returns the saved step."""
     work, common = runs["work"], runs["common"]
-    straight = runs["straight"]("straight", [])
-    process = start(["train", *common, "hydra.run.dir=terminated"], work, work / "terminated.stderr")
-    last = work / "terminated/checkpoints/last.ckpt"
+    process = start(["train", *common, *extra, f"hydra.run.dir={name}"], work, work / f"{name}.stderr")
+    last = work / name / "checkpoints/last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(random.Random(3).uniform(0.0, 0.5))
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=120)
-    stderr = (work / "terminated.stderr").read_text()
-    assert process.returncode == 143, stderr[-3000:]  # stopped, not finished
-    assert "stopped on SIGTERM after saving" in (work / "terminated/train.log").read_text()
-    (saved,) = (work / "terminated").glob("hpc_ckpt_*.ckpt")
-    step = torch.load(saved, map_location="cpu", weights_only=True)["global_step"]
-    assert not (work / "terminated/summary.json").exists()
-    resumed = aift("train", *common, "hydra.run.dir=terminated", cwd=work)
+    process.wait(timeout=180)
+    assert process.returncode == 143, (work / f"{name}.stderr").read_text()[-3000:]  # stopped, not finished
+    assert "stopped on SIGTERM after saving" in (work / name / "train.log").read_text()
+    (saved,) = (work / name).glob("hpc_ckpt_*.ckpt")
+    from aifactory_train.checkpoints import load_checkpoint_state
+
+    step = load_checkpoint_state(str(saved))["global_step"]
+    assert not (work / name / "summary.json").exists()
+    resumed = aift("train", *common, *extra, f"hydra.run.dir={name}", cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((work / "terminated/summary.json").read_text())["resumed_from"] == str(saved)
-    assert_same_run(work, runs["uri"], straight, "terminated", step)
+    assert json.loads((work / name / "summary.json").read_text())["resumed_from"] == str(saved)
+    return step
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_exact(runs):
+    straight = runs["straight"]("straight", [])
+    step = terminate_then_resume(runs, "terminated", [], seed=3)
+    assert_same_run(runs["work"], runs["uri"], straight, "terminated", step)
+
+
+def test_deepspeed_zero2_on_two_processes_stopped_by_sigterm_resumes_exactly(runs):
+    """ZeRO-2 (CPU smoke path, 2 ranks): the DeepSpeed checkpoint folder written on SIGTERM carries the
+    partitioned optimizer, the LR schedule (no jump after resume) and the data position."""
+    zero2 = [*DDP[1:], "strategy=deepspeed_zero2", "strategy.cpu_smoke=true"]
+    straight = runs["straight"]("straight-zero2", zero2)
+    step = terminate_then_resume(runs, "terminated-zero2", zero2, seed=4)
+    assert_same_run(runs["work"], runs["uri"], straight, "terminated-zero2", step)
 
 
 def test_ddp_on_two_processes_resumes_exactly_in_a_later_epoch(runs):
@@ -195,10 +219,12 @@ def test_ckpt_path_auto_starts_fresh_without_a_checkpoint(tmp_path):
 
     assert resolve_checkpoint("auto", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"a": 1}, tmp_path / "checkpoints/last.ckpt")
+    torch.save({"global_step": 50}, tmp_path / "hpc_ckpt_1.ckpt")
     time.sleep(0.01)
-    torch.save({"a": 2}, tmp_path / "hpc_ckpt_1.ckpt")
-    assert resolve_checkpoint("auto", tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")  # the newest wins
+    torch.save({"global_step": 40}, tmp_path / "checkpoints/last.ckpt")
+    assert resolve_checkpoint("auto", tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")  # the furthest, not the newest
+    torch.save({"global_step": 70}, tmp_path / "checkpoints/last.ckpt")
+    assert resolve_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoints/last.ckpt")
 
 
 class SIGTERMDisposition(torch.utils.data.Dataset):

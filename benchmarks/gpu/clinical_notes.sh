@@ -5,12 +5,7 @@
 # Here, first:  bash ../shared/device/wheelhouse.sh && .venv/bin/pip wheel --no-deps --no-build-isolation . -w .whl
 #               (the GPU image has transformers and peft; the wheelhouse adds hydra, mlflow, datasets, deepspeed)
 # There:        bash benchmarks/gpu/clinical_notes.sh        (results in $OUT, default ./gpu_results)
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu_results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/prepare.sh"
 # compile both: the first compiled step takes ~1 minute (NOTES.md)
 timeout 420 python3 benchmarks/recipe_step.py clinical_notes --model llama_374m --seq-len 2048 --batch-size 8 \
     --steps 20 --warmup 5 --repeats 1 --compile both --workers 4 \

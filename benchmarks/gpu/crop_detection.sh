@@ -2,12 +2,7 @@
 # GPU checks of crop_detection (and plastic_sorting's input pipeline after the uint8 change), for a lent GPU.
 # Here, first:  bash ../shared/device/wheelhouse.sh faster-coco-eval && .venv/bin/pip wheel --no-deps . -w .whl
 # There:        bash benchmarks/gpu/crop_detection.sh        (results in $OUT, default ./gpu_results)
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu_results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/prepare.sh"
 # Faster R-CNN R50-FPN v2, 640 px, batch 16, bf16-mixed: recipe vs plain loop (NOTES.md: plain bf16 78 img/s on H200)
 timeout 150 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 10 --warmup 3 --repeats 1 --workers \

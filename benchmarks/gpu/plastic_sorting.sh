@@ -2,13 +2,8 @@
 # All GPU checks of plastic_sorting in one go, for a lent H100/H200 (see README "Benchmarks").
 # Here, first:  bash ../shared/device/wheelhouse.sh && .venv/bin/pip wheel --no-deps . -w .whl
 # There:        bash benchmarks/gpu/plastic_sorting.sh        (results in $OUT, default ./gpu_results)
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu_results}
-mkdir -p "$OUT"
+source "$(dirname "$0")/prepare.sh"
 REPO=$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
-nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee "$OUT/gpu.csv"
 python3 -c "import torch, lightning, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchvision', torchvision.__version__)" | tee "$OUT/versions.txt"
 
 # 1. Training step: recipe vs plain loop, ResNet-50, 224 px, batch 256, bf16-mixed, channels_last; eager and compiled.

@@ -5,11 +5,6 @@
 # Check the plan on CPU first:  python benchmarks/strategies.py --gpu --on-cpu --steps 21 --notes 200
 # Here, first:  bash ../shared/device/wheelhouse.sh && .venv/bin/pip wheel --no-deps --no-build-isolation . -w .whl
 # There:        bash benchmarks/gpu/strategies.sh        (results in $OUT, default ./gpu_results)
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu_results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/prepare.sh"
 timeout 480 python3 benchmarks/strategies.py --gpu --steps 60 \
     --out "$OUT/strategies_gpu.json" --markdown "$OUT/strategies_gpu.md" 2>&1 | tail -8
