@@ -168,7 +168,7 @@ def run_training(cfg) -> dict[str, Any]:
         import signal
 
         kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))
-        requeue_signal = signal.SIGUSR1  # the --signal=USR1@<s> of slurm/job.sh.j2
+        requeue_signal = signal.SIGUSR1  # the --signal=USR1@<s> of slurm/sbatch.sh.j2
     callbacks.append(SignalCheckpoint(requeue_signal))
     trainer = L.Trainer(
         **kwargs,
