@@ -41,7 +41,7 @@ SLURM_DIR ?= /tmp/aift-slurm
 ## munge if missing; its tests are skipped, with the reason, if it cannot start), run the test suite, stop the cluster
 test: venv
 	@bash slurm/local_cluster.sh start $(SLURM_DIR) || echo "warning: no local Slurm cluster; its tests will be skipped"
-	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/python -m pytest -q; status=$$?; \
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/python -m pytest -q --durations=20; status=$$?; \
 		bash slurm/local_cluster.sh stop $(SLURM_DIR) >/dev/null 2>&1; exit $$status
 
 clean:
