@@ -62,6 +62,26 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"tracking.uri '{uri}': the store cannot be used ({type(err).__name__}: {err}); {hint}") from None
 
 
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating the experiment if needed. Safe when several jobs (a sweep on a cluster) start
+    at once on one store: the one that loses the race to create it finds it (MLflow itself would fail with a
+    UNIQUE-constraint error, as Lightning's MLFlowLogger did here for the second job of a sweep)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """Flatten nested dicts into dotted keys; lists become their string form (MLflow params are strings)."""
     flat: dict[str, str] = {}
@@ -144,6 +164,7 @@ class Tracker:
             return None
         from lightning.pytorch.loggers import MLFlowLogger
 
+        ensure_experiment(self.uri, self.cfg["experiment"])  # before Lightning's get-or-create, which races
         self.logger = MLFlowLogger(
             experiment_name=self.cfg["experiment"],
             run_name=self.cfg.get("run_name") or self.run_dir.name,

@@ -148,3 +148,11 @@ def test_multirun_submits_one_job_and_one_mlflow_run_per_point(clinical_data, tm
         seeds.add(client.get_run(summary["mlflow_run_id"]).data.params["seed"])
     assert seeds == {"1", "2"}
     assert len(client.search_runs([client.get_experiment_by_name("sweep").experiment_id])) == 2
+
+
+def test_an_unusable_tracking_store_is_refused_before_any_job_is_queued(clinical_data, tmp_path):
+    result = aift("launch", "-m", "cluster=local_slurm", "trainer.accelerator=cpu", *SMOKE, f"data.root={clinical_data}",
+                  "seed=1,2", f"tracking.uri=sqlite:///{tmp_path}/no-such-folder/mlflow.db",
+                  "--run-dir", str(tmp_path / "sweep"), cwd=tmp_path, env=slurm_env(tmp_path))
+    assert result.returncode == 2 and "no-such-folder' does not exist" in result.stderr, result.stderr[-2000:]
+    assert "submitted job" not in result.stdout and not (tmp_path / "sweep").exists()

@@ -233,3 +233,25 @@ def test_multirun_sweep_of_ddp_jobs_keeps_one_folder_per_point(plastic_data, tmp
         summary = json.loads((tmp_path / "sweep" / point / "summary.json").read_text())
         assert summary["num_processes"] == 2 and summary["output_dir"] == str(tmp_path / "sweep" / point)
         assert (tmp_path / "sweep" / point / "train_ddp_process_1.log").is_file()
+
+
+def test_experiment_created_meanwhile_by_another_job_is_used(tmp_path, monkeypatch):
+    """Two jobs of a sweep start on one store: both see no experiment, one creates it, and the other's create then
+    fails in MLflow (UNIQUE constraint). ensure_experiment takes the one that exists instead of failing the job."""
+    from mlflow.tracking import MlflowClient
+
+    from aifactory_train.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    made_by_the_other_job = MlflowClient(tracking_uri=uri).create_experiment("sweep")
+    real_lookup = MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def not_there_yet_at_first(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_there_yet_at_first)
+    assert ensure_experiment(uri, "sweep") == made_by_the_other_job
+    assert len(lookups) == 2  # looked, tried to create (refused by the store), looked again
+    assert ensure_experiment(uri, "fresh") != made_by_the_other_job  # and a new one is simply created

@@ -113,6 +113,17 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return points
 
 
+def prepare_tracking(tracking_cfgs: list[dict[str, Any]]) -> None:
+    """Before any job is queued: the tracking store answers, and it has the experiments the jobs log into. A
+    store that cannot be used fails here, not on the nodes; and jobs that start together (a sweep) do not race to
+    create a new sqlite store or experiment."""
+    from aifactory_train.tracking import check_tracking_uri, ensure_experiment
+
+    for uri, experiment in sorted({(t["uri"], t["experiment"]) for t in tracking_cfgs if t["backend"] == "mlflow"}):
+        check_tracking_uri(uri)
+        ensure_experiment(uri, experiment)
+
+
 def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None,
            multirun: bool = False) -> int:
     """Submit one job, or with ``multirun`` one job per sweep point (run folders <run_dir>/<i>). Every point is
@@ -148,6 +159,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     if sbatch is None:
         raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
                         "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
+    prepare_tracking([resolved["tracking"] for _, resolved, _, _ in jobs])
     for point, _, run_path, script in jobs:
         (run_path / "slurm").mkdir(parents=True, exist_ok=True)
         script_path = run_path / "launch.sbatch"
