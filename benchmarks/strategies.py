@@ -103,52 +103,41 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     date = time.strftime("%Y-%m-%d")
     if args.gpu:
-        rows = []
-        for strategy in GPU_STRATEGIES:
-            extra = ON_CPU + (["strategy.cpu_smoke=true"] if strategy.startswith("deepspeed") else []) if args.on_cpu else []
-            row = run_gpu(strategy, data, work, args.steps, extra)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        report = {"benchmark": "strategies_gpu", "command": command, "date": date, "rows": rows,
-                  "model": "llama_374m", "processes": 1, "batch": "8 x 2048 tokens, bf16-mixed, eager"}
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        if args.markdown:
-            lines = [f"# Strategies on one GPU — {date}", "", f"Command: `{command}`", "",
-                     (f"clinical_notes, Llama 374M, 8 x 2048 tokens, bf16-mixed, eager, {args.steps} steps, one process." if not
-                      args.on_cpu else f"A check of the plan on CPU: llama_tiny, 8 x 256 tokens, fp32, {args.steps} steps."), "",
-                     "| strategy | tokens/s (steady) | tokens/s (whole run) | peak GPU memory (GiB) |", "|---|---|---|---|"]
-            for r in rows:
-                if "error" in r:
-                    lines.append(f"| {r['strategy']} | failed | | |")
-                else:
-                    steady, peak = r["tokens_per_s_steady"], r["peak_device_memory_gib"]
-                    lines.append(f"| {r['strategy']} | {f'{steady:.0f}' if steady else '—'} | "
-                                 f"{r['tokens_per_s_whole_run']:.0f} | {f'{peak:.2f}' if peak else '— (CPU)'} |")
-            Path(args.markdown).write_text("\n".join(lines) + "\n")
-        return
-    rows = []
-    for strategy in STRATEGIES:
-        row = run(strategy, data, work, args.steps)
-        rows.append(row)
-        print(f"{strategy}: {row['step_time_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, peak RSS "
-              f"{row['peak_rss_gib_max_process']:.2f} GiB (largest process)", flush=True)
-    report = {"benchmark": "strategies_cpu", "command": command, "date": date, "rows": rows,
-              "model": "llama 25M (hidden 512, 8 layers)", "processes": 2, "batch_per_process": "4 x 256 tokens"}
+        plan = {s: ON_CPU + (["strategy.cpu_smoke=true"] if s.startswith("deepspeed") else []) if args.on_cpu else []
+                for s in GPU_STRATEGIES}
+        rows = [run_gpu(strategy, data, work, args.steps, extra) for strategy, extra in plan.items()]
+        report = {"benchmark": "strategies_gpu", "model": "llama_374m", "processes": 1,
+                  "batch": "8 x 2048 tokens, bf16-mixed, eager"}
+        title = "Strategies on one GPU" if not args.on_cpu else "Strategies: the one-GPU plan checked on CPU"
+        about = (f"clinical_notes, Llama 374M, 8 x 2048 tokens, bf16-mixed, eager, {args.steps} steps, one process."
+                 if not args.on_cpu else f"A check of the plan on CPU: llama_tiny, 8 x 256 tokens, fp32, {args.steps} steps.")
+        table = ["| strategy | tokens/s (steady) | tokens/s (whole run) | peak GPU memory (GiB) |", "|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                table.append(f"| {r['strategy']} | failed | | |")
+                continue
+            steady, peak = r["tokens_per_s_steady"], r["peak_device_memory_gib"]
+            table.append(f"| {r['strategy']} | {f'{steady:.0f}' if steady else '—'} | "
+                         f"{r['tokens_per_s_whole_run']:.0f} | {f'{peak:.2f}' if peak else '— (CPU)'} |")
+    else:
+        rows = [run(strategy, data, work, args.steps) for strategy in STRATEGIES]
+        report = {"benchmark": "strategies_cpu", "model": "llama 25M (hidden 512, 8 layers)", "processes": 2,
+                  "batch_per_process": "4 x 256 tokens"}
+        title = "Strategies on 2 CPU processes"
+        about = ("clinical_notes, Llama 25M (hidden 512, 8 layers), full fine-tuning, 4 x 256 tokens per process, fp32, "
+                 f"{args.steps} steps; FSDP and DeepSpeed through the CPU smoke path (gloo).")
+        table = ["| strategy | step time (s) | tokens/s (both processes) | peak RSS of the largest process (GiB) |",
+                 "|---|---|---|---|"]
+        table += [f"| {r['strategy']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['peak_rss_gib_max_process']:.2f} |" for r in rows]
+        table += ["", "Peak RSS: getrusage(RUSAGE_CHILDREN).ru_maxrss in a fresh wrapper process per strategy, i.e. the",
+                  "largest resident set of any process of that run, including each process's Python/torch baseline."]
+    report.update(command=command, date=date, rows=rows)
+    print("\n".join(table), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        lines = [f"# Strategies on 2 CPU processes — {report['date']}", "", f"Command: `{command}`", "",
-                 "clinical_notes, Llama 25M (hidden 512, 8 layers), full fine-tuning, 4 x 256 tokens per process, fp32, "
-                 f"{args.steps} steps; FSDP and DeepSpeed through the CPU smoke path (gloo).", "",
-                 "| strategy | step time (s) | tokens/s (both processes) | peak RSS of the largest process (GiB) |",
-                 "|---|---|---|---|"]
-        lines += [f"| {r['strategy']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['peak_rss_gib_max_process']:.2f} |" for r in rows]
-        lines += ["", "Peak RSS: getrusage(RUSAGE_CHILDREN).ru_maxrss in a fresh wrapper process per strategy, i.e. the",
-                  "largest resident set of any process of that run, including each process's Python/torch baseline."]
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
-
+        Path(args.markdown).write_text("\n".join([f"# {title} — {date}", "", f"Command: `{command}`", "", about, "", *table]) + "\n")
 
 if __name__ == "__main__":
     main()
