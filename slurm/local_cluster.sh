@@ -39,13 +39,16 @@ munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" --pi
 
 CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
+# Test-cluster timings (a production slurm.conf keeps the defaults): a requeued job waits cred_expire seconds
+# (default 120) before it may start again, and pending jobs are looked at every sched_interval (60) / bf_interval (30)
+# seconds; shorter values keep the requeue test from idling minutes.
 cat > "$DIR/slurm.conf" <<CONF
 ClusterName=aiftlocal
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -64,6 +67,7 @@ StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPort=6917
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5,bf_interval=5
 MinJobAge=600
 KillWait=5
 NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=6918 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
