@@ -148,7 +148,10 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
                            if gpu else dict(model="llama_tiny", batch_size=8 if quick else 16, seq_len=256 if quick else 512,
                                             image_size=None, steps=10, warmup=3)),
     }
-    repeats = 1 if gpu else 3  # GPU windows are long and quiet; CPU ones short and shared
+    # 3 pairs on GPUs too: a detector's step varies with its sampled proposals, and the one H200 pair of
+    # crop_detection (benchmarks/results/crop_detection_step_h200_2026-11-28.md, ratio 0.898) could not tell
+    # noise from cost. Each run is seconds long against a minute of model building.
+    repeats = 3
     rows, skipped = [], []
     for name, spec_class in RECIPES.items():
         args = SimpleNamespace(**settings[name], repeats=1, _compile=False)

@@ -168,7 +168,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_exact(runs):
 
 def test_deepspeed_zero2_on_two_processes_stopped_by_sigterm_resumes_exactly(runs):
     """ZeRO-2 (CPU smoke path, 2 ranks): the DeepSpeed checkpoint folder written on SIGTERM carries the
-    partitioned optimizer, the LR schedule (no jump after resume) and the data position. Compared with the
+    partitioned optimizer, the LR schedule (no jump after resume) and the data position; consolidated, it evaluates. Compared with the
     uninterrupted DDP run, which ZeRO-2 matches to float32 rounding (test_strategies): a wrong batch, learning rate
     or optimizer state after the resume would differ by orders of magnitude more."""
     zero2 = [*DDP[1:], "strategy=deepspeed_zero2", "strategy.cpu_smoke=true"]
@@ -186,6 +186,13 @@ def test_deepspeed_zero2_on_two_processes_stopped_by_sigterm_resumes_exactly(run
     assert set(resumed) == set(reference) and len(reference) > 10
     for key, value in resumed.items():
         torch.testing.assert_close(value, reference[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    # the consolidated checkpoint (weights() made it with `aift checkpoint consolidate`) is an ordinary one: it evaluates
+    data_root = next(a for a in runs["common"] if a.startswith("data.root="))
+    result = aift("eval", "recipe=clinical_notes", data_root, f"ckpt_path={work / name / 'consolidated.ckpt'}",
+                  "split=val", "trainer.limit_val_batches=1", "tracking=none", "recipe.module.rouge_max_batches=0",
+                  "hydra.run.dir=eval-zero2", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((work / "eval-zero2/eval.json").read_text())["metrics"]["val/loss"] > 0
 
 
 def test_ddp_on_two_processes_resumes_exactly_in_a_later_epoch(runs):

@@ -5,7 +5,7 @@
 source "$(dirname "$0")/prepare.sh"
 # Faster R-CNN R50-FPN v2, 640 px, batch 16, bf16-mixed: recipe vs plain loop (NOTES.md: plain bf16 78 img/s on H200)
 timeout 150 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
-    --batch-size 16 --steps 10 --warmup 3 --repeats 1 --workers \
+    --batch-size 16 --steps 20 --warmup 3 --repeats 3 --workers \
     --out "$OUT/crop_step.json" --markdown "$OUT/crop_step.md" 2>&1 | grep -E "compile=|Error|error" | tail -5
 # plastic_sorting input pipeline (uint8 batches now), ResNet-50 224 px batch 256
 timeout 120 python3 benchmarks/recipe_step.py plastic_sorting --model resnet50 --image-size 224 --batch-size 256 \
