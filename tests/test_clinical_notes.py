@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +89,40 @@ def test_deidentify_cli_writes_marked_copy_and_refuses_a_non_empty_out(clinical_
                  cwd=tmp_path)
     assert again.returncode == 2 and "not empty" in again.stderr and "--overwrite" in again.stderr
     assert (tmp_path / "clean" / "train.jsonl").read_bytes() == before
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # an fd closed while we looked, or the process ended
+        return False
+
+
+def test_deduce_is_loaded_by_one_process_at_a_time():
+    """deduce's first start on an install pickles its lookup tables into its package folder, not atomically; a second
+    process loading meanwhile read half a file (UnpicklingError; seen with two test workers on a fresh install).
+    While another process holds the lock, a Deidentifier waits, idle, and then loads and works."""
+    from aifactory_train.recipes.clinical_notes.deidentify import deduce_cache_lock
+
+    script = ("from aifactory_train.recipes.clinical_notes.deidentify import Deidentifier; "
+              "print(Deidentifier()('Jan Jansen, BSN 111222333, belde op 12 maart 2024.'))")
+    with deduce_cache_lock() as lock_file:
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not _has_open(child.pid, lock_file) and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert _has_open(child.pid, lock_file), f"the loader never took the lock file {lock_file}"
+        before = _cpu_ticks(child.pid)
+        time.sleep(1.0)
+        assert child.poll() is None and _cpu_ticks(child.pid) - before <= 5  # waiting, not loading
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-2000:]
+    assert "Jan Jansen" not in out and "111222333" not in out and "[PERSOON-1]" in out
 
 
 def test_deidentify_for_a_recipe_without_it_is_refused(plastic_data, tmp_path):

@@ -15,6 +15,7 @@ option (``data.deidentify=inline``) possible; the price is that pip's resolver c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -31,6 +32,28 @@ REPORT_FILE = "deidentification_report.json"
 INSTALL_HINT = "pip install --no-deps deduce==3.0.6 (after `pip install aifactory-train`; see the README)"
 
 
+@contextlib.contextmanager
+def deduce_cache_lock():
+    """One process at a time loads deduce. Its first start on an install builds lookup tables and pickles them into
+    its package folder, without a lock and not atomically; a second process starting meanwhile (two jobs of a sweep,
+    two test workers) read the half-written pickle and failed with UnpicklingError. The lock is an flock on a file in
+    the temp folder, named after deduce's folder, so it also covers processes of other virtual environments."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    import deduce
+
+    folder = str(Path(deduce.__file__).resolve().parent)
+    lock_file = Path(tempfile.gettempdir()) / f"aift-deduce-{hashlib.sha256(folder.encode()).hexdigest()[:16]}.lock"
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield lock_file
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Deidentifier:
     """Text in, text with identifiers replaced by tags out; counts the tags it placed (never the originals)."""
 
@@ -41,7 +64,8 @@ class Deidentifier:
             raise ConfigError(f"de-identification needs the 'deduce' package, which cannot be imported ({err}); "
                               f"install it with: {INSTALL_HINT}") from None
         log.info("loading deduce (its first start on a new install builds lookup tables, about a minute)")
-        self._deduce = Deduce()
+        with deduce_cache_lock():
+            self._deduce = Deduce()
         self.counts: Counter = Counter()
         self.texts = 0
 
