@@ -409,13 +409,18 @@ def data_wait_split(spec, args, device, precision: str, workers: int) -> dict:
             "data_wait_fraction": split.wait / total if total else None}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe and its shape (None: the recipe's CPU default), shared with step_overhead.py."""
     parser.add_argument("recipe", choices=sorted(RECIPES))
     parser.add_argument("--model", default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None, help="clinical_notes: tokens per row")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)

@@ -83,14 +83,10 @@ def per_step(short: collections.Counter, long: collections.Counter, steps: int) 
 
 
 def main() -> None:
-    from aifactory_train.benchmarks.recipe_step import RECIPES, plain_loop, recipe_loop
+    from aifactory_train.benchmarks.recipe_step import RECIPES, add_recipe_arguments, plain_loop, recipe_loop
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", choices=sorted(RECIPES))
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
+    add_recipe_arguments(parser)
     parser.add_argument("--steps", type=int, default=4, help="N: the extra steps whose cost is counted")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", default="auto", help="auto: bf16-mixed on GPU, 32-true on CPU")
