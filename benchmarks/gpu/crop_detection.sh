@@ -7,6 +7,9 @@ source "$(dirname "$0")/prepare.sh"
 timeout 150 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 20 --warmup 3 --repeats 3 --workers \
     --out "$OUT/crop_step.json" --markdown "$OUT/crop_step.md" 2>&1 | grep -E "compile=|Error|error" | tail -5
+# the same shape, counted instead of timed: sync points and aten ops per step, recipe vs plain loop (~1 min)
+timeout 150 python3 benchmarks/step_overhead.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
+    --batch-size 16 --steps 4 --out "$OUT/crop_overhead.json" --markdown "$OUT/crop_overhead.md" 2>&1 | tail -3
 # plastic_sorting input pipeline (uint8 batches now), ResNet-50 224 px batch 256
 timeout 120 python3 benchmarks/recipe_step.py plastic_sorting --model resnet50 --image-size 224 --batch-size 256 \
     --steps 10 --warmup 5 --repeats 1 --workers 8 12 \
