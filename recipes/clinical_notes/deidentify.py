@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from importlib import metadata
@@ -46,12 +47,13 @@ def deduce_cache_lock():
 
     folder = str(Path(deduce.__file__).resolve().parent)
     lock_file = Path(tempfile.gettempdir()) / f"aift-deduce-{hashlib.sha256(folder.encode()).hexdigest()[:16]}.lock"
-    with open(lock_file, "a") as handle:
+    # read-only is enough for flock, so a lock file another user created (a shared install) opens too
+    handle = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield lock_file
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield lock_file
+    finally:
+        os.close(handle)  # releases the lock
 
 
 class Deidentifier:
