@@ -153,7 +153,8 @@ def _launch(args: argparse.Namespace) -> int:
         return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"])
     from aifactory_train.launch.slurm import launch
 
-    return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun)
+    return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
+                  data_check=not args.no_data_check)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,6 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--local", type=int, default=None, metavar="N",
                         help="no Slurm: run N processes on this machine (one per device, DDP unless a strategy is "
                              "given), as a smoke test of a multi-process job")
+    launch.add_argument("--no-data-check", action="store_true",
+                        help="submit without first checking here that data.root and its split files exist (for "
+                             "data only the compute nodes see, e.g. staged to node-local disk)")
     launch.add_argument("--job-name", default=None, help="Slurm job name (default aift-<recipe>)")
     launch.add_argument("--run-dir", default=None, help="the run folder (default outputs/<recipe>/<date>_<time>)")
     bench = sub.add_parser(

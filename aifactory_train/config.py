@@ -338,6 +338,22 @@ def validate(cfg) -> Any:
     return typed
 
 
+def check_data(typed) -> None:
+    """The quick half of the data checks, run before a job starts or is queued: the files the config points
+    at are there (the recipe's ``DataConfig.check_files``: data root, split files, what the recipe requires of
+    the data card) and the data card is readable. A wrong ``data.root`` then fails in about a second, before
+    Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue. What the files
+    hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
+    from aifactory_train.lineage import read_datacard
+
+    data = getattr(typed, "data", None)
+    check_files = getattr(data, "check_files", None)
+    if check_files is None:
+        return
+    check_files()
+    read_datacard(data.root)
+
+
 def _check_model_task(plain: dict) -> None:
     """A model config of another task (a detector for a classifier recipe) is named as such, before its keys
     fail the recipe's schema one by one."""

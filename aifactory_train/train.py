@@ -8,7 +8,9 @@ Everything use-case specific is built from config with ``hydra.utils.instantiate
   the checkpoint (a tokenizer), also ``adopt_checkpoint(path)``, called before ``setup`` on resume and in eval;
 * the LightningModule takes ``model``, ``optim``, ``loss`` and ``data_info`` keyword arguments, keeps
   ``data_info`` in its hyperparameters and its torch model in ``self.net``, and writes its reports
-  (plots, tables) into ``<run dir>/reports``.
+  (plots, tables) into ``<run dir>/reports``;
+* the recipe's schema (``recipe.schema``) may give its ``data`` section a ``check_files()`` that checks, without
+  reading them, that the files the config names are there: run before anything is tracked or queued.
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ def run_training(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import build, validate
+    from aifactory_train.config import build, check_data, validate
 
-    validate(cfg)  # types and names, before any data is read or tracking run created
+    typed = validate(cfg)  # types and names, before any data is read or tracking run created
+    check_data(typed)  # the data files are there: a wrong data.root fails here, in a second
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -132,11 +132,16 @@ def test_deidentify_for_a_recipe_without_it_is_refused(plastic_data, tmp_path):
 
 
 def test_raw_notes_are_refused_unless_deidentified_inline(clinical_raw, tmp_path):
-    result = aift("train", "recipe=clinical_notes", f"data.root={clinical_raw}", *SMOKE, "tracking=none", cwd=tmp_path)
+    result = aift("train", "recipe=clinical_notes", f"data.root={clinical_raw}", *SMOKE, cwd=tmp_path)
     assert result.returncode == 2
     assert "not marked de-identified" in result.stderr and "aift data deidentify" in result.stderr
     assert "data.deidentify=inline" in result.stderr
     assert not list(tmp_path.glob("outputs/*/*/checkpoints/*.ckpt"))
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run is recorded
+    # nor is a Slurm job queued for them (checked before sbatch is even looked up)
+    result = aift("launch", "recipe=clinical_notes", f"data.root={clinical_raw}", "cluster=local_slurm",
+                  "trainer.accelerator=cpu", cwd=tmp_path, env={"PATH": str(tmp_path / "no-such-bin")})
+    assert result.returncode == 2 and "not marked de-identified" in result.stderr, result.stderr[-2000:]
 
 
 # -- no leaks -----------------------------------------------------------------------------------------------

@@ -62,10 +62,25 @@ def test_jobs_that_do_not_fit_are_refused_before_submission(overrides, message, 
 
 
 def test_without_sbatch_it_says_so_and_offers_dry_run(tmp_path):
-    result = aift("launch", *H100_4_NODES, cwd=tmp_path, env={"PATH": str(tmp_path / "no-such-bin")})
+    result = aift("launch", *H100_4_NODES, "--no-data-check", cwd=tmp_path, env={"PATH": str(tmp_path / "no-such-bin")})
     assert result.returncode == 2
     assert "sbatch was not found" in result.stderr and "--dry-run" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_job_without_its_data_is_refused_before_anything_is_queued(tmp_path):
+    line3 = tmp_path / "line3"
+    for split in ("train", "val"):
+        (line3 / split).mkdir(parents=True)
+    no_sbatch = {"PATH": str(tmp_path / "no-such-bin")}  # the data is checked before sbatch is looked up
+    # a sweep over two data roots, one of them mistyped: every point is checked before the first is submitted
+    result = aift("launch", "-m", *H100_4_NODES, f"data.root={line3},{tmp_path}/line4", cwd=tmp_path, env=no_sbatch)
+    assert result.returncode == 2, result.stdout[-1000:]
+    assert f"data.root '{tmp_path}/line4' does not exist" in result.stderr and "sbatch" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
+    # data only the compute nodes see (node-local disk): --no-data-check submits without looking
+    result = aift("launch", *H100_4_NODES, f"data.root={tmp_path}/line4", "--no-data-check", cwd=tmp_path, env=no_sbatch)
+    assert result.returncode == 2 and "sbatch was not found" in result.stderr
 
 
 def test_multirun_renders_one_job_per_sweep_point(tmp_path):

@@ -165,9 +165,13 @@ def test_wrong_type_names_the_key(tmp_path):
     assert result.returncode == 2 and "trainer.max_epochs" in result.stderr and "'ten'" in result.stderr
 
 
-def test_missing_data_root_gives_synth_hint(tmp_path):
-    result = aift("train", *SMOKE, f"data.root={tmp_path}/nothing", "tracking=none", cwd=tmp_path)
-    assert result.returncode == 2 and "aift data synth plastic_sorting" in result.stderr
+@pytest.mark.parametrize("recipe", ["plastic_sorting", "crop_detection", "clinical_notes"])
+def test_missing_data_is_refused_before_the_tracking_store_is_opened(recipe, tmp_path):
+    # default tracking: the sqlite store mlflow.db in the current folder, created when the tracker opens it
+    result = aift("train", f"recipe={recipe}", f"data.root={tmp_path}/nothing", cwd=tmp_path)
+    assert result.returncode == 2 and f"aift data synth {recipe}" in result.stderr, result.stderr[-2000:]
+    assert f"{tmp_path}/nothing" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_cfg_job_prints_the_composed_config_without_training(tmp_path):

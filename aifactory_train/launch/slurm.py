@@ -125,12 +125,13 @@ def prepare_tracking(tracking_cfgs: list[dict[str, Any]]) -> None:
 
 
 def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None,
-           multirun: bool = False) -> int:
+           multirun: bool = False, data_check: bool = True) -> int:
     """Submit one job, or with ``multirun`` one job per sweep point (run folders <run_dir>/<i>). Every point is
-    composed and validated before the first is submitted."""
+    composed and validated, and (unless ``data_check`` is off or this is a dry run) its data files checked,
+    before the first is submitted: a job should not wait in the queue only to find no data."""
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import validate
+    from aifactory_train.config import check_data, validate
 
     points = sweep_points(overrides)
     if len(points) > 1 and not multirun:
@@ -141,13 +142,16 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "plastic_sorting")
     job_name = job_name or f"aift-{recipe}"
     base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
-    jobs = []
+    jobs, typed_configs = [], []
     for index, point in enumerate(points):
         run_path = base / str(index) if multirun else base
         cfg = compose(point, run_path)
-        validate(cfg)
+        typed_configs.append(validate(cfg))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         jobs.append((point, resolved, run_path, render(resolved, point, job_name, run_path)))
+    if data_check and not dry_run:
+        for typed in typed_configs:  # relative paths resolve as in the job: sbatch starts it in this folder
+            check_data(typed)
     if dry_run:
         for point, resolved, run_path, script in jobs:
             if multirun:

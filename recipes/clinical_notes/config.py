@@ -7,9 +7,36 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+from aifactory_train.errors import DataError
 
 DEIDENTIFY_MODES = ("none", "inline")
 FINETUNE_MODES = ("full", "lora")
+MISSING_SPLIT = ("data.splits.{split}: '{path}' does not exist; make demo data with "
+                 "`aift data synth clinical_notes --out DIR` or point data.root at your JSONL files")
+
+
+def check_deidentified(root: str | Path, deidentify: str) -> None:
+    """Train only on notes marked de-identified by their data card, or de-identified here (deidentify=inline)."""
+    from aifactory_train.lineage import read_datacard
+
+    card = read_datacard(root)
+    if deidentify == "inline" or card.get("deidentified", "").lower() == "true":
+        return
+    raise DataError(
+        f"data.root '{root}' is not marked de-identified (its datacard.yaml has deidentified: "
+        f"{card.get('deidentified', 'missing')}); this recipe trains only on de-identified notes. Run "
+        f"`aift data deidentify recipe=clinical_notes data.root={root} --out DIR` and train with "
+        f"data.root=DIR, or set data.deidentify=inline")
+
+
+def check_data_files(root: str | Path, splits: Dict[str, str], deidentify: str) -> None:
+    """Every configured split file is there and the notes may be trained on (before a job starts or is queued;
+    data.py checks again when it reads, record by record)."""
+    root = Path(root)
+    for split, name in splits.items():
+        if not (root / name).is_file():
+            raise DataError(MISSING_SPLIT.format(split=split, path=root / name))
+    check_deidentified(root, deidentify)
 
 
 @dataclass
@@ -44,6 +71,9 @@ class DataConfig:
               "an integer >= 300 (the 256 byte symbols + special tokens + merges)")
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+
+    def check_files(self) -> None:
+        check_data_files(self.root, self.splits, self.deidentify)
 
 
 @dataclass

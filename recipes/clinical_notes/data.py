@@ -35,6 +35,7 @@ from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.resume import shuffled
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
+from aifactory_train.recipes.clinical_notes.config import MISSING_SPLIT, check_deidentified
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ IGNORE_INDEX = -100
 def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> list[tuple[int, str, str]]:
     """(line number, note, summary) of every record; errors name the file, line and field, never the text."""
     if not path.is_file():
-        raise DataError(f"data.splits.{split}: '{path}' does not exist; make demo data with "
-                        f"`aift data synth clinical_notes --out DIR` or point data.root at your JSONL files")
+        raise DataError(MISSING_SPLIT.format(split=split, path=path))
     records = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -277,20 +277,10 @@ class ClinicalNotesDataModule(L.LightningDataModule):
         self._digests[split] = digest_files(self.root, [self.split_files[split]], [split])
         return records
 
-    def _check_deidentified(self) -> None:
-        card = read_datacard(self.root)
-        if self.deidentify == "inline" or card.get("deidentified", "").lower() == "true":
-            return
-        raise DataError(
-            f"data.root '{self.root}' is not marked de-identified (its datacard.yaml has deidentified: "
-            f"{card.get('deidentified', 'missing')}); this recipe trains only on de-identified notes. Run "
-            f"`aift data deidentify recipe=clinical_notes data.root={self.root} --out DIR` and train with "
-            f"data.root=DIR, or set data.deidentify=inline")
-
     def setup(self, stage: str | None = None) -> None:
         if self.records:
             return
-        self._check_deidentified()
+        check_deidentified(self.root, self.deidentify)
         wanted = list(self.split_files) if stage in (None, "fit") else [s for s in self.split_files if s != "train"]
         for split in wanted:
             self.records[split] = self._read(split)

@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+from aifactory_train.errors import DataError
 
 FORMATS = ("coco", "hf")
 DETECTORS = (  # keep in step with model.DETECTORS (no torch import here)
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
     "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
 )
+
+SYNTH_HINT = "make demo data with: aift data synth crop_detection --out {root}"
+REQUIRED_SPLITS = ("train", "val")
+
+
+def check_data_files(root: str | Path, format: str, splits: Dict[str, Dict[str, str]]) -> None:
+    """The files data.root and data.splits name for the required splits are there (before a job starts or is
+    queued, and again by the DataModule); what they hold is checked when data.py reads them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root '{root}' does not exist; {SYNTH_HINT.format(root=root)}")
+    for split in REQUIRED_SPLITS:
+        if format == "hf":
+            metadata = root / split / "metadata.jsonl"
+            if not metadata.is_file():
+                raise DataError(f"data.format=hf: '{metadata}' does not exist (one line per image with "
+                                f"file_name and objects: {{bbox, category}})")
+            continue
+        files = splits.get(split)
+        if files is None:
+            raise DataError(f"data.splits.{split}: no annotation file configured for a required split")
+        annotations, images = root / files["annotations"], root / files["images"]
+        if not annotations.is_file():
+            raise DataError(f"data.splits.{split}.annotations: COCO file '{annotations}' does not exist")
+        if not images.is_dir():
+            raise DataError(f"data.splits.{split}.images: image folder '{images}' does not exist")
 
 
 @dataclass
@@ -50,6 +78,9 @@ class DataConfig:
         else:
             check(len(self.class_names) >= 1, "data.class_names", self.class_names,
                   "the class names in category-index order (format=hf stores only indices)")
+
+    def check_files(self) -> None:
+        check_data_files(self.root, self.format, self.splits)
 
 
 @dataclass

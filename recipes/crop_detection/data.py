@@ -32,10 +32,9 @@ from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.resume import shuffled
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
+from aifactory_train.recipes.crop_detection.config import REQUIRED_SPLITS, check_data_files
 
 log = logging.getLogger(__name__)
-SYNTH_HINT = "make demo data with: aift data synth crop_detection --out {root}"
-REQUIRED_SPLITS = ("train", "val")
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -193,8 +192,7 @@ class CropDetectionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        if not self.root.is_dir():
-            raise DataError(f"data.root '{self.root}' does not exist; {SYNTH_HINT.format(root=self.root)}")
+        check_data_files(self.root, self.format, self.split_files)
         per_split, categories = {}, None
         names = ("train", "val", "test")
         for split in names:

@@ -6,12 +6,32 @@ Validated by `aift train` before any data is read; no torch import here, so it s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+from aifactory_train.errors import DataError
 
 FORMATS = ("imagefolder", "manifest")
 ON_CORRUPT = ("fail", "skip")
+REQUIRED_SPLITS = ("train", "val")
+OPTIONAL_SPLITS = ("test",)
+SYNTH_HINT = "make demo data with: aift data synth plastic_sorting --out {root}"
+
+
+def check_data_files(root: str | Path, format: str, manifest: Dict[str, str]) -> None:
+    """The data root and, per required split, its folder (imagefolder) or manifest file are there (before a job
+    starts or is queued, and again by the DataModule); what they hold is checked when data.py reads them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root '{root}' does not exist; {SYNTH_HINT.format(root=root)}")
+    for split in REQUIRED_SPLITS:
+        if format == "manifest":
+            path = root / manifest.get(split, f"<no data.manifest.{split}>")
+            if not path.is_file():
+                raise DataError(f"data.manifest.{split}: manifest file '{path}' does not exist")
+        elif not (root / split).is_dir():
+            raise DataError(f"data.root '{root}': missing split folder '{split}/' (need {'/, '.join(REQUIRED_SPLITS)}/)")
 
 
 @dataclass
@@ -70,6 +90,9 @@ class DataConfig:
                 self.manifest,
                 "a file for at least the train and val splits (test optional)",
             )
+
+    def check_files(self) -> None:
+        check_data_files(self.root, self.format, self.manifest)
 
 
 @dataclass

@@ -29,24 +29,21 @@ from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.resume import shuffled
 from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
+from aifactory_train.recipes.plastic_sorting.config import OPTIONAL_SPLITS, REQUIRED_SPLITS, check_data_files
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ARRAY_EXTENSIONS = (".npy",)
-REQUIRED_SPLITS = ("train", "val")
-OPTIONAL_SPLITS = ("test",)
-SYNTH_HINT = "make demo data with: aift data synth plastic_sorting --out {root}"
 
 
 def scan_imagefolder(root: Path) -> dict[str, list[tuple[str, str]]]:
-    """(relative path, class name) per split, after checking the layout."""
+    """(relative path, class name) per split, after checking the layout (that the required split folders
+    exist, check_data_files has checked)."""
     splits: dict[str, list[tuple[str, str]]] = {}
     for split in REQUIRED_SPLITS + OPTIONAL_SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
-            if split in REQUIRED_SPLITS:
-                raise DataError(f"data.root '{root}': missing split folder '{split}/' (need {'/, '.join(REQUIRED_SPLITS)}/)")
             continue
         class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
         if not class_dirs:
@@ -214,8 +211,7 @@ class PlasticSortingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return  # train/eval call setup before Lightning does; load once
-        if not self.root.is_dir():
-            raise DataError(f"data.root '{self.root}' does not exist; {SYNTH_HINT.format(root=self.root)}")
+        check_data_files(self.root, self.format, self.manifest)
         if self.format == "manifest":
             records = read_manifests(self.root, self.manifest)
         else:
