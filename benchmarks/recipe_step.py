@@ -127,10 +127,17 @@ class CropDetection:
 
         self.model_cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{args.model}.yaml"))
 
+    @property
+    def channels_last(self) -> bool:
+        """--channels-last auto|true|false (default false, as the model configs)."""
+        setting = getattr(self.args, "channels_last", None) or "false"
+        return self.device.type == "cuda" if setting == "auto" else setting == "true"
+
     def module(self):
         from aifactory_train.recipes.crop_detection.module import CropDetectionModule
 
-        module = CropDetectionModule(model=self.model_cfg, optim=self.optim, loss={},
+        model = {**self.model_cfg, "channels_last": self.channels_last, "compile_backbone": self.args._compile}
+        module = CropDetectionModule(model=model, optim=self.optim, loss={},
                                      data_info={"class_names": ["crop", "weed"], "category_ids": [3, 7]})
         return module, self.clip
 
@@ -139,7 +146,11 @@ class CropDetection:
 
         cfg = self.model_cfg
         net = build_detector(cfg["name"], 3, min_size=cfg.get("min_size"), max_size=cfg.get("max_size"),
-                             extra=cfg.get("extra")).to(self.device).train()
+                             anchor_sizes=cfg.get("anchor_sizes"), extra=cfg.get("extra")).to(self.device).train()
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if self.args._compile:
+            net.backbone.compile()
 
         def step(batch):
             images, targets = batch
@@ -425,7 +436,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="auto", help="auto: bf16-mixed on GPU, 32-true on CPU")
-    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no",
+                        help="torch.compile the model (crop_detection: its backbone + FPN), in both loops")
+    parser.add_argument("--channels-last", choices=["auto", "true", "false"], default=None,
+                        help="crop_detection: NHWC convolutions in both loops (default false, as its model configs; "
+                             "plastic_sorting always uses auto: on GPU)")
     parser.add_argument("--workers", type=int, nargs="*", default=None, help="input-pipeline worker counts")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--markdown", default=None, help="Markdown file to write")
@@ -486,6 +501,7 @@ def main() -> None:
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
         "seq_len": getattr(args, "seq_len", None) if args.recipe == "clinical_notes" else None, "precision": precision,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "channels_last": getattr(spec, "channels_last", None),
         "step": rows, "input_pipeline": pipeline, "onnx_latency": latency,
     }
     if args.out:
@@ -494,7 +510,8 @@ def main() -> None:
         lines = [f"# {args.recipe} training step vs plain PyTorch — {hardware}, {result['date']}", "",
                  f"Command: `{result['command']}`", "",
                  f"torch {result['torch']}; {args.model}, batch {args.batch_size}, "
-                 f"{f'{args.seq_len} tokens' if result['seq_len'] else f'{args.image_size} px'}, {precision}; "
+                 f"{f'{args.seq_len} tokens' if result['seq_len'] else f'{args.image_size} px'}, {precision}"
+                 f"{', channels_last' if result['channels_last'] else ''}; "
                  f"median of {args.repeats} alternating runs of {args.steps} steps after {args.warmup} warm-up steps.", "",
                  "| compile | plain loop (samples/s) | recipe (samples/s) | ratio |", "|---|---|---|---|"]
         lines += [f"| {r['compile']} | {r['plain_samples_per_s']:.2f} | {r['recipe_samples_per_s']:.2f} | {r['ratio']:.3f} |"

@@ -282,6 +282,25 @@ def test_custom_anchor_sizes_are_used():
     assert model.anchor_generator.sizes[0] == (8, 10, 12)
 
 
+@pytest.mark.parametrize("channels_last, expected", [("auto", False), (True, True), (False, False)])
+def test_speed_options_change_the_layout_and_compile_only_the_backbone(channels_last, expected):
+    from omegaconf import OmegaConf
+
+    from aifactory_train.recipes.crop_detection.module import CropDetectionModule
+    from aifactory_train.resources import config_dir
+
+    model = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "fasterrcnn_mobilenet_v3_large_320_fpn.yaml"))
+    module = CropDetectionModule(model={**model, "channels_last": channels_last, "compile_backbone": True},
+                                 optim={}, loss={}, data_info={"class_names": ["crop", "weed"]})
+    keys = list(module.net.state_dict())
+    module.setup("fit")  # no trainer: a CPU run, so channels_last=auto stays NCHW
+    first_conv = module.net.backbone.body["0"][0].weight
+    assert first_conv.is_contiguous(memory_format=torch.channels_last) == expected
+    assert module.net.backbone._compiled_call_impl is not None  # compiled at its first call (GPU script)
+    assert module.net.rpn._compiled_call_impl is None and module.net.roi_heads._compiled_call_impl is None
+    assert list(module.net.state_dict()) == keys  # checkpoints keep their keys
+
+
 # -- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def crop_run(crop_data, tmp_path_factory):
@@ -290,8 +309,10 @@ def crop_run(crop_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("crop_run")
     uri = f"sqlite:///{work}/mlflow.db"
     # a low score threshold, so that the barely trained model still returns boxes to compare in the ONNX test
+    # channels_last: the NHWC checkpoint must export and evaluate like any other (the tests below)
     result = aift("train", "recipe=crop_detection", "debug=smoke", "data.batch_size=4", f"data.root={crop_data}",
-                  "+model.extra.box_score_thresh=0.001", f"tracking.uri={uri}", "hydra.run.dir=run", cwd=work)
+                  "+model.extra.box_score_thresh=0.001", "model.channels_last=true", f"tracking.uri={uri}",
+                  "hydra.run.dir=run", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"work": work, "uri": uri, "summary": json.loads((work / "run" / "summary.json").read_text())}
 

@@ -7,6 +7,11 @@ source "$(dirname "$0")/prepare.sh"
 timeout 150 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 20 --warmup 3 --repeats 3 --workers \
     --out "$OUT/crop_step.json" --markdown "$OUT/crop_step.md" 2>&1 | grep -E "compile=|Error|error" | tail -5
+# the speed options the recipe offers (model.channels_last, model.compile_backbone), in both loops: against the
+# first run's plain NCHW eager loop, they show whether the recipe's GPU defaults should switch them on (~3 min)
+timeout 300 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
+    --batch-size 16 --steps 20 --warmup 5 --repeats 1 --channels-last true --compile both --workers \
+    --out "$OUT/crop_options.json" --markdown "$OUT/crop_options.md" 2>&1 | grep -E "compile=|Error|error" | tail -5
 # the same shape, counted instead of timed: sync points and aten ops per step, recipe vs plain loop (~1 min)
 timeout 150 python3 benchmarks/step_overhead.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 4 --out "$OUT/crop_overhead.json" --markdown "$OUT/crop_overhead.md" 2>&1 | tail -3

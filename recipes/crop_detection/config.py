@@ -92,9 +92,12 @@ class ModelConfig:
     max_size: Optional[int] = None
     anchor_sizes: Optional[List[List[int]]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    channels_last: Any = False
+    compile_backbone: bool = False
 
     def check(self) -> None:
         check_choice("model.name", self.name, DETECTORS)
+        check(self.channels_last in ("auto", True, False), "model.channels_last", self.channels_last, "auto, true or false")
         for key in ("min_size", "max_size"):
             value = getattr(self, key)
             check(value is None or value >= 32, f"model.{key}", value, "null or an integer >= 32 (pixels)")

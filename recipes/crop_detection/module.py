@@ -101,8 +101,18 @@ class CropDetectionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # as in plastic_sorting: prog_bar values are turned into Python numbers every batch, a sync on GPUs
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        trainer = self._trainer  # None when set up by hand (tests, benchmarks)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         self.progress_bar_values = not on_gpu
+        setting = self.hparams.model.get("channels_last", False)
+        if (on_gpu if setting == "auto" else bool(setting)):
+            # the convolution weights go NHWC; each convolution then gives NHWC outputs (the padded input batch
+            # is converted by the first one), which tensor cores prefer. Heads and RoIAlign take either layout.
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.hparams.model.get("compile_backbone") and stage == "fit":
+            # the backbone (+ FPN) only: it sees one padded batch shape per input size; the RPN and box heads
+            # work on data-dependent numbers of proposals, which would recompile on every step
+            self.net.backbone.compile()  # in place: state_dict keys stay the same
 
     def forward(self, images: list[torch.Tensor]):
         return self.net(images)
