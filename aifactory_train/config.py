@@ -338,10 +338,10 @@ def validate(cfg) -> Any:
     return typed
 
 
-def check_data(typed) -> None:
+def check_data(typed, stage: str = "fit") -> None:
     """The quick half of the data checks, run before a job starts or is queued: the files the config points
-    at are there (the recipe's ``DataConfig.check_files``: data root, split files, what the recipe requires of
-    the data card) and the data card is readable. A wrong ``data.root`` then fails in about a second, before
+    at for ``stage`` ("fit": training, "eval": ``aift eval``) are there (the recipe's ``DataConfig.check_files``:
+    data root, split files, what the recipe requires of the data card) and the data card is readable. A wrong ``data.root`` then fails in about a second, before
     Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue. What the files
     hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
     from aifactory_train.lineage import read_datacard
@@ -350,7 +350,7 @@ def check_data(typed) -> None:
     check_files = getattr(data, "check_files", None)
     if check_files is None:
         return
-    check_files()
+    check_files(stage)
     read_datacard(data.root)
 
 

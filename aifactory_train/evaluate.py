@@ -14,10 +14,11 @@ def run_evaluation(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import build, check_choice, validate
+    from aifactory_train.config import build, check_choice, check_data, validate
 
-    validate(cfg)
+    typed = validate(cfg)
     check_choice("split", cfg.split, ("test", "val"))
+    check_data(typed, stage="eval")  # before the tracking store is opened and Lightning imported
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)

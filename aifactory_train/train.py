@@ -9,8 +9,9 @@ Everything use-case specific is built from config with ``hydra.utils.instantiate
 * the LightningModule takes ``model``, ``optim``, ``loss`` and ``data_info`` keyword arguments, keeps
   ``data_info`` in its hyperparameters and its torch model in ``self.net``, and writes its reports
   (plots, tables) into ``<run dir>/reports``;
-* the recipe's schema (``recipe.schema``) may give its ``data`` section a ``check_files()`` that checks, without
-  reading them, that the files the config names are there: run before anything is tracked or queued.
+* the recipe's schema (``recipe.schema``) may give its ``data`` section a ``check_files(stage)`` that checks,
+  without reading them, that the files the config names for ``stage`` ("fit" or "eval") are there: run by
+  ``aift train``, ``aift eval`` and ``aift launch`` before anything is tracked or queued.
 """
 
 from __future__ import annotations

@@ -245,6 +245,23 @@ def test_lora_run_logs_loss_perplexity_rouge_and_tokens_to_mlflow(lora_run):
     assert any("lora_A" in k for k in ckpt["state_dict"]) and "aift_tokenizer" in ckpt
 
 
+def test_eval_needs_only_the_split_it_scores(lora_run, clinical_data, tmp_path):
+    # an evaluation set delivered on its own: no train.jsonl beside it
+    _, summary = lora_run
+    data = tmp_path / "eval_only"
+    data.mkdir()
+    for name in ("val.jsonl", "test.jsonl", "datacard.yaml"):
+        shutil.copy(clinical_data / name, data / name)
+    args = ["eval", "recipe=clinical_notes", f"data.root={data}", f"ckpt_path={summary['last_checkpoint']}",
+            "tracking=none", "trainer.limit_test_batches=1"]
+    result = aift(*args, f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/loss" in json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
+    (data / "test.jsonl").unlink()
+    result = aift(*args, f"hydra.run.dir={tmp_path}/eval2", cwd=tmp_path)
+    assert result.returncode == 2 and "data.splits.test" in result.stderr and "test.jsonl" in result.stderr
+
+
 def test_eval_scores_the_checkpoint_with_its_own_tokenizer(lora_run, clinical_data):
     work, summary = lora_run
     result = aift("eval", "recipe=clinical_notes", f"data.root={clinical_data}", f"ckpt_path={summary['last_checkpoint']}",

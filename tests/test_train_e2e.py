@@ -165,10 +165,12 @@ def test_wrong_type_names_the_key(tmp_path):
     assert result.returncode == 2 and "trainer.max_epochs" in result.stderr and "'ten'" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
 @pytest.mark.parametrize("recipe", ["plastic_sorting", "crop_detection", "clinical_notes"])
-def test_missing_data_is_refused_before_the_tracking_store_is_opened(recipe, tmp_path):
+def test_missing_data_is_refused_before_the_tracking_store_is_opened(recipe, command, tmp_path):
     # default tracking: the sqlite store mlflow.db in the current folder, created when the tracker opens it
-    result = aift("train", f"recipe={recipe}", f"data.root={tmp_path}/nothing", cwd=tmp_path)
+    extra = ["ckpt_path=no-such.ckpt"] if command == "eval" else []  # the data is checked before the checkpoint
+    result = aift(command, f"recipe={recipe}", f"data.root={tmp_path}/nothing", *extra, cwd=tmp_path)
     assert result.returncode == 2 and f"aift data synth {recipe}" in result.stderr, result.stderr[-2000:]
     assert f"{tmp_path}/nothing" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()

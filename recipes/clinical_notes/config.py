@@ -72,8 +72,9 @@ class DataConfig:
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
 
-    def check_files(self) -> None:
-        check_data_files(self.root, self.splits, self.deidentify)
+    def check_files(self, stage: str = "fit") -> None:
+        splits = {k: v for k, v in self.splits.items() if stage == "fit" or k != "train"}  # eval: no train split
+        check_data_files(self.root, splits, self.deidentify)
 
 
 @dataclass

@@ -79,7 +79,7 @@ class DataConfig:
             check(len(self.class_names) >= 1, "data.class_names", self.class_names,
                   "the class names in category-index order (format=hf stores only indices)")
 
-    def check_files(self) -> None:
+    def check_files(self, stage: str = "fit") -> None:  # both stages read train and val (the class set)
         check_data_files(self.root, self.format, self.splits)
 
 

@@ -91,7 +91,7 @@ class DataConfig:
                 "a file for at least the train and val splits (test optional)",
             )
 
-    def check_files(self) -> None:
+    def check_files(self, stage: str = "fit") -> None:  # both stages read train and val (the class set)
         check_data_files(self.root, self.format, self.manifest)
 
 
