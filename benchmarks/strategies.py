@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,10 +96,28 @@ def main() -> None:
     parser.add_argument("--on-cpu", action="store_true", help="with --gpu: the same plan, tiny model, on CPU (a check)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--keep-runs", action="store_true", help="keep the temporary run folders (checkpoints, logs)")
     args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="aift-strategies-"))
+    try:
+        report, title, about, table = measure(args, work)
+    finally:  # each strategy's run folder holds full checkpoints (GBs at 374M)
+        if args.keep_runs:
+            print(f"run folders kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n".join(table), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join([f"# {title} — {report['date']}", "", f"Command: `{report['command']}`", "",
+                                                  about, "", *table]) + "\n")
+
+
+def measure(args, work: Path):
+    """(report, title, about, table rows) of the strategies run in ``work``."""
     from aifactory_train.recipes.clinical_notes.synth import synthesize
 
-    work = Path(tempfile.mkdtemp(prefix="aift-strategies-"))
     data = synthesize(work / "notes", size=args.notes or (4000 if args.gpu else 200), seed=0, variant="tagged")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     date = time.strftime("%Y-%m-%d")
@@ -133,11 +152,7 @@ def main() -> None:
         table += ["", "Peak RSS: getrusage(RUSAGE_CHILDREN).ru_maxrss in a fresh wrapper process per strategy, i.e. the",
                   "largest resident set of any process of that run, including each process's Python/torch baseline."]
     report.update(command=command, date=date, rows=rows)
-    print("\n".join(table), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join([f"# {title} — {date}", "", f"Command: `{command}`", "", about, "", *table]) + "\n")
+    return report, title, about, table
 
 if __name__ == "__main__":
     main()
