@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from importlib import metadata
@@ -80,6 +81,27 @@ def ensure_experiment(uri: str, name: str) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def log_dataset_inputs(client, run_id: str, inputs: list, attempts: int = 4) -> None:
+    """``client.log_inputs``, tried again when another run won a race for the same dataset row.
+
+    MLflow's SQL store looks a dataset up and then inserts it, in one transaction but not atomically: when runs of
+    one experiment log the same dataset at the same moment (the jobs of a sweep start together), all but one fail
+    with ``UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest``, and the job died
+    before training. The failed transaction is rolled back whole, and the winner's row is then in the store, so the
+    next try only links it to this run."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if attempt == attempts:
+                raise
+            log.info("logging dataset inputs lost a race with another run (%s); trying again", str(err)[:120])
+            time.sleep(0.2 * attempt)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -241,7 +263,7 @@ class Tracker:
                 entity = dataset._to_mlflow_entity()
             tags = [InputTag(key="mlflow.data.context", value=split.name)]
             inputs.append(DatasetInput(dataset=entity, tags=tags))
-        self.client.log_inputs(self.logger.run_id, datasets=inputs)
+        log_dataset_inputs(self.client, self.logger.run_id, inputs)
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         if self.logger is None or not is_global_zero():

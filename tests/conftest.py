@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def aift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def aift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (as a user would), with a clean MLflow environment."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIFT_"))}
     full_env["PYTHONUNBUFFERED"] = "1"

@@ -146,7 +146,7 @@ def terminate_then_resume(runs, name: str, extra: list[str], seed: int) -> int:
         time.sleep(0.02)
     time.sleep(random.Random(seed).uniform(0.0, 0.5))
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=180)
+    process.wait(timeout=300)
     assert process.returncode == 143, (work / f"{name}.stderr").read_text()[-3000:]  # stopped, not finished
     assert "stopped on SIGTERM after saving" in (work / name / "train.log").read_text()
     (saved,) = (work / name).glob("hpc_ckpt_*.ckpt")

@@ -261,3 +261,39 @@ def test_experiment_created_meanwhile_by_another_job_is_used(tmp_path, monkeypat
     assert ensure_experiment(uri, "sweep") == made_by_the_other_job
     assert len(lookups) == 2  # looked, tried to create (refused by the store), looked again
     assert ensure_experiment(uri, "fresh") != made_by_the_other_job  # and a new one is simply created
+
+
+def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):
+    """The jobs of a sweep log the same dataset into one experiment at the same moment. MLflow's SQL store looks
+    the dataset up and then inserts it, so all but one of them hit a UNIQUE-constraint error (a sweep job on the
+    local Slurm cluster died of it). Six threads with a barrier lose that race in nearly every round without the
+    retry; with it every run gets its input and the dataset is stored once."""
+    import threading
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from aifactory_train.tracking import log_dataset_inputs
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for round_ in range(3):
+        experiment = client.create_experiment(f"sweep-{round_}")
+        runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+        barrier, failures = threading.Barrier(len(runs)), []
+
+        def log_inputs(run_id):
+            dataset = Dataset(name="notes-train", digest="0123456789", source_type="local", source=str(tmp_path))
+            barrier.wait()
+            try:
+                log_dataset_inputs(client, run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+            except Exception as err:  # noqa: BLE001 - collected and shown below
+                failures.append(f"{type(err).__name__}: {err}"[:300])
+
+        threads = [threading.Thread(target=log_inputs, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        for run_id in runs:
+            inputs = client.get_run(run_id).inputs.dataset_inputs
+            assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("notes-train", "0123456789")]
