@@ -113,7 +113,7 @@ def test_deduce_is_loaded_by_one_process_at_a_time():
               "print(Deidentifier()('Jan Jansen, BSN 111222333, belde op 12 maart 2024.'))")
     with deduce_cache_lock() as lock_file:
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + 600
         while not _has_open(child.pid, lock_file) and child.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert _has_open(child.pid, lock_file), f"the loader never took the lock file {lock_file}"

@@ -33,7 +33,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, cwd=work,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:

@@ -62,7 +62,7 @@ def kill_at_checkpoint(args: list[str], cwd: Path, run: Path, wanted) -> int:
     log = cwd / f"{run.name}.stderr"
     process = start(args, cwd, log)
     last = run / "checkpoints" / "last.ckpt"
-    seen, deadline = None, time.time() + 600
+    seen, deadline = None, time.time() + 900
     try:
         while process.poll() is None and time.time() < deadline:
             stamp = last.stat().st_mtime_ns if last.exists() else None
@@ -141,7 +141,7 @@ def terminate_then_resume(runs, name: str, extra: list[str], seed: int) -> int:
     work, common = runs["work"], runs["common"]
     process = start(["train", *common, *extra, f"hydra.run.dir={name}"], work, work / f"{name}.stderr")
     last = work / name / "checkpoints/last.ckpt"
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(random.Random(seed).uniform(0.0, 0.5))
