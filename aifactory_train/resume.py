@@ -215,9 +215,15 @@ class SignalCheckpoint(L.Callback):
     consistent. ``train.py`` turns Lightning's Slurm handler off (``SLURMEnvironment(auto_requeue=False)``); this
     callback's SIGTERM handler replaces Lightning's, and passes the signal on to ranks Lightning started itself.
 
-    With several ranks the decision is one all-reduce of a small integer per step (Lightning 2.6 already
-    broadcasts a SIGTERM flag every step). An epoch's last batch is skipped as a boundary (see
-    ``periodic_checkpoint``); the epoch-end checkpoint is written right after it.
+    With several ranks the ranks agree through a small all-reduce (MAX of the flags) on a gloo group of its own,
+    started at one boundary and read at the next: a signal is acted on one step later, at the same step on every
+    rank, and the training step never waits for it. The blocking way (an all-reduce of a device tensor and
+    ``.item()``) made every step wait for the GPU to finish before the host could queue the next one. For the
+    same reason Lightning's own per-step SIGTERM broadcast (Lightning 2.6, ``_broadcast_sigterm_tensor``, a
+    broadcast from rank 0 and ``.item()`` on the root device; Lightning issue #21487) is turned off while this
+    callback runs: its flag is set only by Lightning's SIGTERM handler, which this callback's replaces, so it
+    could only ever send 0. An epoch's last batch is skipped as a boundary (see ``periodic_checkpoint``); the
+    epoch-end checkpoint is written right after it.
     """
 
     NONE, REQUEUE, TERMINATE = 0, 1, 2
@@ -225,6 +231,8 @@ class SignalCheckpoint(L.Callback):
     def __init__(self, requeue_signal: int | None = None) -> None:
         self.requeue_signal = requeue_signal
         self.received = self.NONE
+        self._group = None  # the ranks' gloo group for the decision; None with one rank
+        self._pending = None  # (work, flags) of the all-reduce started at the last boundary
 
     def on_train_start(self, trainer, pl_module) -> None:
         import signal
@@ -241,16 +249,20 @@ class SignalCheckpoint(L.Callback):
         if self.requeue_signal is not None:
             signal.signal(self.requeue_signal, on_requeue)
         signal.signal(signal.SIGTERM, on_terminate)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank calls this here, as new_group requires; gloo, so the flags never touch the GPU
+            self._group = torch.distributed.new_group(backend="gloo")
+            epoch_loop = trainer.fit_loop.epoch_loop
+            if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # see the class docstring
+                epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if is_epoch_last_batch(trainer):
             return
-        decision = self.received
-        if trainer.world_size > 1:
-            flag = torch.tensor(self.received, device=trainer.strategy.root_device)
-            decision = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        decision = self.received if self._group is None else self._agreed_decision()
         if decision == self.NONE:
             return
+        self._finish_pending()
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         if decision == self.TERMINATE:
@@ -266,3 +278,25 @@ class SignalCheckpoint(L.Callback):
                 raise RuntimeError(f"saved {path}, but `scontrol requeue {job}` failed ({result.returncode}): "
                                    f"{result.stderr.strip()}; resubmit the same `aift launch` (ckpt_path=auto resumes)")
         raise JobRequeued(str(path))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._finish_pending()
+
+    def _agreed_decision(self) -> int:
+        """What the ranks agreed on at the last boundary (NONE at the first), and this boundary's flags sent off.
+        Every rank calls this at the same boundaries, so the all-reduces pair up and all ranks read the same
+        decision; the flags are a CPU tensor, so reading the result waits for no device."""
+        decision = self.NONE
+        if self._pending is not None:
+            work, flags = self._pending
+            work.wait()
+            decision = int(flags.item())
+        flags = torch.tensor([self.received], dtype=torch.int32)
+        work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, flags)
+        return decision
+
+    def _finish_pending(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None

@@ -304,3 +304,30 @@ def test_periodic_checkpoints_skip_an_epochs_last_batch(tmp_path):
 
     assert not any(bad for _, bad in fit(5))
     assert [(3, False), (6, False), (9, False)] == [s for s in fit(3) if s[0] < 10]
+
+
+def test_ranks_agree_on_a_stop_without_waiting_on_each_other_every_step(tmp_path):
+    """With several ranks a signal must stop all of them at the same step, but the agreement must not make each
+    step wait: a blocking all-reduce of a device tensor plus `.item()` (as SignalCheckpoint did), and Lightning's
+    own per-step SIGTERM broadcast, each made the host wait for the GPU to finish a step before it could queue the
+    next. tests/assets/two_rank_stop.py (2 CPU ranks, 12 steps) lists the collectives made during training batches
+    (DDP's gradient all-reduce is C++ and not among them); before, it listed a blocking broadcast and a blocking
+    all_reduce per step. A real SIGTERM to rank 1 alone stops both ranks at the same step, one step later."""
+    script = Path(__file__).parent / "assets" / "two_rank_stop.py"
+
+    def run(name: str, signal_at: int) -> list[dict]:
+        out = tmp_path / name
+        out.mkdir()
+        result = subprocess.run([sys.executable, str(script), str(out), str(signal_at)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    for rank in run("through", signal_at=-1):
+        assert rank["stopped_at"] is None
+        assert [c for c in rank["calls"] if not c["async"]] == []
+        decisions = [(c["op"], c["group"], c["batch"]) for c in rank["calls"]]
+        assert decisions == [("all_reduce", "gloo", batch) for batch in range(11)]  # each batch's end but the last
+
+    assert [rank["stopped_at"] for rank in run("stopped", signal_at=4)] == [6, 6]  # signalled after step 5
+    assert len(list((tmp_path / "stopped").glob("hpc_ckpt_*.ckpt"))) == 1

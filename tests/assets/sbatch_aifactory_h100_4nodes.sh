@@ -19,6 +19,7 @@ set -euo pipefail
 export NCCL_DEBUG=WARN
 export NCCL_IB_DISABLE=0
 export NCCL_SOCKET_IFNAME=ib0
+export GLOO_SOCKET_IFNAME=ib0
 export OMP_NUM_THREADS=16
 # The first node of the allocation is the rendezvous point, unless the site sets MASTER_ADDR.
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
