@@ -39,12 +39,17 @@ SLURM_DIR ?= /tmp/aift-slurm
 # tests run `aift` in a subprocess whose start-up (imports, the MLflow store) keeps one core busy; two at a time
 # took the suite from 24 to 18 minutes on 2 cores. `make test PYTEST_PARALLEL=` runs them one by one.
 PYTEST_PARALLEL ?= -n 2 --dist loadfile
+# One torch/OpenMP thread per test process: with two workers, each process's default of one thread per core puts
+# 4+ spinning threads on 2 cores. Measured on 2 cores (test_bench.py + test_strategies.py, -n 2): 217 s -> 156 s;
+# the CPU acceptance run in them 184 s -> 79 s. `make test TEST_THREADS=` keeps torch's default.
+TEST_THREADS ?= 1
 
 ## test: set up (with dev extras), start a local Slurm cluster (slurm/local_cluster.sh: apt-get installs slurm-wlm +
 ## munge if missing; its tests are skipped, with the reason, if it cannot start), run the test suite, stop the cluster
 test: venv
 	@bash slurm/local_cluster.sh start $(SLURM_DIR) || echo "warning: no local Slurm cluster; its tests will be skipped"
-	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=20; status=$$?; \
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(if $(TEST_THREADS),OMP_NUM_THREADS=$(TEST_THREADS)) \
+		$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=20; status=$$?; \
 		bash slurm/local_cluster.sh stop $(SLURM_DIR) >/dev/null 2>&1; exit $$status
 
 clean:
