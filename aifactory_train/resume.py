@@ -221,7 +221,7 @@ class SignalCheckpoint(L.Callback):
     ``.item()``) made every step wait for the GPU to finish before the host could queue the next one. For the
     same reason Lightning's own per-step SIGTERM broadcast (Lightning 2.6, ``_broadcast_sigterm_tensor``, a
     broadcast from rank 0 and ``.item()`` on the root device; Lightning issue #21487) is turned off while this
-    callback runs: its flag is set only by Lightning's SIGTERM handler, which this callback's replaces, so it
+    callback runs: its flag is set only by Lightning's SIGTERM handler, which this callback's handler replaces, so it
     could only ever send 0. An epoch's last batch is skipped as a boundary (see ``periodic_checkpoint``); the
     epoch-end checkpoint is written right after it.
     """
