@@ -1,8 +1,15 @@
 """Data lineage: which data trained a model, whose it is, and what consent covers it.
 
-Each split gets a SHA-256 digest over the full content of every file it uses (path relative to the data
-root, label and bytes), so two runs share a digest only if they saw exactly the same data. MLflow's own
-Hugging Face digest reads only the first 10,000 rows, which is why we pass ours.
+Each split gets a SHA-256 digest over the full content of every file it uses (path relative to the data root,
+label and the SHA-256 of the file's bytes), so two runs share a digest only if they saw exactly the same data.
+MLflow's own Hugging Face digest reads only the first 10,000 rows, which is why we pass ours.
+
+Hashing every byte of a terabyte split takes minutes, on every run, while the other ranks of a multi-node job
+wait for rank 0 (and give up past the process group's timeout). So each file's SHA-256 is kept in a cache, keyed by what
+``stat`` says of it (size, mtime, ctime, inode: git's and DVC's test for "unchanged"), and only new or changed
+files are read, by several threads. The cache lives under ``$AIFT_CACHE_DIR`` (default
+``~/.cache/aifactory_train``), one JSON file per data root, and holds hashes of the file names, never the names
+themselves. ``AIFT_DIGEST_CACHE=0`` reads every byte every time.
 
 A data root may carry a ``datacard.yaml`` (owner, license, consent, source, contact); its fields are
 logged with the run and copied into summary.json. `aift data synth` writes one.
@@ -11,9 +18,16 @@ logged with the run and copied into summary.json. `aift data synth` writes one.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import posixpath
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
 
 DATACARD_FILE = "datacard.yaml"
 DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "description", "deidentified",
@@ -21,21 +35,125 @@ DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "
 
 
 def digest_files(root: str | Path, paths: Iterable[str], labels: Iterable[Any]) -> str:
-    """SHA-256 over (relative path, label, file bytes) of every record, in the given order."""
+    """SHA-256 over (relative path, label, SHA-256 of the file's bytes) of every record, in the given order."""
     root = Path(root)
-    sha = hashlib.sha256()
+    resolved_root = root.resolve()
+    records = []
     for path, label in zip(paths, labels):
-        full = Path(path) if Path(path).is_absolute() else root / path
-        try:
-            rel = full.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            rel = full.as_posix()
-        sha.update(f"{rel}\0{label}\0".encode())
-        with open(full, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                sha.update(chunk)
-        sha.update(b"\n")
+        rel = posixpath.normpath(str(path))
+        full = root / rel
+        if os.path.isabs(rel) or rel.startswith("../"):
+            # resolving costs a syscall per path component: only for paths that may lie outside the root
+            try:
+                rel = full.resolve().relative_to(resolved_root).as_posix()
+            except ValueError:
+                rel = full.resolve().as_posix()
+        records.append((rel, label, full))
+    file_digests = DigestCache.for_root(resolved_root).file_digests({rel: full for rel, _, full in records})
+    sha = hashlib.sha256()
+    for rel, label, _ in records:
+        sha.update(f"{rel}\0{label}\0{file_digests[rel]}\n".encode())
     return sha.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)  # hashlib lets go of the GIL on large updates, so threads hash in parallel
+    return sha.hexdigest()
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+class DigestCache:
+    """Per-file SHA-256s of one data root, reused while ``stat`` says a file is unchanged.
+
+    Written by hand (not DVC's state database or a package): the whole of it is a JSON file of ``stat`` keys, read
+    once and replaced atomically, which is safe on the shared (Lustre/NFS) filesystems where sqlite locking is
+    not. Two jobs writing at once cost at most a re-read of some files, never a wrong digest."""
+
+    VERSION = 1
+    # A file changed within this long of being hashed may be changed again within the same mtime tick; such a
+    # file is hashed but not cached (git's "racily clean" entries)
+    RACY_NS = 2_000_000_000
+    # threads that read and hash the files not in the cache (parallel reads also hide network-filesystem latency)
+    MAX_THREADS = 8
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, list] = {}
+        self.hashed_files = 0
+        self.hashed_bytes = 0
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("version") == self.VERSION and isinstance(data.get("files"), dict):
+                    self.entries = data["files"]
+                else:
+                    log.warning("digest cache '%s' has another format; hashing every file again", path)
+            except (OSError, ValueError, AttributeError) as err:
+                log.warning("digest cache '%s' is unreadable (%s); hashing every file again", path, err)
+
+    @classmethod
+    def for_root(cls, resolved_root: Path) -> "DigestCache":
+        if os.environ.get("AIFT_DIGEST_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+            return cls(None)
+        base = Path(os.environ.get("AIFT_CACHE_DIR") or
+                    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifactory_train")
+        name = hashlib.sha256(str(resolved_root).encode()).hexdigest()[:32]
+        return cls(base / "digests" / f"{name}.json")
+
+    @staticmethod
+    def _key(rel: str) -> str:
+        # a hash of the name: file names of sensitive data (a patient id in an image name) stay out of the cache
+        return hashlib.sha256(rel.encode()).hexdigest()
+
+    def file_digests(self, files: dict[str, Path]) -> dict[str, str]:
+        """``{relative path: sha256}`` for ``files``, reading only those not in the cache as they are now."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        digests: dict[str, str] = {}
+        stale: dict[str, tuple[Path, list[int]]] = {}
+        for rel, full in files.items():
+            stat = _stat_key(full)  # a missing file fails here, before any hashing, with its path
+            entry = self.entries.get(self._key(rel))
+            if entry is not None and entry[:4] == stat:
+                digests[rel] = entry[4]
+            else:
+                stale[rel] = (full, stat)
+        if stale:
+            started = time.time()
+            workers = min(self.MAX_THREADS, os.cpu_count() or 1, len(stale))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                hashed = dict(zip(stale, pool.map(file_sha256, [full for full, _ in stale.values()])))
+            now_ns = time.time_ns()
+            for rel, (full, stat) in stale.items():
+                digests[rel] = hashed[rel]
+                if _stat_key(full) == stat and now_ns - stat[1] > self.RACY_NS and now_ns - stat[2] > self.RACY_NS:
+                    self.entries[self._key(rel)] = [*stat, hashed[rel]]
+            nbytes = sum(stat[0] for _, stat in stale.values())
+            self.hashed_files += len(stale)
+            self.hashed_bytes += nbytes
+            log.info("data digest: hashed %d file(s), %.1f MB in %.1f s; %d unchanged file(s) from the cache",
+                     len(stale), nbytes / 1e6, time.time() - started, len(files) - len(stale))
+            self._save()
+        return digests
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"version": self.VERSION, "files": self.entries}))
+            os.replace(partial, self.path)
+        except OSError as err:
+            log.warning("digest cache '%s' could not be written (%s); the next run hashes these files again",
+                        self.path, err)
 
 
 def read_datacard(root: str | Path) -> dict[str, str]:

@@ -14,13 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def aift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (as a user would), with a clean MLflow environment."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIFT_"))}
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("MLFLOW_", "AIFT_")) or k == "AIFT_CACHE_DIR"}
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "aifactory_train.cli", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Data-digest caches of the tests' runs go to a temporary folder, not the user's ~/.cache."""
+    os.environ["AIFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("aift-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -195,6 +196,112 @@ def test_digest_covers_every_byte_of_every_file(data_copy):
 def test_digest_depends_on_labels(plastic_data):
     paths = ["train/PET/" + p.name for p in sorted((plastic_data / "train" / "PET").glob("*.png"))]
     assert digest_files(plastic_data, paths, [0] * len(paths)) != digest_files(plastic_data, paths, [1] * len(paths))
+
+
+class CountingHash:
+    """Wraps the real file hash and records which files it read."""
+
+    def __init__(self, monkeypatch):
+        import aifactory_train.lineage as lineage
+
+        self.read: list[str] = []
+        real = lineage.file_sha256
+
+        def counting(path):
+            self.read.append(Path(path).name)
+            return real(path)
+
+        monkeypatch.setattr(lineage, "file_sha256", counting)
+
+
+@pytest.fixture
+def digest_cache(tmp_path, monkeypatch) -> Path:
+    from aifactory_train.lineage import DigestCache
+
+    monkeypatch.setenv("AIFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("AIFT_DIGEST_CACHE", raising=False)
+    monkeypatch.setattr(DigestCache, "RACY_NS", 0)  # the test's files were written a moment ago
+    return tmp_path / "cache"
+
+
+def split_files(root: Path) -> tuple[list[str], list[int]]:
+    paths = sorted(p.relative_to(root).as_posix() for p in (root / "train").rglob("*.png"))
+    return paths, [len(p) % 7 for p in paths]
+
+
+def test_digest_cache_reads_only_new_or_changed_files_and_gives_the_same_digest(data_copy, digest_cache, monkeypatch):
+    paths, labels = split_files(data_copy)
+    monkeypatch.setenv("AIFT_DIGEST_CACHE", "0")
+    uncached = digest_files(data_copy, paths, labels)
+    monkeypatch.delenv("AIFT_DIGEST_CACHE")
+
+    counter = CountingHash(monkeypatch)
+    assert digest_files(data_copy, paths, labels) == uncached
+    assert len(counter.read) == len(paths)
+    counter.read.clear()
+    assert digest_files(data_copy, paths, labels) == uncached
+    assert counter.read == []  # nothing changed: no file is read again
+
+    # an edit that keeps the size and puts the mtime back is still seen (ctime and inode change with it)
+    target = data_copy / paths[3]
+    before = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    changed = digest_files(data_copy, paths, labels)
+    assert changed != uncached and counter.read == [target.name]
+    monkeypatch.setenv("AIFT_DIGEST_CACHE", "0")
+    assert changed == digest_files(data_copy, paths, labels)
+
+
+def test_digest_cache_holds_no_file_names(data_copy, digest_cache):
+    paths, labels = split_files(data_copy)
+    digest_files(data_copy, paths, labels)
+    (cache_file,) = (digest_cache / "digests").glob("*.json")
+    text = cache_file.read_text()
+    assert len(json.loads(text)["files"]) == len(paths)
+    assert not any(Path(p).stem in text for p in paths) and str(data_copy) not in text
+
+
+@pytest.mark.parametrize("damage", ["not json {", '{"version": 99, "files": {}}', '["a list"]'])
+def test_damaged_digest_cache_is_rebuilt_with_a_warning(data_copy, digest_cache, damage, caplog):
+    paths, labels = split_files(data_copy)
+    expected = digest_files(data_copy, paths, labels)
+    (cache_file,) = (digest_cache / "digests").glob("*.json")
+    cache_file.write_text(damage)
+    with caplog.at_level(logging.WARNING, logger="aifactory_train.lineage"):
+        assert digest_files(data_copy, paths, labels) == expected
+    assert str(cache_file) in caplog.text and "hashing every file again" in caplog.text
+    assert len(json.loads(cache_file.read_text())["files"]) == len(paths)
+
+
+def test_unwritable_digest_cache_still_gives_the_digest(data_copy, tmp_path, monkeypatch, caplog):
+    from aifactory_train.lineage import DigestCache
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("AIFT_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(DigestCache, "RACY_NS", 0)
+    paths, labels = split_files(data_copy)
+    with caplog.at_level(logging.WARNING, logger="aifactory_train.lineage"):
+        cached = digest_files(data_copy, paths, labels)
+    assert "could not be written" in caplog.text and str(blocker) in caplog.text
+    monkeypatch.setenv("AIFT_DIGEST_CACHE", "0")
+    assert cached == digest_files(data_copy, paths, labels)
+
+
+def test_files_changed_a_moment_ago_are_hashed_but_not_cached(data_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIFT_CACHE_DIR", str(tmp_path / "cache"))
+    paths, labels = split_files(data_copy)
+    fresh = data_copy / paths[0]
+    fresh.write_bytes(fresh.read_bytes())  # changed now: within the same timestamp tick as a next edit could be
+    counter = CountingHash(monkeypatch)
+    digest_files(data_copy, paths, labels)
+    counter.read.clear()
+    digest_files(data_copy, paths, labels)
+    assert fresh.name in counter.read
 
 
 def test_datacard_is_read_into_lineage(plastic_data):
