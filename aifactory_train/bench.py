@@ -35,6 +35,7 @@ METRICS = {
     "plastic_sorting_joules_per_sample": ("GPU energy / samples", True),
     "crop_detection_ratio": ("recipe/plain samples/s", False),
     "crop_detection_samples_per_s": ("recipe samples/s", False),
+    "crop_detection_mfu": ("recipe model FLOP/s / peak", True),
     "crop_detection_joules_per_sample": ("GPU energy / samples", True),
     "clinical_notes_ratio": ("recipe/plain tokens/s", False),
     "clinical_notes_samples_per_s": ("recipe rows/s", False),

@@ -378,6 +378,7 @@ def recipe_loop(spec, args, device, precision: str, meter=None) -> float:
         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=clip, callbacks=[timer, TrainingThroughput()],
     )
     trainer.fit(module, train_dataloaders=DataLoader(InMemory(), batch_size=None, num_workers=0))
+    spec.flops_per_sample = timer.flops_per_sample  # as the recipe measured it (None if it does not)
     if meter is not None:
         meter.flops_per_sample = timer.flops_per_sample
     return args.steps * args.batch_size / timer.seconds
@@ -478,6 +479,14 @@ def main() -> None:
                 peak = get_available_flops(device, torch.bfloat16)
                 row["recipe_mfu"] = row["flops_per_token"] * row["recipe_tokens_per_s"] / peak if peak else None
                 row["plain_mfu"] = row["flops_per_token"] * row["plain_tokens_per_s"] / peak if peak else None
+        elif getattr(spec, "flops_per_sample", None):
+            row["flops_per_sample"] = spec.flops_per_sample
+            if device.type == "cuda":
+                from lightning.fabric.utilities.throughput import get_available_flops
+
+                peak = get_available_flops(device, torch.bfloat16)
+                row["recipe_mfu"] = row["flops_per_sample"] * row["recipe_samples_per_s"] / peak if peak else None
+                row["plain_mfu"] = row["flops_per_sample"] * row["plain_samples_per_s"] / peak if peak else None
         rows.append(row)
         extra = (f" ({row['plain_tokens_per_s']:.0f} vs {row['recipe_tokens_per_s']:.0f} tokens/s)" if tokens else "")
         print(f"compile={compiled}: plain {row['plain_samples_per_s']:.1f} samples/s, recipe "
@@ -522,6 +531,11 @@ def main() -> None:
             lines += [f"| {r['compile']} | {r['plain_tokens_per_s']:.0f} | {r['recipe_tokens_per_s']:.0f} | "
                       f"{r.get('recipe_mfu') if r.get('recipe_mfu') is not None else 'n/a (CPU)'} | {r['flops_per_token']:,} |"
                       for r in rows]
+        if rows[0].get("flops_per_sample"):
+            lines += ["", "| compile | training FLOPs/sample (the recipe's count) | plain MFU | recipe MFU |", "|---|---|---|---|"]
+            lines += [f"| {r['compile']} | {r['flops_per_sample']:,} | "
+                      + " | ".join(f"{r[k]:.3f}" if r.get(k) is not None else "n/a (CPU)" for k in ("plain_mfu", "recipe_mfu"))
+                      + " |" for r in rows]
         lines += ["", "Input pipeline alone (real files through the recipe's DataModule, in DataLoader workers):", "",
                   "| workers | samples/s | training step samples/s |", "|---|---|---|"]
         lines += [f"| {p['workers']} | {p['samples_per_s']:.1f} | {rows[0]['recipe_samples_per_s']:.2f} |" for p in pipeline]

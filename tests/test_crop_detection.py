@@ -301,6 +301,35 @@ def test_speed_options_change_the_layout_and_compile_only_the_backbone(channels_
     assert list(module.net.state_dict()) == keys  # checkpoints keep their keys
 
 
+def test_training_flops_are_counted_without_touching_the_runs_random_stream():
+    from omegaconf import OmegaConf
+
+    from aifactory_train.recipes.crop_detection.module import CropDetectionModule
+    from aifactory_train.resources import config_dir
+
+    model = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "fasterrcnn_mobilenet_v3_large_320_fpn.yaml"))
+    target = {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([2])}
+
+    def module(**extra) -> CropDetectionModule:
+        return CropDetectionModule(model={**model, "extra": {**model["extra"], **extra}}, optim={}, loss={},
+                                   data_info={"class_names": ["crop", "weed"]})
+
+    def flops(image_shape=(3, 256, 256), **extra) -> int:
+        return module(**extra).measure_flops(image_shape, target)
+
+    default = module()
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    base = default.measure_flops((3, 256, 256), target)
+    assert torch.equal(torch.get_rng_state(), state)  # an interrupted run resumes with the same random draws
+    assert flops() == base
+    # the count follows the work: more sampled RoIs in the box head, a larger resized input (min_size 320 keeps a
+    # 256 x 256 image at 320 x 320; a 256 x 512 one becomes 320 x 640)
+    assert flops(box_batch_size_per_image=256) > base
+    assert flops(image_shape=(3, 256, 512)) > 1.5 * base
+    assert 1e9 < base < 1e12  # tens of GFLOPs for MobileNetV3-FPN at 320 px with 128 RoIs
+
+
 # -- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def crop_run(crop_data, tmp_path_factory):
@@ -326,7 +355,7 @@ def test_smoke_train_logs_map_metrics_and_prediction_pictures(crop_run):
     client = MlflowClient(tracking_uri=crop_run["uri"])
     run = client.get_run(summary["mlflow_run_id"])
     for key in ("val/map", "val/map_50", "val/map_75", "val/weed_recall", "val/ap_crop", "val/recall_weed",
-                "test/map_50", "train/loss", "train/loss_classifier"):
+                "test/map_50", "train/loss", "train/loss_classifier", "throughput/device/flops_per_sec"):
         assert key in run.data.metrics, sorted(run.data.metrics)
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
     assert any(p.startswith("predictions/val_step") and p.endswith(".png") for p in pictures), pictures

@@ -98,6 +98,7 @@ class CropDetectionModule(L.LightningModule):
         })
         self._picture_batch = None
         self.progress_bar_values = True
+        self.flops_per_sample: int | None = None  # measured at the first training batch, for FLOP/s and MFU
 
     def setup(self, stage: str) -> None:
         # as in plastic_sorting: prog_bar values are turned into Python numbers every batch, a sync on GPUs
@@ -116,6 +117,38 @@ class CropDetectionModule(L.LightningModule):
 
     def forward(self, images: list[torch.Tensor]):
         return self.net(images)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.flops_per_sample is None:
+            images, targets = batch
+            self.flops_per_sample = self.measure_flops(tuple(images[0].shape), targets[0])
+
+    def measure_flops(self, image_shape: tuple[int, ...], target: dict[str, torch.Tensor]) -> int:
+        """Training FLOPs (forward + backward) of one image of ``image_shape``, counted with torch's
+        FlopCounterMode on a fresh copy of the detector, on the module's device (a GPU counts in a moment).
+
+        Not on the meta device, as plastic_sorting counts: a detector picks proposals by value (top-k, NMS, box
+        sampling), which needs real numbers. Per image of a given size its training step does a nearly fixed
+        amount of work (the RPN keeps up to ``post_nms_top_n`` proposals, the box head samples
+        ``batch_size_per_image`` of them; the dense detectors score every anchor), so one image stands for the
+        batch. Convolutions and matrix products count, as in every MFU figure; RoIAlign and NMS have no FLOP
+        formula in torch and are left out."""
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        model, device = self.hparams.model, self.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the run's own random streams are left as they were
+            net = build_detector(model["name"], len(self.class_names) + 1, min_size=model.get("min_size"),
+                                 max_size=model.get("max_size"), anchor_sizes=model.get("anchor_sizes"),
+                                 extra=model.get("extra")).to(device).train()
+            for module in net.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # one image: SSDlite's 1 x 1 maps would give BatchNorm one value per channel
+            image = torch.rand(image_shape, device=device)
+            target = {"boxes": target["boxes"].detach().float().to(device), "labels": target["labels"].to(device)}
+            flops = measure_flops(net, lambda: net([image], [target]), loss_fn=lambda losses: sum(losses.values()))
+        del net
+        return flops
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
