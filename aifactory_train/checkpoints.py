@@ -64,6 +64,23 @@ def read_hyperparameters(path: str) -> dict[str, Any]:
     return load_checkpoint_state(path).get("hyper_parameters", {})
 
 
+# model keys that only say where a fresh model's first weights come from; they shape nothing
+STARTING_WEIGHTS_KEYS = ("weights_path",)
+
+
+def load_trained_module(module_class, path: str):
+    """The recipe's LightningModule with a checkpoint's trained weights, for eval and export.
+
+    Rebuilding it from the saved hyperparameters would read ``model.weights_path`` (the weights training
+    started from) again, only to overwrite them: an eval on another machine, or after the file was moved,
+    failed on a file it does not need. Those keys are cleared; every key that shapes the model is kept."""
+    model = read_hyperparameters(path).get("model")
+    overrides = {}
+    if isinstance(model, dict) and any(model.get(k) for k in STARTING_WEIGHTS_KEYS):
+        overrides["model"] = {**model, **{k: None for k in STARTING_WEIGHTS_KEYS if k in model}}
+    return module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+
+
 def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
     """A checkpoint trained on another class set (or with another tokenizer) cannot be resumed or scored here."""
     if "class_names" in data_info:

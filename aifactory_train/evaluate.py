@@ -26,7 +26,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import get_class
 
-    from aifactory_train.checkpoints import check_data_matches, resolve_checkpoint
+    from aifactory_train.checkpoints import check_data_matches, load_trained_module, resolve_checkpoint
     from aifactory_train.errors import DataError
     from aifactory_train.strategies import resolve_precision
 
@@ -45,7 +45,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         raise DataError(f"data.root '{resolved['data']['root']}': there is no '{cfg.split}' split to evaluate on")
     check_data_matches(ckpt_path, datamodule.data_info)
     module_class = get_class(resolved["recipe"]["module"]["_target_"])
-    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    module = load_trained_module(module_class, ckpt_path)
 
     accelerator = resolved["trainer"]["accelerator"]
     trainer = L.Trainer(

@@ -19,7 +19,7 @@ def run_export(cfg) -> dict[str, Any]:
 
     from hydra.utils import get_class
 
-    from aifactory_train.checkpoints import resolve_checkpoint
+    from aifactory_train.checkpoints import load_trained_module, resolve_checkpoint
     from aifactory_train.errors import ConfigError
     from aifactory_train.train import use_hydra_logging
 
@@ -28,7 +28,7 @@ def run_export(cfg) -> dict[str, Any]:
     module_class = get_class(resolved["recipe"]["module"]["_target_"])
     if not hasattr(module_class, "export_model"):
         raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no export; nothing to do for format={cfg.format}")
-    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    module = load_trained_module(module_class, ckpt_path)
     files = module.export_model(cfg.format, run_dir, resolved["export"])
     report = {"checkpoint": str(Path(ckpt_path).resolve()), "recipe": resolved["recipe"]["name"], "format": cfg.format,
               "files": [str(Path(f).resolve()) for f in files]}

@@ -98,6 +98,27 @@ def test_eval_of_best_checkpoint_reproduces_test_metrics(smoke_run, plastic_data
     assert len(run.inputs.dataset_inputs) == 3
 
 
+def test_eval_does_not_need_the_weights_training_started_from(plastic_data, tmp_path):
+    import torch
+    import torchvision
+
+    start = tmp_path / "pretrained" / "resnet18.pt"
+    start.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), start)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    train = aift("train", *SMOKE, f"data.root={plastic_data}", f"model.weights_path={start}", "hydra.run.dir=run",
+                 f"tracking.uri={uri}", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    shutil.rmtree(start.parent)  # the pretrained file moved on; the checkpoint holds the trained weights
+    result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", f"data.root={plastic_data}",
+                  "hydra.run.dir=eval", f"tracking.uri={uri}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
+
+
 def test_eval_with_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
     data = Path(shutil.copytree(plastic_data, tmp_path / "fewer"))
     for split in ("train", "val", "test"):
