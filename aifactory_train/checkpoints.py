@@ -65,15 +65,16 @@ def read_hyperparameters(path: str) -> dict[str, Any]:
 
 
 # model keys that only say where a fresh model's first weights come from; they shape nothing
-STARTING_WEIGHTS_KEYS = ("weights_path",)
+STARTING_WEIGHTS_KEYS = ("weights_path", "backbone_weights_path")
 
 
 def load_trained_module(module_class, path: str):
     """The recipe's LightningModule with a checkpoint's trained weights, for eval and export.
 
-    Rebuilding it from the saved hyperparameters would read ``model.weights_path`` (the weights training
-    started from) again, only to overwrite them: an eval on another machine, or after the file was moved,
-    failed on a file it does not need. Those keys are cleared; every key that shapes the model is kept."""
+    Rebuilding it from the saved hyperparameters would read ``model.weights_path`` or
+    ``model.backbone_weights_path`` (the weights training started from) again, only to overwrite them: an eval
+    on another machine, or after the pretrained file moved, failed on a file it does not need. Those keys are
+    cleared; every key that shapes the model is kept."""
     model = read_hyperparameters(path).get("model")
     overrides = {}
     if isinstance(model, dict) and any(model.get(k) for k in STARTING_WEIGHTS_KEYS):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -301,6 +302,80 @@ def test_speed_options_change_the_layout_and_compile_only_the_backbone(channels_
     assert list(module.net.state_dict()) == keys  # checkpoints keep their keys
 
 
+@pytest.fixture(scope="module")
+def mobilenet_imagenet_file(tmp_path_factory) -> Path:
+    """A MobileNetV3-Large classifier state dict, as torchvision's ImageNet file holds one (random values here)."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v3_large.pth"
+    torch.manual_seed(11)
+    torch.save(torchvision.models.mobilenet_v3_large().state_dict(), path)
+    return path
+
+
+def test_backbone_weights_load_and_only_the_last_stages_train(mobilenet_imagenet_file):
+    from aifactory_train.recipes.crop_detection.module import CropDetectionModule
+
+    saved = torch.load(mobilenet_imagenet_file, weights_only=True)
+    module = CropDetectionModule(model={"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "anchor_sizes": None,
+                                        "backbone_weights_path": str(mobilenet_imagenet_file),
+                                        "trainable_backbone_layers": 2},
+                                 optim={}, loss={}, data_info={"class_names": ["crop", "weed"]})
+    body = module.net.backbone.body
+    for key, value in body.state_dict().items():
+        assert torch.equal(value, saved[f"features.{key}"]), key
+    # 6 stages starting at blocks 0, 2, 4, 7, 13, 16 (torchvision's grouping); the last 2 train: blocks 13-16.
+    # BatchNorm is frozen everywhere, so look at the convolutions
+    frozen_blocks = [name for name, block in body.items()
+                     if not any(p.requires_grad for m in block.modules() if isinstance(m, torch.nn.Conv2d)
+                                for p in m.parameters())]
+    assert frozen_blocks == [str(i) for i in range(13)]
+    assert not any(p.requires_grad for m in module.frozen_norm for p in m.parameters())
+    assert all(p.requires_grad for p in module.net.backbone.fpn.parameters())
+
+    module.train()
+    assert module.net.training and not any(m.training for m in module.frozen_norm)
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    images = [torch.rand(3, 256, 256), torch.rand(3, 256, 256)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([2])}] * 2
+    losses = module.net(images, targets)
+    sum(losses.values()).backward()
+    torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1).step()
+    after = module.net.state_dict()
+    assert torch.equal(after["backbone.body.0.0.weight"], before["backbone.body.0.0.weight"])  # frozen stage
+    assert torch.equal(after["backbone.body.0.1.running_mean"], before["backbone.body.0.1.running_mean"])  # BN stats
+    assert torch.equal(after["backbone.body.16.1.weight"], before["backbone.body.16.1.weight"])  # BN scale, last stage
+    assert not torch.equal(after["backbone.body.16.0.weight"], before["backbone.body.16.0.weight"])  # trains
+
+    # frozen stages compute no weight gradients, and the FLOP count knows it
+    scratch = CropDetectionModule(model={"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "anchor_sizes": None},
+                                  optim={}, loss={}, data_info={"class_names": ["crop", "weed"]})
+    assert module.measure_flops((3, 256, 256), targets[0]) < scratch.measure_flops((3, 256, 256), targets[0])
+
+
+def test_backbone_weights_that_do_not_fit_or_cannot_apply_are_refused(mobilenet_imagenet_file, tmp_path):
+    import torchvision
+
+    from aifactory_train.errors import CheckpointError
+    from aifactory_train.recipes.crop_detection.config import ModelConfig
+
+    resnet = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), resnet)
+    with pytest.raises(CheckpointError, match=r"model.backbone_weights_path.*resnet18.pth.*does not fit.*missing tensors"):
+        build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, backbone_weights_path=str(resnet))
+    with pytest.raises(CheckpointError, match=r"model.backbone_weights_path.*does not exist"):
+        build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, backbone_weights_path=str(tmp_path / "none.pth"))
+    with pytest.raises(ConfigError, match=r"SSDLiteFeatureExtractorMobileNet.*model.weights_path"):
+        build_detector("ssdlite320_mobilenet_v3_large", 3, backbone_weights_path=str(mobilenet_imagenet_file))
+    with pytest.raises(ConfigError, match=r"trainable_backbone_layers': 7 .* 6 stages: 0 .* to 6"):
+        build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, backbone_weights_path=str(mobilenet_imagenet_file),
+                       trainable_backbone_layers=7)
+    with pytest.raises(ConfigError, match=r"model.backbone_weights_path.*null when model.weights_path is set"):
+        ModelConfig(weights_path="a.pt", backbone_weights_path="b.pth").check()
+    with pytest.raises(ConfigError, match=r"model.trainable_backbone_layers.*null without model.backbone_weights_path"):
+        ModelConfig(trainable_backbone_layers=2).check()
+
+
 def test_training_flops_are_counted_without_touching_the_runs_random_stream():
     from omegaconf import OmegaConf
 
@@ -335,14 +410,21 @@ def test_training_flops_are_counted_without_touching_the_runs_random_stream():
 def crop_run(crop_data, tmp_path_factory):
     from conftest import aift
 
+    import torchvision
+
     work = tmp_path_factory.mktemp("crop_run")
     uri = f"sqlite:///{work}/mlflow.db"
+    backbone = work / "pretrained" / "mobilenet_v3_large.pth"
+    backbone.parent.mkdir()
+    torch.save(torchvision.models.mobilenet_v3_large().state_dict(), backbone)
     # a low score threshold, so that the barely trained model still returns boxes to compare in the ONNX test
-    # channels_last: the NHWC checkpoint must export and evaluate like any other (the tests below)
+    # channels_last and a frozen pretrained backbone: the checkpoint must export and evaluate like any other (the
+    # tests below), without the backbone file, removed after training
     result = aift("train", "recipe=crop_detection", "debug=smoke", "data.batch_size=4", f"data.root={crop_data}",
                   "+model.extra.box_score_thresh=0.001", "model.channels_last=true", f"tracking.uri={uri}",
-                  "hydra.run.dir=run", cwd=work)
+                  f"model.backbone_weights_path={backbone}", "hydra.run.dir=run", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
+    shutil.rmtree(backbone.parent)
     return {"work": work, "uri": uri, "summary": json.loads((work / "run" / "summary.json").read_text())}
 
 
@@ -370,6 +452,7 @@ def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
     from conftest import aift
     from torchvision.io import read_image
 
+    from aifactory_train.checkpoints import load_trained_module
     from aifactory_train.recipes.crop_detection.module import CropDetectionModule
 
     checkpoint = crop_run["summary"]["last_checkpoint"]
@@ -381,7 +464,7 @@ def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
     assert meta["class_names"] == ["crop", "weed"] and meta["category_ids"] == [3, 7]
     assert meta["inside_the_model"]["normalize_mean"] == pytest.approx([0.485, 0.456, 0.406])
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    model = CropDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).net.eval()
+    model = load_trained_module(CropDetectionModule, checkpoint).net.eval()
     compared = 0
     for path in sorted((crop_data / "images" / "val").glob("*.jpg"))[:3]:
         image = read_image(str(path)).float() / 255

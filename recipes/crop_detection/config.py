@@ -88,6 +88,8 @@ class ModelConfig:
     task: str = "object_detection"
     name: str = "fasterrcnn_mobilenet_v3_large_320_fpn"
     weights_path: Optional[str] = None
+    backbone_weights_path: Optional[str] = None
+    trainable_backbone_layers: Optional[int] = None
     min_size: Optional[int] = None
     max_size: Optional[int] = None
     anchor_sizes: Optional[List[List[int]]] = None
@@ -97,6 +99,11 @@ class ModelConfig:
 
     def check(self) -> None:
         check_choice("model.name", self.name, DETECTORS)
+        check(not (self.weights_path and self.backbone_weights_path), "model.backbone_weights_path",
+              self.backbone_weights_path, "null when model.weights_path is set (whole-detector weights hold a backbone)")
+        check(self.trainable_backbone_layers is None or self.backbone_weights_path,
+              "model.trainable_backbone_layers", self.trainable_backbone_layers,
+              "null without model.backbone_weights_path (a backbone trained from scratch trains whole)")
         check(self.channels_last in ("auto", True, False), "model.channels_last", self.channels_last, "auto, true or false")
         for key in ("min_size", "max_size"):
             value = getattr(self, key)

@@ -16,7 +16,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
 from aifactory_train.errors import ConfigError
-from aifactory_train.recipes.crop_detection.model import build_detector
+from aifactory_train.recipes.crop_detection.model import build_detector, freeze_backbone, frozen_norm_layers
 from aifactory_train.schedules import warmup_cosine
 
 # torchmetrics' default COCO backend is pycocotools; faster_coco_eval computes the same COCOeval numbers
@@ -87,7 +87,13 @@ class CropDetectionModule(L.LightningModule):
                               f"classes: {self.class_names}")
         self.net = build_detector(model["name"], len(self.class_names) + 1, min_size=model.get("min_size"),
                                   max_size=model.get("max_size"), anchor_sizes=model.get("anchor_sizes"),
-                                  weights_path=model.get("weights_path"), extra=model.get("extra"))
+                                  weights_path=model.get("weights_path"), extra=model.get("extra"),
+                                  backbone_weights_path=model.get("backbone_weights_path"),
+                                  trainable_backbone_layers=model.get("trainable_backbone_layers"))
+        # a pretrained backbone keeps its BatchNorm statistics (torchvision's FrozenBatchNorm2d, mmdetection's
+        # norm_eval): detection batches are too small to re-estimate them. Eval and export clear the path and need
+        # nothing: in eval mode every BatchNorm uses its stored statistics anyway
+        self.frozen_norm = frozen_norm_layers(self.net) if model.get("backbone_weights_path") else []
         weed_label = self.class_names.index(weed_class) + 1
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleDict({
@@ -118,6 +124,12 @@ class CropDetectionModule(L.LightningModule):
     def forward(self, images: list[torch.Tensor]):
         return self.net(images)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for norm in self.frozen_norm:
+            norm.eval()
+        return self
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self.flops_per_sample is None:
             images, targets = batch
@@ -141,6 +153,8 @@ class CropDetectionModule(L.LightningModule):
             net = build_detector(model["name"], len(self.class_names) + 1, min_size=model.get("min_size"),
                                  max_size=model.get("max_size"), anchor_sizes=model.get("anchor_sizes"),
                                  extra=model.get("extra")).to(device).train()
+            if model.get("backbone_weights_path"):  # frozen stages compute no weight gradients: fewer FLOPs
+                freeze_backbone(net, model.get("trainable_backbone_layers"))
             for module in net.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()  # one image: SSDlite's 1 x 1 maps would give BatchNorm one value per channel
