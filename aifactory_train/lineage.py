@@ -121,7 +121,7 @@ class DigestCache:
         for rel, full in files.items():
             stat = _stat_key(full)  # a missing file fails here, before any hashing, with its path
             entry = self.entries.get(self._key(rel))
-            if entry is not None and entry[:4] == stat:
+            if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stat:
                 digests[rel] = entry[4]
             else:
                 stale[rel] = (full, stat)
@@ -147,10 +147,18 @@ class DigestCache:
         if self.path is None:
             return
         try:
+            import tempfile
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps({"version": self.VERSION, "files": self.entries}))
-            os.replace(partial, self.path)
+            # a name of its own (jobs on several nodes may share a pid) in the same folder, then an atomic rename
+            handle, partial = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(handle, "w") as out:
+                    json.dump({"version": self.VERSION, "files": self.entries}, out)
+                os.replace(partial, self.path)
+            except OSError:
+                Path(partial).unlink(missing_ok=True)
+                raise
         except OSError as err:
             log.warning("digest cache '%s' could not be written (%s); the next run hashes these files again",
                         self.path, err)
