@@ -86,8 +86,6 @@ class DigestCache:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.entries: dict[str, list] = {}
-        self.hashed_files = 0
-        self.hashed_bytes = 0
         if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -136,8 +134,6 @@ class DigestCache:
                 if _stat_key(full) == stat and now_ns - stat[1] > self.RACY_NS and now_ns - stat[2] > self.RACY_NS:
                     self.entries[self._key(rel)] = [*stat, hashed[rel]]
             nbytes = sum(stat[0] for _, stat in stale.values())
-            self.hashed_files += len(stale)
-            self.hashed_bytes += nbytes
             log.info("data digest: hashed %d file(s), %.1f MB in %.1f s; %d unchanged file(s) from the cache",
                      len(stale), nbytes / 1e6, time.time() - started, len(files) - len(stale))
             self._save()
