@@ -179,12 +179,16 @@ class TrackingConfig:
     experiment: str = "default"
     run_name: Optional[str] = None
     log_checkpoints: bool = False
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
     tags: Dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
         check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
         if self.backend == "mlflow":
             check(bool(self.uri), "tracking.uri", self.uri, "a tracking URI such as sqlite:///mlflow.db or http://host:5000")
+        check(self.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s", self.system_metrics_interval_s,
+              "a number of seconds > 0")
 
 
 @dataclass

@@ -167,6 +167,7 @@ class Tracker:
         self.uri = tracking_cfg.get("uri")
         self._resume_run_id = None
         self.logger = None
+        self._system_metrics = None
         if not self.enabled:
             return
         if is_global_zero():
@@ -217,6 +218,9 @@ class Tracker:
         )
         if self._resume_run_id:
             log.info("resuming MLflow run %s", run_id)
+            # as mlflow.start_run(run_id=...) does: a run that training continues is running again (a finished run
+            # resumed for more epochs showed FINISHED while it trained, and the system-metrics sampler stopped)
+            self.client.update_run(run_id, status="RUNNING")
             return  # params, inputs and environment were logged when the run started
         self.logger.log_hyperparams({k: v for k, v in flatten(resolved_cfg).items() if not k.startswith("hydra.")})
         client = self.client
@@ -265,6 +269,25 @@ class Tracker:
             inputs.append(DatasetInput(dataset=entity, tags=tags))
         log_dataset_inputs(self.client, self.logger.run_id, inputs)
 
+    def start_system_metrics(self) -> None:
+        """MLflow's system metrics monitor (a thread sampling psutil and NVML) on global rank 0, logging into this
+        run as ``system/*``; a resumed run continues its steps. Rank 0's node only: the other nodes' GPUs are
+        alike, and one sampler keeps the store's load flat."""
+        if self.logger is None or not is_global_zero() or not self.cfg.get("system_metrics", False):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self.logger.run_id, sampling_interval=float(self.cfg.get("system_metrics_interval_s", 10.0)),
+            resume_logging=self._resume_run_id is not None, tracking_uri=self.uri)
+        self._system_metrics.start()
+
+    def stop_system_metrics(self) -> None:
+        """Stop the sampler and write what it holds (before the run ends, or when the job stops to be resumed)."""
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
+
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         if self.logger is None or not is_global_zero():
             return
@@ -281,5 +304,6 @@ class Tracker:
             self.client.set_tag(self.logger.run_id, key, value)
 
     def finish(self, status: str) -> None:
+        self.stop_system_metrics()
         if self.logger is not None and is_global_zero():
             self.logger.finalize(status)

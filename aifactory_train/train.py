@@ -192,6 +192,7 @@ def run_training(cfg) -> dict[str, Any]:
         config_yaml.write_text(OmegaConf.to_yaml(resolved))
         lineage = datamodule.lineage()
         tracker.log_run_start(resolved, config_yaml, lineage)
+        tracker.start_system_metrics()
     else:
         lineage = None
 
@@ -216,6 +217,7 @@ def run_training(cfg) -> dict[str, Any]:
                          weights_only=True)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
     except JobStopped as stopped:
+        tracker.stop_system_metrics()  # the run stays open for the continuing job; the sampler does not
         if isinstance(stopped, JobRequeued):
             log.info("saved %s and requeued the job; the requeued job continues from it", stopped)
             return {"status": "requeued", "checkpoint": str(stopped)}

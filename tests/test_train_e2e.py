@@ -18,7 +18,8 @@ SMOKE = ["recipe=plastic_sorting", "debug=smoke", "data.batch_size=16"]  # 70 tr
 def smoke_run(plastic_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{work}/mlflow.db"
-    result = aift("train", *SMOKE, f"data.root={plastic_data}", f"hydra.run.dir={work}/run", f"tracking.uri={uri}", cwd=work)
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", f"hydra.run.dir={work}/run", f"tracking.uri={uri}",
+                  "tracking.system_metrics_interval_s=1", cwd=work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((work / "run" / "summary.json").read_text())
     return {"work": work, "run": work / "run", "uri": uri, "summary": summary, "stdout": result.stdout}
@@ -51,7 +52,8 @@ def test_mlflow_run_has_params_metrics_inputs_tags_and_artifacts(smoke_run):
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(losses) == 4 and [m.step for m in losses] == [0, 1, 2, 3]
     for metric in ("val/acc", "val/f1_macro", "test/acc", "val/recall_PET", "throughput/device/samples_per_sec",
-                   "throughput/device/flops_per_sec"):
+                   "throughput/device/flops_per_sec", "system/cpu_utilization_percentage",
+                   "system/system_memory_usage_megabytes"):
         assert metric in run.data.metrics, sorted(run.data.metrics)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"plastic_sorting-train", "plastic_sorting-val", "plastic_sorting-test"}
@@ -108,9 +110,12 @@ def test_eval_does_not_need_the_weights_training_started_from(plastic_data, tmp_
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), start)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     train = aift("train", *SMOKE, f"data.root={plastic_data}", f"model.weights_path={start}", "hydra.run.dir=run",
-                 f"tracking.uri={uri}", cwd=tmp_path)
+                 f"tracking.uri={uri}", "tracking.system_metrics=false", "tracking.system_metrics_interval_s=1",
+                 cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    trained = MlflowClient(tracking_uri=uri).get_run(s["mlflow_run_id"])  # (and the system metrics switched off)
+    assert "train/loss" in trained.data.metrics and not any(k.startswith("system/") for k in trained.data.metrics)
     shutil.rmtree(start.parent)  # the pretrained file moved on; the checkpoint holds the trained weights
     result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", f"data.root={plastic_data}",
                   "hydra.run.dir=eval", f"tracking.uri={uri}", cwd=tmp_path)
@@ -132,8 +137,12 @@ def test_eval_with_another_class_set_is_refused(smoke_run, plastic_data, tmp_pat
 def test_resume_from_last_continues_the_same_mlflow_run(smoke_run, plastic_data, tmp_path):
     run_dir = Path(shutil.copytree(smoke_run["run"], tmp_path / "run"))
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    client = MlflowClient(tracking_uri=smoke_run["uri"])
+    system_steps = [m.step for m in client.get_metric_history(smoke_run["summary"]["mlflow_run_id"],
+                                                              "system/cpu_utilization_percentage")]
     result = aift("train", *SMOKE, f"data.root={plastic_data}", f"hydra.run.dir={run_dir}", "ckpt_path=last",
-                  "trainer.max_epochs=2", f"tracking.uri={smoke_run['uri']}", cwd=smoke_run["work"])
+                  "trainer.max_epochs=2", f"tracking.uri={smoke_run['uri']}", "tracking.system_metrics_interval_s=1",
+                  cwd=smoke_run["work"])
     assert result.returncode == 0, result.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
@@ -142,6 +151,10 @@ def test_resume_from_last_continues_the_same_mlflow_run(smoke_run, plastic_data,
     history = MlflowClient(tracking_uri=smoke_run["uri"]).get_metric_history(s["mlflow_run_id"], "train/loss")
     assert sorted(m.step for m in history) == list(range(8))
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() != before
+    assert client.get_run(s["mlflow_run_id"]).info.status == "FINISHED"
+    # the system metrics continue after the first job's steps instead of writing over them
+    resumed = [m.step for m in client.get_metric_history(s["mlflow_run_id"], "system/cpu_utilization_percentage")]
+    assert system_steps and len(resumed) > len(system_steps) and len(set(resumed)) == len(resumed)
 
 
 def test_resume_last_without_a_checkpoint_explains_hydra_run_dir(plastic_data, tmp_path):
