@@ -23,6 +23,8 @@ usage:
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
                                            de-identify sensitive text (clinical_notes: deduce) before training
+  aift data runs recipe=NAME data.root=DIR [tracking.uri=URI]
+                                           the runs (and checkpoints) that used this data, found by digest
   aift launch [--dry-run] [-m] KEY=VALUE ...
                                            render + submit an sbatch job (-m: one job per sweep point)
   aift launch --local N KEY=VALUE ...      the same job as N processes on this machine (smoke test)
@@ -130,6 +132,47 @@ def _data_deidentify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_runs(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from aifactory_train.config import build, compose_train_config, validate
+    from aifactory_train.errors import ConfigError
+    from aifactory_train.tracking import runs_trained_on
+
+    with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
+        cfg = compose_train_config(args.overrides, run_dir)
+        validate(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracking = resolved["tracking"]
+    if tracking["backend"] != "mlflow":
+        raise ConfigError("aift data runs searches an MLflow store: give tracking.uri=... (tracking=none has none)")
+    datamodule = build(cfg.data, _convert_="all")
+    datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
+    lineage = datamodule.lineage()
+    runs = runs_trained_on(tracking["uri"], lineage)
+    print(f"data {lineage.root}: digest {lineage.digest}")
+    for name, split in lineage.splits.items():
+        print(f"  {name}: {split.num_rows} rows, digest {split.digest}")
+    if not runs:
+        print(f"no run in {tracking['uri']} used this data")
+    else:
+        print(f"{len(runs)} run(s) in {tracking['uri']} used this data:")
+        for run in runs:
+            shared = "all splits" if run["all_data"] else "splits " + ", ".join(run["splits"])
+            print(f"  {run['start_time']}  {run['run_id']}  {run['kind']:5s}  {run['experiment']}/{run['run_name']}  "
+                  f"{run['status']}{' (deleted)' if run['deleted'] else ''}  {shared}"
+                  + (f"  checkpoint {run['best_checkpoint']}" if run["best_checkpoint"] else ""))
+    if args.out:
+        report = {"data": lineage.as_dict(), "tracking_uri": tracking["uri"], "runs": runs}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
@@ -194,6 +237,17 @@ def _parser() -> argparse.ArgumentParser:
                                                         "data.root=RAW data.text_field=note")
     deidentify.add_argument("--out", required=True, help="output folder; must be empty or new unless --overwrite")
     deidentify.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    runs = data_sub.add_parser(
+        "runs",
+        prog="aift data runs",
+        help="the runs that used a dataset",
+        description="Which runs (training and eval, all experiments, deleted ones included) used this data? Reads "
+                    "the data as the recipe does, computes its digests and finds every run in the MLflow store whose "
+                    "dataset inputs have one of them, with the splits it shares: the data owner's question.",
+    )
+    runs.add_argument("overrides", nargs="*", help="train overrides naming the data and the store, e.g. "
+                                                  "recipe=plastic_sorting data.root=DIR tracking.uri=sqlite:///mlflow.db")
+    runs.add_argument("--out", default=None, help="also write the data's digests and the runs as JSON here")
     checkpoint = sub.add_parser("checkpoint", prog="aift checkpoint", help="checkpoint tools",
                                 description="Checkpoint tools.")
     checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
@@ -260,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recipes":
             return _recipes_list()
         if args.command == "data":
-            return _data_deidentify(args) if args.data_command == "deidentify" else _data_synth(args)
+            actions = {"deidentify": _data_deidentify, "runs": _data_runs, "synth": _data_synth}
+            return actions[args.data_command](args)
         if args.command == "checkpoint":
             from aifactory_train.checkpoints import consolidate
 

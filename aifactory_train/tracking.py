@@ -157,6 +157,56 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
+    """Every run in the store (all experiments; training and eval runs) that used one or more splits of
+    ``lineage``'s data, found by digest: the data owner's question "which models were trained on my data?".
+
+    A run matches a split when one of its MLflow dataset inputs has that split's digest, so a run that trained on
+    this train split with other validation data is listed too, with the splits it shares."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"tracking.uri '{uri}': there is no MLflow store at that path (no run has used it yet); "
+                            "point tracking.uri at the store the training runs logged to")
+    check_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    split_of = {split.digest[:MLFLOW_DIGEST_CHARS]: name for name, split in lineage.splits.items()}
+    quoted = ", ".join(f"'{d}'" for d in split_of)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ALL)}
+    if not experiments or not split_of:
+        return []
+    found = []
+    for run in _all_runs(client, list(experiments), f"dataset.digest IN ({quoted})"):
+        tags = run.data.tags
+        splits = sorted({split_of[d.dataset.digest] for d in run.inputs.dataset_inputs if d.dataset.digest in split_of})
+        found.append({
+            "run_id": run.info.run_id, "experiment": experiments.get(run.info.experiment_id),
+            "run_name": run.info.run_name, "kind": tags.get("aift.run_kind", "train"), "status": run.info.status,
+            "deleted": run.info.lifecycle_stage == "deleted",  # soft-deleted: its artifacts may still exist
+            "start_time": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
+            "splits": splits, "all_data": tags.get("aift.data.digest") == lineage.digest,
+            "recipe": run.data.params.get("recipe.name"), "best_checkpoint": tags.get("aift.checkpoint.best"),
+            "output_dir": tags.get("aift.output_dir"),
+            "datacard": {k[len("aift.data."):]: v for k, v in tags.items()
+                         if k.startswith("aift.data.") and k[len("aift.data."):] in ("owner", "license", "consent")},
+        })
+    return sorted(found, key=lambda r: r["start_time"])
+
+
+def _all_runs(client, experiment_ids: list[str], filter_string: str):
+    from mlflow.entities import ViewType
+
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, run_view_type=ViewType.ALL,
+                                  max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 class Tracker:
     """One tracking run per training job; a no-op when ``tracking.backend`` is ``none``."""
 

@@ -124,6 +124,40 @@ def test_eval_does_not_need_the_weights_training_started_from(plastic_data, tmp_
     assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
 
 
+def test_data_runs_lists_the_runs_that_used_each_split(smoke_run, plastic_data, tmp_path):
+    s = smoke_run["summary"]
+    result = aift("data", "runs", "recipe=plastic_sorting", f"data.root={plastic_data}",
+                  f"tracking.uri={smoke_run['uri']}", "--out", str(tmp_path / "runs.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "runs.json").read_text())
+    assert report["data"]["digest"] == s["dataset"]["digest"]
+    (trained,) = [r for r in report["runs"] if r["run_id"] == s["mlflow_run_id"]]
+    assert trained["kind"] == "train" and trained["all_data"] and trained["splits"] == ["test", "train", "val"]
+    assert trained["recipe"] == "plastic_sorting" and trained["datacard"]["license"] == "CC0-1.0"
+    assert s["mlflow_run_id"] in result.stdout and "all splits" in result.stdout
+
+    # the same images with one test image changed: the run shares the train and val splits only
+    changed = Path(shutil.copytree(plastic_data, tmp_path / "changed"))
+    image = sorted((changed / "test" / "PET").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")
+    result = aift("data", "runs", "recipe=plastic_sorting", f"data.root={changed}", f"tracking.uri={smoke_run['uri']}",
+                  "--out", str(tmp_path / "changed.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (partial,) = [r for r in json.loads((tmp_path / "changed.json").read_text())["runs"]
+                  if r["run_id"] == s["mlflow_run_id"]]
+    assert not partial["all_data"] and partial["splits"] == ["train", "val"]
+
+
+def test_data_runs_needs_an_existing_store(plastic_data, tmp_path):
+    missing = tmp_path / "nowhere.db"
+    result = aift("data", "runs", "recipe=plastic_sorting", f"data.root={plastic_data}",
+                  f"tracking.uri=sqlite:///{missing}", cwd=tmp_path)
+    assert result.returncode == 2 and f"'sqlite:///{missing}': there is no MLflow store" in result.stderr
+    assert not missing.exists()  # a query does not create an empty store
+    result = aift("data", "runs", "recipe=plastic_sorting", f"data.root={plastic_data}", "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2 and "tracking=none has none" in result.stderr
+
+
 def test_eval_with_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
     data = Path(shutil.copytree(plastic_data, tmp_path / "fewer"))
     for split in ("train", "val", "test"):
