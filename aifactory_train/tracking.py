@@ -327,6 +327,7 @@ class Tracker:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # four INFO lines per run, no news
         self._system_metrics = SystemMetricsMonitor(
             self.logger.run_id, sampling_interval=float(self.cfg.get("system_metrics_interval_s", 10.0)),
             resume_logging=self._resume_run_id is not None, tracking_uri=self.uri)
