@@ -234,11 +234,14 @@ class CropDetectionModule(L.LightningModule):
         for image, target, pred in zip(images, targets, preds):
             canvas = (image.float().clamp(0, 1) * 255).to(torch.uint8).cpu()
             names = [self.class_names[int(l) - 1] for l in target["labels"]]
-            canvas = draw_bounding_boxes(canvas, target["boxes"].cpu(), labels=names, colors="lime", width=2)
+            if names:  # (torchvision warns on an empty box list: negatives, an untrained model)
+                canvas = draw_bounding_boxes(canvas, target["boxes"].cpu(), labels=names, colors="lime", width=2)
             keep = pred["scores"] >= threshold
             labels = [f"{self.class_names[int(l) - 1]} {float(s):.2f}"
                       for l, s in zip(pred["labels"][keep], pred["scores"][keep])]
-            canvas = draw_bounding_boxes(canvas, pred["boxes"][keep].float().cpu(), labels=labels, colors="red", width=1)
+            if labels:
+                canvas = draw_bounding_boxes(canvas, pred["boxes"][keep].float().cpu(), labels=labels, colors="red",
+                                             width=1)
             tiles.append(canvas)
         size = max(t.shape[-1] for t in tiles), max(t.shape[-2] for t in tiles)
         tiles = [torch.nn.functional.pad(t, (0, size[0] - t.shape[-1], 0, size[1] - t.shape[-2])) for t in tiles]
