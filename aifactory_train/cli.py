@@ -107,20 +107,27 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_deidentify(args: argparse.Namespace) -> int:
-    import json
+def _validated_train_config(overrides: list[str]):
+    """The `aift train` config for ``overrides`` (validated) and its resolved dict, for the data tools."""
     import tempfile
 
     from omegaconf import OmegaConf
 
     from aifactory_train.config import compose_train_config, validate
+
+    with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
+        cfg = compose_train_config(overrides, run_dir)
+        validate(cfg)
+        return cfg, OmegaConf.to_container(cfg, resolve=True)
+
+
+def _data_deidentify(args: argparse.Namespace) -> int:
+    import json
+
     from aifactory_train.errors import ConfigError
     from aifactory_train.resources import load_object
 
-    with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
-        cfg = compose_train_config(args.overrides, run_dir)
-        validate(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+    _, resolved = _validated_train_config(args.overrides)
     recipe = resolved["recipe"]
     if not recipe.get("deidentify"):
         raise ConfigError(f"recipe '{recipe['name']}' has no de-identification step (recipe.deidentify is empty)")
@@ -134,19 +141,13 @@ def _data_deidentify(args: argparse.Namespace) -> int:
 
 def _data_runs(args: argparse.Namespace) -> int:
     import json
-    import tempfile
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
-    from aifactory_train.config import build, compose_train_config, validate
+    from aifactory_train.config import build
     from aifactory_train.errors import ConfigError
     from aifactory_train.tracking import runs_trained_on
 
-    with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
-        cfg = compose_train_config(args.overrides, run_dir)
-        validate(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+    cfg, resolved = _validated_train_config(args.overrides)
     tracking = resolved["tracking"]
     if tracking["backend"] != "mlflow":
         raise ConfigError("aift data runs searches an MLflow store: give tracking.uri=... (tracking=none has none)")
