@@ -130,3 +130,28 @@ class TrainingThroughput(L.Callback):
         if self._epoch_start is not None:
             self.seconds += time.perf_counter() - self._epoch_start
             self._epoch_start = None
+
+
+class EnergyMeter(L.Callback):
+    """Reads this process's energy counter from the start of fit to ``finish()`` (after the test stage), into
+    ``<run>/energy`` (see :mod:`aifactory_train.energy`). It starts in ``setup``, which every rank runs after it is
+    launched and has its device."""
+
+    def __init__(self, meter: str | None, energy_cfg: dict, run_dir) -> None:
+        self.meter = meter
+        self.energy_cfg = energy_cfg
+        self.run_dir = run_dir
+        self.ledger = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.ledger is not None:
+            return
+        from aifactory_train.energy import open_ledger
+
+        self.ledger = open_ledger(self.meter, self.energy_cfg, self.run_dir, trainer)
+        if self.ledger is not None:
+            self.ledger.start()
+
+    def finish(self) -> None:
+        if self.ledger is not None:
+            self.ledger.stop()

@@ -21,6 +21,7 @@ STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 GPU_STRATEGIES = ("fsdp", "deepspeed")  # on CPU only with strategy.cpu_smoke=true
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 TRACKING_BACKENDS = ("mlflow", "none")
+ENERGY_METERS = ("auto", "nvml", "rapl", "none")
 
 
 def check_choice(key: str, value: Any, valid: tuple | list) -> None:
@@ -192,6 +193,19 @@ class TrackingConfig:
 
 
 @dataclass
+class EnergyConfig:
+    """Energy per training run from hardware counters (aifactory_train.energy), into summary.json and MLflow."""
+
+    meter: str = "auto"  # auto: NVML on GPUs, powercap (RAPL) on CPUs, nothing where the counter is missing
+    sample_every_s: float = 30.0
+    powercap_dir: str = "/sys/class/powercap"
+
+    def check(self) -> None:
+        check_choice("energy.meter", self.meter, ENERGY_METERS)
+        check(self.sample_every_s > 0, "energy.sample_every_s", self.sample_every_s, "a number of seconds > 0")
+
+
+@dataclass
 class PathsConfig:
     data_dir: str = "data"
     output_dir: str = "outputs"
@@ -258,6 +272,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 42

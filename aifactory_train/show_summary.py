@@ -15,6 +15,9 @@ def main(path: str) -> None:
         print(f"  {key:<16} {metrics[key]:.4f}")
     if summary.get("train_samples_per_s"):
         print(f"  training speed   {summary['train_samples_per_s']:.1f} samples/s")
+    energy = summary.get("energy") or {}
+    if energy.get("measured"):
+        print(f"  energy           {energy['kwh']:.6f} kWh ({energy['meter']}, {energy['devices']} counters)")
     print(f"  best checkpoint  {summary['best_checkpoint']}")
     print(f"  MLflow run       {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     print(f"  summary file     {Path(path).resolve()}")

@@ -348,6 +348,11 @@ class Tracker:
             elif path.is_file():
                 self.client.log_artifact(self.logger.run_id, str(path), artifact_path)
 
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger is None or not is_global_zero():
+            return
+        self.logger.log_metrics(metrics, step=step)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.logger is None or not is_global_zero():
             return

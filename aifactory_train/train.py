@@ -112,7 +112,7 @@ def run_training(cfg) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from aifactory_train.callbacks import TrainingThroughput
+    from aifactory_train.callbacks import EnergyMeter, TrainingThroughput
     from aifactory_train.resume import (AtomicCheckpointIO, JobRequeued, JobStopped, RNGStateCallback,
                                         SignalCheckpoint, periodic_checkpoint)
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
@@ -151,7 +151,8 @@ def run_training(cfg) -> dict[str, Any]:
         enable_version_counter=False,
     )
     throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
-    callbacks = [checkpoint, throughput, StrategyConfigFile(run_dir), RNGStateCallback()]
+    energy = EnergyMeter(None, resolved["energy"], run_dir)  # its meter is chosen once the device is known
+    callbacks = [checkpoint, throughput, energy, StrategyConfigFile(run_dir), RNGStateCallback()]
     periodic = resolved["checkpoint"]
     if periodic["every_n_train_steps"] or periodic["every_n_minutes"]:
         # last.ckpt during the epoch too; best-* stays with the monitor above
@@ -181,6 +182,11 @@ def run_training(cfg) -> dict[str, Any]:
         default_root_dir=run_dir,
     )
 
+    from aifactory_train.energy import check_meter, set_aside_earlier_energy, summarize
+
+    energy.meter, energy_reason = check_meter(resolved["energy"], on_gpu=trainer.strategy.root_device.type == "cuda")
+    if not ckpt_path and is_global_zero():
+        set_aside_earlier_energy(run_dir)  # a fresh start in a used folder does not add the old run's energy
     if ckpt_path:
         from aifactory_train.checkpoints import check_world_size
 
@@ -216,7 +222,11 @@ def run_training(cfg) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path="best" if tested == "best" else None,
                          weights_only=True)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
+        energy.finish()
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("energy")  # every rank's energy file is final before rank 0 adds them up
     except JobStopped as stopped:
+        energy.finish()  # its file keeps this job's share; the continuing job adds its own
         tracker.stop_system_metrics()  # the run stays open for the continuing job; the sampler does not
         if isinstance(stopped, JobRequeued):
             log.info("saved %s and requeued the job; the requeued job continues from it", stopped)
@@ -224,6 +234,7 @@ def run_training(cfg) -> dict[str, Any]:
         log.info("stopped on SIGTERM after saving %s; the same command with ckpt_path=auto continues from it", stopped)
         return {"status": "stopped", "checkpoint": str(stopped)}
     except BaseException:
+        energy.finish()
         tracker.finish("FAILED")
         raise
 
@@ -260,6 +271,10 @@ def run_training(cfg) -> dict[str, Any]:
     }
     if not is_global_zero():
         return summary
+    summary["energy"] = summarize(run_dir, energy_reason)
+    if summary["energy"]["measured"]:
+        tracker.log_metrics({f"energy/{k}": summary["energy"][k] for k in ("kwh", "joules", "mean_watts")
+                             if summary["energy"][k] is not None}, step=trainer.global_step)
     summary_path = write_summary(run_dir, summary)
     tracker.set_tags({
         "aift.checkpoint.best": summary["best_checkpoint"] or "",

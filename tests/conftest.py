@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,51 @@ def pretrained_lm(clinical_data, tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(llama_config(sizes, info)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+class PowercapFiles:
+    """The kernel's powercap files for one CPU package (``intel-rapl:0``), kept counting by a thread at ``watts``.
+
+    This machine has no readable RAPL counter, so the tests stand in for the kernel: the files have its layout
+    and wrap-around, and the runs read them through ``energy.powercap_dir``, exactly as they read /sys. The
+    counter is a pure function of time (joules = watts x seconds since start), so a run's reads can be checked
+    against the time it measured. It starts 1 J below the wrap, so every run crosses a wrap-around."""
+
+    RANGE_UJ = 262_143_328_850
+
+    def __init__(self, root: Path, watts: float):
+        self.root, self.watts = root, watts
+        self.zone = root / "intel-rapl:0"
+        (root / "intel-rapl:0:0").mkdir(parents=True)  # a sub-zone (cores), which must not be added again
+        (root / "intel-rapl:0:0" / "energy_uj").write_text("0\n")
+        (root / "intel-rapl:0:0" / "max_energy_range_uj").write_text(f"{self.RANGE_UJ}\n")
+        self.zone.mkdir(exist_ok=True)
+        (self.zone / "name").write_text("package-0\n")
+        (self.zone / "max_energy_range_uj").write_text(f"{self.RANGE_UJ}\n")
+        self._start_uj = self.RANGE_UJ - 1_000_000
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._write()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        uj = int(self._start_uj + self.watts * (time.monotonic() - self._t0) * 1e6) % (self.RANGE_UJ + 1)
+        tmp = self.zone / "energy_uj.tmp"
+        tmp.write_text(f"{uj}\n")
+        tmp.replace(self.zone / "energy_uj")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._write()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def powercap(tmp_path_factory):
+    files = PowercapFiles(tmp_path_factory.mktemp("powercap"), watts=50.0)
+    yield files
+    files.close()

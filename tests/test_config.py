@@ -149,6 +149,8 @@ def test_added_key_unknown_to_the_schema_is_an_error(tmp_path):
         ("optim.name=lion", "optim.name", "adamw"),
         ("tracking.backend=wandb", "tracking.backend", "mlflow"),
         ("tracking.system_metrics_interval_s=0", "tracking.system_metrics_interval_s", "seconds > 0"),
+        ("energy.sample_every_s=0", "energy.sample_every_s", "seconds > 0"),
+        ("energy.meter=wattmeter", "energy.meter", "auto, nvml, rapl, none"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_valid(override, key, expected, tmp_path):

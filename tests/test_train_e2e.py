@@ -19,7 +19,7 @@ def smoke_run(plastic_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{work}/mlflow.db"
     result = aift("train", *SMOKE, f"data.root={plastic_data}", f"hydra.run.dir={work}/run", f"tracking.uri={uri}",
-                  "tracking.system_metrics_interval_s=1", cwd=work)
+                  "tracking.system_metrics_interval_s=1", f"energy.powercap_dir={work}/no-powercap", cwd=work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((work / "run" / "summary.json").read_text())
     return {"work": work, "run": work / "run", "uri": uri, "summary": summary, "stdout": result.stdout}
@@ -39,6 +39,9 @@ def test_summary_file_has_the_documented_keys(smoke_run):
         assert key in s["metrics"]
     assert set(s["dataset"]["splits"]) == {"train", "val", "test"}
     assert s["precision"] == "32-true"
+    # energy.meter=auto on a CPU without a powercap counter: nothing measured, and the summary says why
+    assert s["energy"]["measured"] is False and "no-powercap" in s["energy"]["reason"]
+    assert not (smoke_run["run"] / "energy").exists()
 
 
 def test_mlflow_run_has_params_metrics_inputs_tags_and_artifacts(smoke_run):
@@ -272,11 +275,12 @@ def test_multispectral_experiment_trains_with_four_bands(plastic_data_ms, tmp_pa
     assert state["hyper_parameters"]["data_info"]["channels"] == ["red", "green", "blue", "nir"]
 
 
-def test_ddp_on_two_cpu_processes_shares_one_folder_and_one_mlflow_run(plastic_data, tmp_path):
+def test_ddp_on_two_cpu_processes_shares_one_folder_and_one_mlflow_run(plastic_data, powercap, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = aift("train", "recipe=plastic_sorting", "debug=smoke", "data.batch_size=8", f"data.root={plastic_data}",
                   "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"tracking.uri={uri}",
-                  "tracking.experiment=ddp_check", "hydra.run.dir=run", cwd=tmp_path)
+                  "tracking.experiment=ddp_check", "hydra.run.dir=run", f"energy.powercap_dir={powercap.root}",
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_processes"] == 2
@@ -286,6 +290,9 @@ def test_ddp_on_two_cpu_processes_shares_one_folder_and_one_mlflow_run(plastic_d
     runs = client.search_runs([client.get_experiment_by_name("ddp_check").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
     assert len(client.get_metric_history(summary["mlflow_run_id"], "train/loss")) == 4
+    # both ranks share the node's CPU package counter: rank 0 alone reads it (rank 1 would count it twice)
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "run" / "energy").glob("*.json")]
+    assert record["rank"] == 0 and summary["energy"]["devices"] == 1
 
 
 def test_mixup_and_cutmix_train_with_soft_labels(plastic_data, tmp_path):
