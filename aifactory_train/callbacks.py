@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import lightning as L
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def batch_size_of(batch) -> int:
@@ -146,11 +149,19 @@ class EnergyMeter(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.ledger is not None:
             return
-        from aifactory_train.energy import open_ledger
+        from pathlib import Path
 
-        self.ledger = open_ledger(self.meter, self.energy_cfg, self.run_dir, trainer)
-        if self.ledger is not None:
-            self.ledger.start()
+        from aifactory_train.energy import ENERGY_DIR, open_ledger, record_failure
+
+        try:
+            self.ledger = open_ledger(self.meter, self.energy_cfg, self.run_dir, trainer)
+            if self.ledger is not None:
+                self.ledger.start()
+        except Exception as err:  # noqa: BLE001 - e.g. a MIG slice without a counter: train on, and say so
+            self.ledger = None
+            log.warning("energy: rank %d cannot read its %s counter (%s); the run's total leaves this rank out",
+                        trainer.global_rank, self.meter, err)
+            record_failure(Path(self.run_dir) / ENERGY_DIR, self.meter, trainer.global_rank, err)
 
     def finish(self) -> None:
         if self.ledger is not None:

@@ -205,40 +205,59 @@ class RunEnergy:
     files: int
     devices: int  # distinct counters (GPUs, or CPU packages per host)
     segments: int  # job starts that measured: files of global rank 0 (a resume or requeue adds one)
-    skipped: list[str]
+    skipped: list[str]  # files that could not be read
+    unmeasured: list[str]  # processes whose counter could not be opened, and why
 
     def as_dict(self) -> dict[str, Any]:
+        if not self.files:
+            return {"measured": False, "meter": None,
+                    "reason": "no counter could be read: " + "; ".join(self.unmeasured or self.skipped)}
         return {"measured": True, "meter": self.meter, "joules": round(self.joules, 3),
                 "kwh": self.joules / JOULES_PER_KWH,
                 "mean_watts": round(self.joules / self.seconds, 3) if self.seconds else None,
                 "files": self.files, "devices": self.devices, "segments": self.segments,
-                "unreadable_files": self.skipped}
+                "unreadable_files": self.skipped, "unmeasured": self.unmeasured}
+
+
+def record_failure(folder: Path, meter: str, rank: int, err: Exception) -> None:
+    """This process could not open its counter: say so in the run's energy files, so the total is known to
+    leave it out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{socket.gethostname()}-{os.getpid()}-rank{rank}.json"
+    path.write_text(json.dumps({"meter": meter, "host": socket.gethostname(), "rank": rank,
+                                "error": f"{type(err).__name__}: {err}"}, indent=1) + "\n")
 
 
 def read_run_energy(run_dir: Path) -> RunEnergy | None:
-    """Sum ``<run>/energy/*.json``. None when the run has no energy files. A file that cannot be read is listed in
-    ``skipped`` (with a warning) rather than failing the run: the total is then a lower bound, and says so."""
+    """Sum ``<run>/energy/*.json``. None when the run has no energy files. A file that cannot be read, and a
+    process that could not open its counter, are listed (with a warning for the first) rather than failing the
+    run: the total is then a lower bound, and says so."""
     folder = Path(run_dir) / ENERGY_DIR
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
         return None
     joules = seconds = 0.0
-    meters, devices, segments, skipped = set(), set(), set(), []
+    meters, devices, segments, skipped, unmeasured = set(), set(), set(), [], []
+    measured = 0
     for path in files:
         try:
             record = json.loads(path.read_text())
+            if "error" in record:
+                unmeasured.append(f"{record.get('host')} rank {record.get('rank')}: {record['error']}")
+                continue
             joules += float(record["joules"])
             seconds += float(record["seconds"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("energy: %s is unreadable (%s); the run's total leaves it out", path, err)
             skipped.append(path.name)
             continue
+        measured += 1
         meters.add(record.get("meter"))
         devices.update((record.get("host"), d) for d in record.get("devices", []))
         if record.get("rank") == 0:
             segments.add(path.name)
     meter = meters.pop() if len(meters) == 1 else "+".join(sorted(str(m) for m in meters)) or None
-    return RunEnergy(meter, joules, seconds, len(files) - len(skipped), len(devices), len(segments), skipped)
+    return RunEnergy(meter, joules, seconds, measured, len(devices), len(segments), skipped, unmeasured)
 
 
 def open_ledger(meter: str | None, cfg: dict[str, Any], run_dir: Path, trainer) -> EnergyLedger | None:

@@ -45,13 +45,37 @@ def test_run_energy_adds_every_file_and_names_the_unreadable_ones(tmp_path):
                                                          "rank": rank, "joules": joules, "seconds": 10.0}))
     (folder / "c-rank0.json").write_text('{"meter": "nv')  # cut short: a disk that filled up
     (folder / "d-rank0.tmp").write_text("{}")  # a write in progress is not a record
+    (folder / "e-rank2.json").write_text(json.dumps({"meter": "nvml", "host": "n2", "rank": 2,
+                                                    "error": "NVMLError_NotSupported: Not Supported"}))
     total = read_run_energy(tmp_path)
     assert total.joules == pytest.approx(250.0) and total.seconds == pytest.approx(30.0)
     assert (total.files, total.devices, total.segments) == (3, 2, 2)
     assert total.skipped == ["c-rank0.json"]
+    assert total.unmeasured == ["n2 rank 2: NVMLError_NotSupported: Not Supported"]
     summary = total.as_dict()
     assert summary["kwh"] == pytest.approx(250.0 / 3.6e6) and summary["mean_watts"] == pytest.approx(250 / 30, abs=1e-3)
     assert read_run_energy(tmp_path / "elsewhere") is None
+
+
+def test_a_rank_that_cannot_open_its_counter_trains_on_and_the_total_says_so(tmp_path):
+    """A real (tiny) Lightning fit whose counter vanished between the check and the start of fit (as a MIG slice
+    without a counter does on NVML): training finishes, and the run's energy names what it left out."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from aifactory_train.callbacks import EnergyMeter
+    from aifactory_train.energy import summarize
+
+    meter = EnergyMeter("rapl", {"powercap_dir": str(tmp_path / "gone"), "sample_every_s": 1.0}, tmp_path)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[meter],
+                        default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    meter.finish()
+    assert trainer.global_step == 2
+    energy = summarize(tmp_path, reason=None)
+    assert energy["measured"] is False
+    assert "rank 0: FileNotFoundError: no package zones (intel-rapl:N)" in energy["reason"]
 
 
 def energy_files(run: Path) -> list[dict]:
