@@ -264,6 +264,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when ``recipe.monitor`` has not improved for ``patience`` validations (Lightning's EarlyStopping)."""
+
+    patience: Optional[int] = None  # null: off
+    min_delta: float = 0.0
+
+    def check(self) -> None:
+        check(self.patience is None or self.patience >= 1, "early_stopping.patience", self.patience,
+              "null (off) or a number of validations >= 1")
+        check(self.min_delta >= 0, "early_stopping.min_delta", self.min_delta, "a number >= 0")
+
+
+@dataclass
 class RunConfig:
     """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
 
@@ -275,6 +288,7 @@ class RunConfig:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     seed: int = 42
     ckpt_path: Optional[str] = None
     run_test: bool = True

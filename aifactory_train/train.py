@@ -90,6 +90,16 @@ def _peak_device_memory_gib(trainer) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
+def _early_stopping_summary(callback) -> dict[str, Any] | None:
+    """Whether early stopping ended the run, and Lightning's own words for why; None when it was off."""
+    if callback is None:
+        return None
+    reason = callback.stopping_reason.name.lower()  # e.g. patience_exhausted, non_finite_metric
+    stopped = reason != "not_stopped"
+    return {"stopped": stopped, "reason": reason,
+            "message": callback.stopping_reason_message, "epoch": callback.stopped_epoch if stopped else None}
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train the configured recipe; return the summary (also written to <run dir>/summary.json)."""
     started = time.time()
@@ -158,6 +168,15 @@ def run_training(cfg) -> dict[str, Any]:
         # last.ckpt during the epoch too; best-* stays with the monitor above
         callbacks.append(periodic_checkpoint(run_dir / CHECKPOINT_DIR, periodic["every_n_train_steps"],
                                              periodic["every_n_minutes"]))
+    early_stopping = None
+    if resolved["early_stopping"]["patience"]:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        # its state (best score, validations waited) is in the checkpoint, so a resumed run keeps counting
+        early_stopping = EarlyStopping(monitor=recipe["monitor"], mode=recipe["monitor_mode"],
+                                       patience=resolved["early_stopping"]["patience"],
+                                       min_delta=resolved["early_stopping"]["min_delta"])
+        callbacks.append(early_stopping)
     logger = tracker.lightning_logger()
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -257,6 +276,7 @@ def run_training(cfg) -> dict[str, Any]:
         "tested_weights": tested,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
+        "early_stopping": _early_stopping_summary(early_stopping),
         "train_samples": throughput.samples,
         "train_samples_per_s": throughput.samples_per_s,
         "train_tokens": throughput.tokens,
@@ -276,10 +296,11 @@ def run_training(cfg) -> dict[str, Any]:
         tracker.log_metrics({f"energy/{k}": summary["energy"][k] for k in ("kwh", "joules", "mean_watts")
                              if summary["energy"][k] is not None}, step=trainer.global_step)
     summary_path = write_summary(run_dir, summary)
-    tracker.set_tags({
-        "aift.checkpoint.best": summary["best_checkpoint"] or "",
-        "aift.checkpoint.last": summary["last_checkpoint"] or "",
-    })
+    tags = {"aift.checkpoint.best": summary["best_checkpoint"] or "",
+            "aift.checkpoint.last": summary["last_checkpoint"] or ""}
+    if summary["early_stopping"] is not None:
+        tags["aift.early_stopping"] = summary["early_stopping"]["reason"]
+    tracker.set_tags(tags)
     artifacts = [run_dir / "reports", summary_path]
     if resolved["tracking"].get("log_checkpoints"):
         artifacts.append(run_dir / CHECKPOINT_DIR)

@@ -151,6 +151,7 @@ def test_added_key_unknown_to_the_schema_is_an_error(tmp_path):
         ("tracking.system_metrics_interval_s=0", "tracking.system_metrics_interval_s", "seconds > 0"),
         ("energy.sample_every_s=0", "energy.sample_every_s", "seconds > 0"),
         ("energy.meter=wattmeter", "energy.meter", "auto, nvml, rapl, none"),
+        ("early_stopping.patience=0", "early_stopping.patience", "null (off) or a number of validations >= 1"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_valid(override, key, expected, tmp_path):

@@ -41,6 +41,7 @@ def test_summary_file_has_the_documented_keys(smoke_run):
     assert s["precision"] == "32-true"
     # energy.meter=auto on a CPU without a powercap counter: nothing measured, and the summary says why
     assert s["energy"]["measured"] is False and "no-powercap" in s["energy"]["reason"]
+    assert s["early_stopping"] is None  # off unless early_stopping.patience is set
     assert not (smoke_run["run"] / "energy").exists()
 
 
@@ -372,3 +373,17 @@ def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):
         for run_id in runs:
             inputs = client.get_run(run_id).inputs.dataset_inputs
             assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("notes-train", "0123456789")]
+
+
+def test_early_stopping_ends_the_run_when_the_monitor_stops_improving(plastic_data, tmp_path):
+    """val/f1_macro (the recipe's monitor) must improve by more than 10 to count: after the first validation nothing
+    can, so with patience 1 the second validation stops the run, at 2 of its 6 epochs."""
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", "trainer.max_epochs=6", "early_stopping.patience=1",
+                  "early_stopping.min_delta=10", "tracking=none", "run_test=false", f"hydra.run.dir={tmp_path}/run",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["global_step"] == 2 * 4 and summary["epochs"] == 2
+    stop = summary["early_stopping"]
+    assert stop["stopped"] and stop["reason"] == "patience_exhausted" and stop["epoch"] == 1
+    assert "val/f1_macro did not improve" in stop["message"]
