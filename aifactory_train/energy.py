@@ -35,6 +35,11 @@ from aifactory_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
+def node_name() -> str:
+    """Slurm's name of this node (what admins and `sacct` know it by), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
 ENERGY_DIR = "energy"
 JOULES_PER_KWH = 3.6e6
 
@@ -140,7 +145,7 @@ def check_meter(cfg: dict[str, Any], on_gpu: bool) -> tuple[str | None, str | No
     if reason is None:
         return meter, None
     if strict:
-        raise ConfigError(f"config key 'energy.meter': '{meter}' cannot be read on {socket.gethostname()}: {reason}; "
+        raise ConfigError(f"config key 'energy.meter': '{meter}' cannot be read on {node_name()}: {reason}; "
                           f"valid: auto (measures where it can), none")
     log.info("energy not measured: %s", reason)
     return None, reason
@@ -155,8 +160,8 @@ class EnergyLedger:
         self.folder = Path(folder)
         self.sample_every_s = sample_every_s
         started = time.strftime("%Y%m%dT%H%M%S")
-        self.path = self.folder / f"{started}-{socket.gethostname()}-{os.getpid()}-rank{rank}.json"
-        self.record = {"meter": counter.kind, "devices": counter.devices, "host": socket.gethostname(), "rank": rank,
+        self.path = self.folder / f"{started}-{node_name()}-{os.getpid()}-rank{rank}.json"
+        self.record = {"meter": counter.kind, "devices": counter.devices, "host": node_name(), "rank": rank,
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time(),
                        "joules": 0.0, "seconds": 0.0}
         self._stop = threading.Event()
@@ -223,8 +228,8 @@ def record_failure(folder: Path, meter: str, rank: int, err: Exception) -> None:
     """This process could not open its counter: say so in the run's energy files, so the total is known to
     leave it out."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{socket.gethostname()}-{os.getpid()}-rank{rank}.json"
-    path.write_text(json.dumps({"meter": meter, "host": socket.gethostname(), "rank": rank,
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{node_name()}-{os.getpid()}-rank{rank}.json"
+    path.write_text(json.dumps({"meter": meter, "host": node_name(), "rank": rank,
                                 "error": f"{type(err).__name__}: {err}"}, indent=1) + "\n")
 
 

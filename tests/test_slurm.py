@@ -89,11 +89,17 @@ SMOKE = ["recipe=clinical_notes", "debug=smoke", "run_test=false", "trainer.limi
          "recipe.module.rouge_max_batches=0", "tracking.experiment=slurm"]
 
 
-def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, tmp_path):
-    one_node, run_a = launch(tmp_path, *SMOKE, f"data.root={clinical_data}", "strategy=ddp", "trainer.devices=2",
-                             name="one_node")
-    two_nodes, run_b = launch(tmp_path, *SMOKE, f"data.root={clinical_data}", "strategy=ddp", "trainer.devices=1",
-                              "trainer.num_nodes=2", name="two_nodes")
+def energy_records(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "energy").glob("*.json"))]
+
+
+def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, powercap, tmp_path):
+    # the CPU energy counter (powercap files a test thread keeps counting): each node's first rank reads its node's
+    energy = ["energy.meter=rapl", f"energy.powercap_dir={powercap.root}", "energy.sample_every_s=1"]
+    one_node, run_a = launch(tmp_path, *SMOKE, *energy, f"data.root={clinical_data}", "strategy=ddp",
+                             "trainer.devices=2", name="one_node")
+    two_nodes, run_b = launch(tmp_path, *SMOKE, *energy, f"data.root={clinical_data}", "strategy=ddp",
+                              "trainer.devices=1", "trainer.num_nodes=2", name="two_nodes")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     for job, run, nodes in ((one_node, run_a, 1), (two_nodes, run_b, 2)):
         state = wait_for(job)
@@ -103,6 +109,10 @@ def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, tmp_path):
         assert summary["num_processes"] == 2 and summary["global_step"] == 4
         mlflow_run = client.get_run(summary["mlflow_run_id"])
         assert mlflow_run.info.status == "FINISHED" and "train/loss" in mlflow_run.data.metrics
+        records = energy_records(run)
+        assert sorted(r["rank"] for r in records) == list(range(nodes))  # one reader per node: ranks 0 (and 1)
+        assert len({r["host"] for r in records}) == nodes and summary["energy"]["devices"] == nodes
+        assert summary["energy"]["joules"] == pytest.approx(sum(r["joules"] for r in records), abs=1e-3)
     experiment = client.get_experiment_by_name("slurm").experiment_id
     assert len(client.search_runs([experiment])) == 2  # one MLflow run per job, whatever the rank count
 
@@ -117,10 +127,11 @@ def test_deepspeed_zero3_job_on_two_cpu_processes(clinical_data, tmp_path):
     assert (run / "checkpoints" / "last.ckpt" / "checkpoint").is_dir()
 
 
-def test_usr1_requeues_the_job_which_resumes_and_finishes_at_the_planned_step(clinical_data, tmp_path):
+def test_usr1_requeues_the_job_which_resumes_and_finishes_at_the_planned_step(clinical_data, powercap, tmp_path):
     job, run = launch(tmp_path, "recipe=clinical_notes", f"data.root={clinical_data}", "trainer.max_epochs=8",
                       "run_test=false", "trainer.limit_val_batches=1", "recipe.module.rouge_max_batches=0",
-                      "trainer.enable_progress_bar=false", name="requeue")
+                      "trainer.enable_progress_bar=false", "energy.meter=rapl",
+                      f"energy.powercap_dir={powercap.root}", "energy.sample_every_s=1", name="requeue")
     deadline = time.time() + 600
     while not list((run / "checkpoints").glob("*.ckpt")) and time.time() < deadline:  # training is under way
         assert job_state(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), logs(run)
@@ -136,6 +147,11 @@ def test_usr1_requeues_the_job_which_resumes_and_finishes_at_the_planned_step(cl
     runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("clinical_notes").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # the requeued job logged into the same run
+    # the energy of every start of the job is in the run's total: the one that was requeued and the one that finished
+    records = energy_records(run)
+    assert len(records) == int(state["Restarts"]) + 1 and {r["slurm_job_id"] for r in records} == {job}
+    assert all(r["joules"] > 0 for r in records) and summary["energy"]["segments"] == len(records)
+    assert summary["energy"]["joules"] == pytest.approx(sum(r["joules"] for r in records), abs=1e-3)
 
 
 def test_multirun_submits_one_job_and_one_mlflow_run_per_point(clinical_data, tmp_path):

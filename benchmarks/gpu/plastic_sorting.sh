@@ -13,11 +13,14 @@ timeout 420 python3 benchmarks/recipe_step.py plastic_sorting --model resnet50 -
     --out "$OUT/step.json" --markdown "$OUT/step.md" 2>&1 | grep -vE "Warning|warn\(|LeafSpec" | tail -20
 
 # 2. The whole `aift train` path on the GPU (bf16-mixed, channels_last, MLflow sqlite), eager, a few steps.
+#    energy.meter=nvml: the run's energy from the GPU's NVML counter (fails loudly if it cannot be read).
 cd /tmp && rm -rf gpu_smoke && mkdir gpu_smoke && cd gpu_smoke
 python3 -m aifactory_train.cli data synth plastic_sorting --out data --size 1024 >/dev/null
 timeout 180 python3 -m aifactory_train.cli train experiment=plastic_sorting_gpu data.root=data model.compile=false \
     trainer.max_epochs=2 data.batch_size=128 trainer.enable_progress_bar=false hydra.run.dir=run \
+    energy.meter=nvml energy.sample_every_s=5 \
     > "$OUT/smoke_train.log" 2>&1
 echo "aift train exit code: $?"
 cp run/summary.json "$OUT/smoke_summary.json" 2>/dev/null && python3 -m aifactory_train.show_summary run/summary.json
+cp -r run/energy "$OUT/smoke_energy" 2>/dev/null
 cd "$REPO"
