@@ -17,7 +17,10 @@ def main(path: str) -> None:
         print(f"  training speed   {summary['train_samples_per_s']:.1f} samples/s")
     energy = summary.get("energy") or {}
     if energy.get("measured"):
-        print(f"  energy           {energy['kwh']:.6f} kWh ({energy['meter']}, {energy['devices']} counters)")
+        print(f"  energy           {energy['kwh']:.6g} kWh ({energy['joules']:.0f} J; {energy['meter']}, "
+              f"{energy['devices']} counter(s), {energy['mean_watts']} W each on average)")
+    elif energy:
+        print(f"  energy           not measured: {energy['reason']}")
     print(f"  best checkpoint  {summary['best_checkpoint']}")
     print(f"  MLflow run       {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     print(f"  summary file     {Path(path).resolve()}")
