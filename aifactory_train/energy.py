@@ -121,8 +121,12 @@ class RaplCounter:
 def rapl_available(powercap_dir: str | Path) -> str | None:
     try:
         RaplCounter(powercap_dir)
+    except PermissionError:  # Linux >= 5.10 makes energy_uj root-only (CVE-2020-8694) unless the node allows it
+        return f"the CPU energy counters in {powercap_dir} can be read by root only"
+    except FileNotFoundError:
+        return f"no CPU energy counter (powercap/RAPL) in {powercap_dir}"
     except (OSError, ValueError) as err:
-        return f"no readable CPU energy counter (powercap) in {powercap_dir} ({type(err).__name__}: {err})"
+        return f"the CPU energy counters in {powercap_dir} cannot be read ({type(err).__name__}: {err})"
     return None
 
 
