@@ -20,6 +20,8 @@ usage:
   aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx,
                                            clinical_notes: format=hf) (--help)
   aift recipes list                        the recipes: task, default model, data format
+  aift recipes copy SOURCE NAME --to DIR   a recipe copied and renamed into DIR, to adapt; use it with
+                                           AIFT_RECIPES_PATH=DIR (every command then finds it)
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
                                            de-identify sensitive text (clinical_notes: deduce) before training
@@ -44,7 +46,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _hydra_app(command: str, config_name: str, args: list[str]) -> int:
+def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list[str] | None = None) -> int:
     import hydra
 
     from aifactory_train.errors import AiftError
@@ -75,7 +77,7 @@ def _hydra_app(command: str, config_name: str, args: list[str]) -> int:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
-    sys.argv = [f"aift {command}", *args]
+    sys.argv = [f"aift {command}", *(searchpath or []), *args]
     hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
     return 0
 
@@ -84,12 +86,35 @@ def _recipes_list() -> int:
     from aifactory_train.resources import recipe_info, recipe_names
 
     rows = [("NAME", "TASK", "DEFAULT MODEL", "DATA FORMAT", "DESCRIPTION")]
+    sources = {}
     for name in recipe_names():
         info = recipe_info(name)
         rows.append((info.name, info.task, info.default_model, info.data_format, info.description))
+        if info.source != "shipped":
+            sources[name] = info.source
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
+    for name, source in sources.items():
+        print(f"{name}: from {source} ($AIFT_RECIPES_PATH)")
+    return 0
+
+
+def _recipes_copy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aifactory_train.recipe_copy import copy_recipe
+
+    written = copy_recipe(args.source, args.name, args.to)
+    root = Path(args.to).expanduser().resolve()
+    print(f"wrote {len(written)} files: {root / args.name}/ and {root / 'configs'}/")
+    path = os.environ.get("AIFT_RECIPES_PATH")
+    listed = path and str(root) in [str(Path(p).expanduser().resolve()) for p in path.split(os.pathsep)]
+    if not listed:
+        print(f"make aift find it:  export AIFT_RECIPES_PATH={root}{os.pathsep + '$AIFT_RECIPES_PATH' if path else ''}")
+    print(f"then:  aift data synth {args.name} --out data/{args.name}   (the demo data of {args.source})")
+    print(f"       aift train recipe={args.name} data.root=data/{args.name} debug=smoke")
+    print(f"adapt: {root / args.name}/ (data.py, module.py, config.py) and {root / 'configs'}/")
     return 0
 
 
@@ -194,7 +219,10 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("--local runs one job on this machine; for a local sweep use `aift train -m ...`")
         strategy = [] if any(o.startswith("strategy=") for o in args.overrides) else ["strategy=ddp"]
         shape = [o for o in args.overrides if o.split("=")[0] not in ("trainer.devices", "trainer.num_nodes")]
-        return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"])
+        from aifactory_train.resources import use_user_recipes
+
+        return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"],
+                          use_user_recipes())
     from aifactory_train.launch.slurm import launch
 
     return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
@@ -209,9 +237,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a recipe (Hydra app; `aift train --help`)", add_help=False)
     sub.add_parser("eval", help="score a checkpoint (Hydra app; `aift eval --help`)", add_help=False)
     sub.add_parser("export", help="export a checkpoint (Hydra app; `aift export --help`)", add_help=False)
-    recipes = sub.add_parser("recipes", prog="aift recipes", help="list the recipes",
-                             description="Show the recipes this install knows.")
-    recipes.add_argument("action", choices=["list"], help="list: name, task, default model, data format, description")
+    recipes = sub.add_parser("recipes", prog="aift recipes", help="list or copy the recipes",
+                             description="The recipes this install knows (shipped, and those of $AIFT_RECIPES_PATH).")
+    recipes_sub = recipes.add_subparsers(dest="recipes_command", metavar="ACTION", required=True)
+    recipes_sub.add_parser("list", prog="aift recipes list", help="name, task, default model, data format, description",
+                           description="List the recipes: name, task, default model, data format, description.")
+    copy = recipes_sub.add_parser(
+        "copy", prog="aift recipes copy", help="copy a recipe under a new name, to adapt",
+        description="Copy a recipe's code (DIR/NAME/) and configs (DIR/configs/: recipe, data, experiments) into DIR, "
+                    "renamed: package, classes, config names and every _target_, so the copy runs its own code. "
+                    "Nothing that exists is overwritten. Use it with AIFT_RECIPES_PATH=DIR.")
+    copy.add_argument("source", help="the recipe to copy (see `aift recipes list`)")
+    copy.add_argument("name", help="the new recipe's name: lower-case letters, digits and _, e.g. tulip_grading")
+    copy.add_argument("--to", required=True, help="the folder of your recipes (created if new; shared by several)")
     data = sub.add_parser("data", prog="aift data", help="data tools", description="Data tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     synth = data_sub.add_parser(
@@ -301,19 +339,24 @@ def main(argv: list[str] | None = None) -> int:
     # Data sovereignty: MLflow 3 reports usage telemetry to an outside service unless told not to.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from aifactory_train.errors import AiftError
+    from aifactory_train.resources import use_user_recipes
+
+    try:
+        searchpath = use_user_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
+    except AiftError as err:
+        return _fail(str(err))
     if argv and argv[0] in ("train", "eval", "export"):
-        return _hydra_app(argv[0], argv[0], argv[1:])
+        return _hydra_app(argv[0], argv[0], argv[1:], searchpath)
     args = _parser().parse_args(argv)
     if args.version:
         from aifactory_train import __version__
 
         print(f"aifactory-train {__version__}")
         return 0
-    from aifactory_train.errors import AiftError
-
     try:
         if args.command == "recipes":
-            return _recipes_list()
+            return _recipes_list() if args.recipes_command == "list" else _recipes_copy(args)
         if args.command == "data":
             actions = {"deidentify": _data_deidentify, "runs": _data_runs, "synth": _data_synth}
             return actions[args.data_command](args)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# Folders of recipes kept outside the package (written by `aift recipes copy`), separated like PATH.
+RECIPES_PATH_ENV = "AIFT_RECIPES_PATH"
 
 
 def config_dir() -> Path:
@@ -15,6 +19,40 @@ def config_dir() -> Path:
     if (installed / "train.yaml").is_file():
         return installed
     return _PACKAGE_DIR.parent / "configs"
+
+
+def user_recipe_roots() -> list[Path]:
+    """The recipe folders named by ``$AIFT_RECIPES_PATH``. Each holds ``configs/recipe/<name>.yaml`` (and
+    ``configs/data``, ``configs/experiment``) and the recipe's Python package ``<name>/``."""
+    from aifactory_train.errors import ConfigError
+
+    roots = []
+    for entry in filter(None, os.environ.get(RECIPES_PATH_ENV, "").split(os.pathsep)):
+        root = Path(entry).expanduser().resolve()
+        if not (root / "configs" / "recipe").is_dir():
+            raise ConfigError(f"${RECIPES_PATH_ENV}: '{entry}' is not a recipes folder: expected "
+                              f"{root}/configs/recipe/<name>.yaml beside the recipe's package {root}/<name>/, as "
+                              f"`aift recipes copy SOURCE NAME --to {entry}` writes")
+        roots.append(root)
+    return roots
+
+
+def config_dirs() -> list[Path]:
+    """Every Hydra config tree: the package's, then those of ``$AIFT_RECIPES_PATH``."""
+    return [config_dir(), *(root / "configs" for root in user_recipe_roots())]
+
+
+def use_user_recipes() -> list[str]:
+    """Make the recipes of ``$AIFT_RECIPES_PATH`` usable in this process: their packages importable, and the
+    Hydra override that adds their configs to the search path (empty when there are none)."""
+    roots = user_recipe_roots()
+    for root in reversed(roots):
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+    if not roots:
+        return []
+    recipe_files()  # a recipe name given twice is an error here, before Hydra silently picks one of them
+    return ["hydra.searchpath=[" + ",".join(f"file://{root / 'configs'}" for root in roots) + "]"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +67,26 @@ class RecipeInfo:
     synth: str  # "module:function" that writes a demo dataset
     schema: str  # "module:Class", the recipe's config schema
     deidentify: str = ""  # "module:function" of `aift data deidentify`, for recipes on sensitive text
+    source: str = "shipped"  # "shipped", or the $AIFT_RECIPES_PATH folder it comes from
+
+
+def recipe_files() -> dict[str, Path]:
+    """Recipe name -> its config file, shipped ones and those of ``$AIFT_RECIPES_PATH``. A name given twice is an
+    error: Hydra would silently take one of the two."""
+    from aifactory_train.errors import ConfigError
+
+    found: dict[str, Path] = {}
+    for directory in config_dirs():
+        for path in sorted((directory / "recipe").glob("*.yaml")):
+            if path.stem in found:
+                raise ConfigError(f"recipe '{path.stem}' is defined twice: {found[path.stem]} and {path}; rename "
+                                  f"one (a copy: `aift recipes copy {path.stem} NEW_NAME --to DIR`)")
+            found[path.stem] = path
+    return found
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
+    return sorted(recipe_files())
 
 
 def recipe_info(name: str) -> RecipeInfo:
@@ -40,9 +94,10 @@ def recipe_info(name: str) -> RecipeInfo:
 
     from aifactory_train.errors import ConfigError
 
-    path = config_dir() / "recipe" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown recipe '{name}'; valid recipes: {', '.join(recipe_names())}")
+    files = recipe_files()
+    if name not in files:
+        raise ConfigError(f"unknown recipe '{name}'; valid recipes: {', '.join(sorted(files))}")
+    path = files[name]
     raw = OmegaConf.load(path)
     default_model = "?"
     for entry in raw.get("defaults", []):
@@ -61,6 +116,7 @@ def recipe_info(name: str) -> RecipeInfo:
         synth=recipe.synth,
         schema=recipe.schema,
         deidentify=recipe.get("deidentify", ""),
+        source="shipped" if path.parent.parent == config_dir() else str(path.parent.parent.parent),
     )
 
 
@@ -68,7 +124,8 @@ def model_configs_for_task(task: str) -> list[str]:
     """Names of the model configs (configs/model/*.yaml) whose ``task`` is ``task``."""
     from omegaconf import OmegaConf
 
-    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if OmegaConf.load(p).get("task") == task)
+    return sorted({p.stem for d in config_dirs() for p in (d / "model").glob("*.yaml")
+                   if OmegaConf.load(p).get("task") == task})
 
 
 def load_object(spec: str):

@@ -3,6 +3,7 @@ fits the profile's nodes before any GPU hour is spent, and submit it (or print i
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -67,6 +68,17 @@ def _minutes(time_limit: str | None) -> float | None:
     return (int(days or 0) * 24 + hours) * 60 + minutes + seconds / 60
 
 
+def _job_env(profile_env: dict[str, str]) -> dict[str, str]:
+    """The profile's environment, plus the recipe folders of this submission ($AIFT_RECIPES_PATH, resolved), so
+    the job finds a copied recipe also where sbatch does not pass the submitting shell's environment on."""
+    from aifactory_train.resources import RECIPES_PATH_ENV, user_recipe_roots
+
+    roots = user_recipe_roots()
+    if not roots:
+        return dict(profile_env)
+    return {**profile_env, RECIPES_PATH_ENV: os.pathsep.join(str(root) for root in roots)}
+
+
 def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Path) -> str:
     import jinja2
 
@@ -87,7 +99,7 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
     return template.render(
         cluster=cluster, job_name=job_name, account=cluster["accounts"].get(cluster["allocation"]),
         nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus, log_dir=run_dir / "slurm",
-        env=cluster["env"], command=" ".join(shlex.quote(part) for part in command),
+        env=_job_env(cluster["env"]), command=" ".join(shlex.quote(part) for part in command),
     )
 
 
