@@ -23,4 +23,5 @@ timeout 180 python3 -m aifactory_train.cli train experiment=plastic_sorting_gpu 
 echo "aift train exit code: $?"
 cp run/summary.json "$OUT/smoke_summary.json" 2>/dev/null && python3 -m aifactory_train.show_summary run/summary.json
 cp -r run/energy "$OUT/smoke_energy" 2>/dev/null
+python3 "$REPO/benchmarks/energy_sample.py" --meter nvml --samples 500 --out "$OUT/energy_sample.json" | tail -8
 cd "$REPO"
