@@ -201,7 +201,11 @@ class EnergyLedger:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        self.sample()
+        try:
+            self.sample()
+        except Exception as err:  # noqa: BLE001 - the training is done; its file keeps the last good sample
+            log.warning("energy: the last reading of %s failed (%s); %s keeps the one before", self.counter.kind, err,
+                        self.path)
 
 
 @dataclass
