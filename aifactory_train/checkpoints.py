@@ -109,7 +109,8 @@ def saved_world_size(path: str) -> int | None:
 def check_world_size(path: str, world_size: int) -> str | None:
     """A DeepSpeed checkpoint resumes only with the number of ranks that wrote it (its optimizer state is
     partitioned per rank): refuse another count before any GPU time is spent. A Lightning checkpoint (single,
-    DDP, FSDP full state) loads with any count; the returned warning says what then does not continue exactly."""
+    DDP, FSDP full state) loads with any count (``ResumableSampler`` finishes the interrupted epoch's data on the
+    new ranks); the returned warning says what then does not continue exactly."""
     saved = saved_world_size(path)
     if saved is None or saved == world_size:
         return None
@@ -118,9 +119,10 @@ def check_world_size(path: str, world_size: int) -> str | None:
             f"ckpt_path: '{path}' is a DeepSpeed checkpoint written by {saved} ranks, but this job has {world_size} "
             f"(trainer.num_nodes x trainer.devices); resume it with {saved} ranks, or take its weights with "
             f"`aift checkpoint consolidate {path}` and start a new run from them")
-    return (f"resuming '{path}', written by {saved} ranks, with {world_size}: weights, optimizer, schedule and step "
-            f"continue, but the data order of the interrupted epoch and the random streams do not (each rank's "
-            f"share of the epoch changes); resume with {saved} ranks for an exact continuation")
+    return (f"resuming '{path}', written by {saved} ranks, with {world_size}: weights, optimizer, step and the "
+            f"interrupted epoch's data continue (its remaining samples, each once, split over the new ranks); the "
+            f"global batch, and so the learning-rate schedule's length, change with the rank count, and the random "
+            f"streams (dropout, augmentation) do not continue exactly; resume with {saved} ranks for that")
 
 
 def check_classes_match(path: str, class_names: list[str]) -> None:

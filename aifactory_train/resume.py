@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import random
 import warnings
@@ -29,6 +31,8 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 # torchdata 0.11 calls a torch API that torch now marks deprecated, on every iterator; nothing to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+log = logging.getLogger(__name__)
+
 
 class _IgnoreSIGTERM:
     """Worker init: DataLoader workers ignore SIGTERM. Slurm signals every process of a job step, and a worker
@@ -65,14 +69,96 @@ class ResumableSampler(StatefulDistributedSampler):
     order (DDP mid-epoch resumes went wrong this way), and torchdata's ``RandomSampler`` keeps a generator state
     that is only right mid-epoch (a resume from an epoch's last step shuffled the next epoch differently).
     Here the order is a pure function of (seed, epoch, rank), and the loaded state sets the epoch before the
-    iterator is made. Use ``sampler=shuffled(dataset)`` instead of ``shuffle=True``."""
+    iterator is made. Use ``sampler=shuffled(dataset)`` instead of ``shuffle=True``.
+
+    **On another number of ranks** (an elastic resume mid-epoch), the epoch still visits every sample once. The
+    ``R`` ranks that saved had each taken ``yielded`` samples of their share: together, the first ``yielded * R``
+    of the epoch's order as ``R`` ranks split it. The new ranks split what follows (a *cut*, kept in the state
+    until the epoch ends, so a second resume on yet another count cuts again). torchdata's sampler would instead
+    skip ``yielded`` samples of each new share: samples seen twice and others not at all."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cuts: list[tuple[int, int]] = []  # this epoch's earlier rank counts: (positions consumed, ranks)
+        self.elastic_resume = False  # set on loading a state of another rank count, for ElasticEpochProgress
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.cuts = []  # a cut belongs to the epoch it happened in
+        super().set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "epoch": self.epoch}
+        return {**super().state_dict(), "epoch": self.epoch, "num_replicas": self.num_replicas,
+                "cuts": [list(cut) for cut in self.cuts]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.epoch = state_dict.get("epoch", self.epoch)
+        self.cuts = [(int(a), int(b)) for a, b in state_dict.get("cuts", [])]
+        saved_ranks = state_dict.get("num_replicas", self.num_replicas)
+        saved_share = math.ceil(len(self.dataset) / saved_ranks)  # what each of those ranks had in this epoch
+        if saved_ranks != self.num_replicas and not self.drop_last and 0 < self.next_yielded < saved_share:
+            self.cuts.append((self.next_yielded * saved_ranks, saved_ranks))
+            self.next_yielded = 0
+            self.elastic_resume = True
+
+    def __iter__(self):
+        if not self.cuts:
+            yield from super().__iter__()
+            return
+        self.yielded = self.next_yielded or 0
+        self.next_yielded = None
+        for index in self.remaining_share()[self.yielded:]:
+            self.yielded += 1
+            yield index
+
+    def remaining_share(self) -> list[int]:
+        """This rank's part of what the epoch has left after its cuts."""
+        order = self._epoch_order()
+        for consumed, ranks in self.cuts:
+            order = _padded(order, ranks)[consumed:]
+        return _padded(order, self.num_replicas)[self.rank::self.num_replicas]
+
+    def _epoch_order(self) -> list[int]:
+        """The epoch's order before it is split over ranks, as ``DistributedSampler.__iter__`` draws it."""
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+
+def _padded(order: list[int], ranks: int) -> list[int]:
+    """``order`` made a multiple of ``ranks`` long, as ``DistributedSampler`` does: repeated from its start."""
+    padding = -len(order) % ranks
+    if padding == 0:
+        return list(order)
+    return list(order) + (list(order) * math.ceil(padding / len(order)))[:padding]
+
+
+class ElasticEpochProgress(L.Callback):
+    """After a mid-epoch resume on another number of ranks: Lightning counts the epoch's batches per rank, and the
+    count it restored is that of the old ranks. Set it so that the epoch ends exactly when the new ranks' shares
+    (``ResumableSampler.remaining_share``) do: with more ranks than before, the old count would end the epoch
+    before they were done; with fewer, the data ran out first anyway."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, ResumableSampler) or not sampler.elastic_resume:
+            return
+        sampler.elastic_resume = False
+        if not trainer.fit_loop.restarted_mid_epoch:
+            return
+        share = len(sampler.remaining_share())
+        left = share // loader.batch_size if loader.drop_last else math.ceil(share / loader.batch_size)
+        done = max(0, int(trainer.num_training_batches) - left)
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        shift = done - progress.ready  # every counter moves by as much: Lightning restores them a step apart
+        progress.ready, progress.started = progress.ready + shift, progress.started + shift
+        progress.processed, progress.completed = progress.processed + shift, progress.completed + shift
+        if trainer.is_global_zero:
+            log.info("resumed on %d ranks mid-epoch: %d batches per rank left in this epoch", sampler.num_replicas, left)
 
 
 def shuffled(dataset, trainer: L.Trainer | None = None, seed: int | None = None) -> ResumableSampler:

@@ -123,8 +123,8 @@ def run_training(cfg) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from aifactory_train.callbacks import EnergyMeter, TrainingThroughput
-    from aifactory_train.resume import (AtomicCheckpointIO, JobRequeued, JobStopped, RNGStateCallback,
-                                        SignalCheckpoint, periodic_checkpoint)
+    from aifactory_train.resume import (AtomicCheckpointIO, ElasticEpochProgress, JobRequeued, JobStopped,
+                                        RNGStateCallback, SignalCheckpoint, periodic_checkpoint)
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
 
     StrategyConfigFile = _strategy_config_file_callback()
@@ -162,7 +162,8 @@ def run_training(cfg) -> dict[str, Any]:
     )
     throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
     energy = EnergyMeter(None, resolved["energy"], run_dir)  # its meter is chosen once the device is known
-    callbacks = [checkpoint, throughput, energy, StrategyConfigFile(run_dir), RNGStateCallback()]
+    callbacks = [checkpoint, throughput, energy, StrategyConfigFile(run_dir), RNGStateCallback(),
+                 ElasticEpochProgress()]
     periodic = resolved["checkpoint"]
     if periodic["every_n_train_steps"] or periodic["every_n_minutes"]:
         # last.ckpt during the epoch too; best-* stays with the monitor above

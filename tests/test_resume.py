@@ -331,3 +331,63 @@ def test_ranks_agree_on_a_stop_without_waiting_on_each_other_every_step(tmp_path
 
     assert [rank["stopped_at"] for rank in run("stopped", signal_at=4)] == [6, 6]  # signalled after step 5
     assert len(list((tmp_path / "stopped").glob("hpc_ckpt_*.ckpt"))) == 1
+
+
+def test_an_epoch_resumed_on_other_rank_counts_visits_every_sample_once():
+    """The sampler alone, as the ranks of three jobs of one epoch use it: 2 ranks take 10 samples each, 3 ranks
+    continue and take 4 each, 1 rank finishes. Every sample of the epoch is seen exactly once."""
+    from aifactory_train.resume import ResumableSampler
+
+    dataset = list(range(62))
+    seen: list[int] = []
+
+    def ranks(count: int, state: dict | None, take: int | None):
+        samplers = [ResumableSampler(dataset, num_replicas=count, rank=r, shuffle=True, seed=7) for r in range(count)]
+        for sampler in samplers:
+            sampler.set_epoch(3)
+            if state is not None:
+                sampler.load_state_dict(state)
+        iterators = [iter(s) for s in samplers]
+        for _ in range(take if take is not None else len(samplers[0].remaining_share())):
+            for it in iterators:
+                seen.append(next(it))
+        if take is None:  # the last job: its shares are used up
+            assert all(next(it, None) is None for it in iterators)
+        return samplers[0].state_dict()
+
+    state = ranks(2, None, take=10)
+    assert state["yielded"] == 10 and state["num_replicas"] == 2
+    state = ranks(3, state, take=4)
+    assert state["cuts"] == [[20, 2]] and state["num_replicas"] == 3
+    ranks(1, state, take=None)
+    assert sorted(seen) == dataset  # 20 + 12 + 30: none twice, none left out
+    assert seen[:20] != sorted(seen[:20])  # and shuffled
+    later = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=7)
+    later.set_epoch(3)
+    later.load_state_dict(state)
+    assert later.cuts == [(20, 2), (12, 3)]
+    later.set_epoch(4)  # the next epoch: whole again, on the new rank count
+    assert not later.cuts and sorted(later) == dataset
+
+
+@pytest.mark.parametrize("case", ["2 ranks -> 1", "1 rank -> 2"])
+def test_a_mid_epoch_resume_on_another_rank_count_finishes_that_epoch_exactly(runs, case):
+    """Killed in the second epoch, resumed on another number of ranks: the rest of that epoch (each remaining note
+    once, split over the new ranks) is trained, no batch more or less. 120 notes, batch 8.
+    2 -> 1: killed at step 12 (8 + 4 batches of 2 x 8 notes: 64 seen), 56 left: 7 steps on one rank, 19 in all.
+    1 -> 2: killed at step 20 (15 + 5 batches of 8: 40 seen), 80 left: 5 steps of 2 x 8, 25 in all."""
+    work, common = runs["work"], runs["common"]
+    before, after, kill_at, steps_left = ((DDP, [], 12, 7) if case == "2 ranks -> 1" else ([], DDP, 20, 5))
+    name = "elastic-" + ("down" if after == [] else "up")
+    step = kill_at_checkpoint(["train", *common, *before, f"hydra.run.dir={name}"], work, work / name,
+                              lambda s: s == kill_at)
+    assert step == kill_at
+    resumed = aift("train", *common, *after, f"hydra.run.dir={name}", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((work / name / "summary.json").read_text())
+    ranks = 2 if after else 1
+    assert summary["num_processes"] == ranks
+    assert summary["global_step"] == kill_at + steps_left and summary["epochs"] == 2
+    assert summary["train_samples"] == steps_left * 8 * ranks  # exactly what the epoch had left
+    log = (work / name / "train.log").read_text()
+    assert f"resumed on {ranks} ranks mid-epoch: {steps_left} batches per rank left in this epoch" in log
