@@ -78,8 +78,8 @@ def cuda_uuid(device_index: int) -> str:
     """NVML's name of the CUDA device ``device_index`` of this process (CUDA numbers only the visible GPUs)."""
     import torch
 
-    uuid = str(torch.cuda.get_device_properties(device_index).uuid)
-    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    uuid = str(torch.cuda.get_device_properties(device_index).uuid)  # torch: the bare UUID, without NVML's prefix
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid.lower()}"
 
 
 class RaplCounter:
