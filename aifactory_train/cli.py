@@ -247,9 +247,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Copy a recipe's code (DIR/NAME/) and configs (DIR/configs/: recipe, data, experiments) into DIR, "
                     "renamed: package, classes, config names and every _target_, so the copy runs its own code. "
                     "Nothing that exists is overwritten. Use it with AIFT_RECIPES_PATH=DIR.")
-    copy.add_argument("source", help="the recipe to copy (see `aift recipes list`)")
-    copy.add_argument("name", help="the new recipe's name: lower-case letters, digits and _, e.g. tulip_grading")
-    copy.add_argument("--to", required=True, help="the folder of your recipes (created if new; shared by several)")
+    copy.add_argument("source", metavar="SOURCE", help="the recipe to copy (see `aift recipes list`)")
+    copy.add_argument("name", metavar="NAME",
+                      help="the new recipe's name: lower-case letters, digits and _, e.g. tulip_grading")
+    copy.add_argument("--to", required=True, metavar="DIR",
+                      help="the folder of your recipes (created if new; shared by several)")
     data = sub.add_parser("data", prog="aift data", help="data tools", description="Data tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     synth = data_sub.add_parser(
