@@ -15,6 +15,9 @@ def main(path: str) -> None:
         print(f"  {key:<16} {metrics[key]:.4f}")
     if summary.get("train_samples_per_s"):
         print(f"  training speed   {summary['train_samples_per_s']:.1f} samples/s")
+    stop = summary.get("early_stopping") or {}
+    if stop.get("stopped"):
+        print(f"  stopped early    in epoch {stop['epoch']}: {stop['message']}")
     energy = summary.get("energy") or {}
     if energy.get("measured"):
         print(f"  energy           {energy['kwh']:.6g} kWh ({energy['joules']:.0f} J; {energy['meter']}, "
@@ -22,7 +25,10 @@ def main(path: str) -> None:
     elif energy:
         print(f"  energy           not measured: {energy['reason']}")
     print(f"  best checkpoint  {summary['best_checkpoint']}")
-    print(f"  MLflow run       {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    if summary.get("mlflow_run_id"):
+        print(f"  MLflow run       {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    else:
+        print("  MLflow run       none (tracking=none)")
     print(f"  summary file     {Path(path).resolve()}")
 
 
