@@ -387,3 +387,19 @@ def test_early_stopping_ends_the_run_when_the_monitor_stops_improving(plastic_da
     stop = summary["early_stopping"]
     assert stop["stopped"] and stop["reason"] == "patience_exhausted" and stop["epoch"] == 1
     assert "val/f1_macro did not improve" in stop["message"]
+
+
+def test_show_summary_prints_the_run_for_people(smoke_run):
+    """What `make demo` prints at its end: the metrics, speed, energy (or why not), checkpoint and MLflow run."""
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "aifactory_train.show_summary", str(smoke_run["run"] / "summary.json")],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    s = smoke_run["summary"]
+    assert "== plastic_sorting / resnet18: completed in" in shown.stdout
+    assert f"test/acc         {s['metrics']['test/acc']:.4f}" in shown.stdout
+    assert "energy           not measured: no CPU energy counter (powercap/RAPL) in" in shown.stdout
+    assert f"MLflow run       {s['mlflow_run_id']} in {smoke_run['uri']}" in shown.stdout
+    assert "stopped early" not in shown.stdout
