@@ -120,9 +120,10 @@ def check_world_size(path: str, world_size: int) -> str | None:
             f"(trainer.num_nodes x trainer.devices); resume it with {saved} ranks, or take its weights with "
             f"`aift checkpoint consolidate {path}` and start a new run from them")
     return (f"resuming '{path}', written by {saved} ranks, with {world_size}: weights, optimizer, step and the "
-            f"interrupted epoch's data continue (its remaining samples, each once, split over the new ranks); the "
-            f"global batch, and so the learning-rate schedule's length, change with the rank count, and the random "
-            f"streams (dropout, augmentation) do not continue exactly; resume with {saved} ranks for that")
+            f"interrupted epoch's data continue (its remaining samples, each once, split over the new ranks) and the "
+            f"learning-rate schedule is stretched to end with the run; the global batch (samples per step) changes "
+            f"with the rank count, and the random streams (dropout, augmentation) do not continue exactly; resume "
+            f"with {saved} ranks for that")
 
 
 def check_classes_match(path: str, class_names: list[str]) -> None:

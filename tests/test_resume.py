@@ -8,6 +8,7 @@ step it holds, and kills the frozen run there or lets it go on (SIGCONT)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -375,8 +376,10 @@ def test_a_mid_epoch_resume_on_another_rank_count_finishes_that_epoch_exactly(ru
     """Killed in the second epoch, resumed on another number of ranks: the rest of that epoch (each remaining note
     once, split over the new ranks) is trained, no batch more or less. 120 notes, batch 8.
     2 -> 1: killed at step 12 (8 + 4 batches of 2 x 8 notes: 64 seen), 56 left: 7 steps on one rank, 19 in all.
-    1 -> 2: killed at step 20 (15 + 5 batches of 8: 40 seen), 80 left: 5 steps of 2 x 8, 25 in all."""
-    work, common = runs["work"], runs["common"]
+    1 -> 2: killed at step 20 (15 + 5 batches of 8: 40 seen), 80 left: 5 steps of 2 x 8, 25 in all.
+    The learning-rate schedule ends with the run: after the resume its cosine runs over those 19 (25) steps, not
+    over the 30 (16) that two epochs on the new rank count would have."""
+    work, common = runs["work"], [*runs["common"], "optim.warmup_steps=2"]
     before, after, kill_at, steps_left = ((DDP, [], 12, 7) if case == "2 ranks -> 1" else ([], DDP, 20, 5))
     name = "elastic-" + ("down" if after == [] else "up")
     step = kill_at_checkpoint(["train", *common, *before, f"hydra.run.dir={name}"], work, work / name,
@@ -391,3 +394,11 @@ def test_a_mid_epoch_resume_on_another_rank_count_finishes_that_epoch_exactly(ru
     assert summary["train_samples"] == steps_left * 8 * ranks  # exactly what the epoch had left
     log = (work / name / "train.log").read_text()
     assert f"resumed on {ranks} ranks mid-epoch: {steps_left} batches per rank left in this epoch" in log
+    # the LR each step after the resume trained with (the resume's first one was restored from the checkpoint):
+    # AdamW 0.003, 2 warmup steps, then cosine to 0.1 x over the run's real length
+    history = MlflowClient(tracking_uri=runs["uri"]).get_metric_history(summary["mlflow_run_id"], "lr-AdamW")
+    logged = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+    total = kill_at + steps_left
+    after_resume = range(kill_at + 1, total)
+    assert [logged[s] for s in after_resume] == pytest.approx(
+        [0.003 * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / (total - 2)))) for s in after_resume], rel=1e-6)

@@ -23,7 +23,7 @@ from torchmetrics.text import ROUGEScore
 from aifactory_train.errors import ConfigError
 from aifactory_train.recipes.clinical_notes.data import TOKENIZER_CHECKPOINT_KEY, tokenizer_files, tokenizer_from_files
 from aifactory_train.recipes.clinical_notes.model import build_model
-from aifactory_train.schedules import warmup_cosine
+from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class ClinicalNotesModule(L.LightningModule):
         else:
             fused = self.device.type == "cuda"
             optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
-        scheduler = warmup_cosine(optimizer, lambda: self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+        scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 
 from aifactory_train.errors import ConfigError
 from aifactory_train.recipes.crop_detection.model import build_detector, freeze_backbone, frozen_norm_layers
-from aifactory_train.schedules import warmup_cosine
+from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
 
 # torchmetrics' default COCO backend is pycocotools; faster_coco_eval computes the same COCOeval numbers
 # (cross-checked against pycocotools in tests/test_crop_detection.py) several times faster on large val sets.
@@ -291,7 +291,7 @@ class CropDetectionModule(L.LightningModule):
             optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
         else:
             optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        scheduler = warmup_cosine(optimizer, lambda: self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+        scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

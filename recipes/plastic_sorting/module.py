@@ -22,7 +22,7 @@ from torchmetrics.classification import (
 )
 
 from aifactory_train.models import build_torchvision_classifier
-from aifactory_train.schedules import warmup_cosine
+from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
 
 
 def _eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -184,6 +184,6 @@ class PlasticSortingModule(L.LightningModule):
                                         weight_decay=cfg["weight_decay"], nesterov=True)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        scheduler = warmup_cosine(optimizer, lambda: self.trainer.estimated_stepping_batches, cfg["warmup_steps"],
+        scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
