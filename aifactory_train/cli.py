@@ -17,8 +17,8 @@ aift: train the AI Factory Groningen's recipes, from a laptop smoke run to a mul
 usage:
   aift train recipe=NAME [KEY=VALUE ...]   train (a Hydra app: --cfg job, -m, hydra.run.dir=DIR; --help)
   aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
-  aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection: format=onnx,
-                                           clinical_notes: format=hf) (--help)
+  aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection, plastic_sorting: format=onnx;
+                                           clinical_notes: format=hf) + provenance.json (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift recipes copy SOURCE NAME --to DIR   a recipe copied and renamed into DIR, to adapt; use it with
                                            AIFT_RECIPES_PATH=DIR (every command then finds it)

@@ -62,9 +62,15 @@ def run_evaluation(cfg) -> dict[str, Any]:
     results = run(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     lineage = datamodule.lineage()
-    # the training run this checkpoint came from, when its folder still says so
-    trained = Path(ckpt_path).resolve().parent.parent / TRACKING_STATE_FILE
-    trained_run_id = json.loads(trained.read_text()).get("run_id") if trained.is_file() else None
+    from aifactory_train.provenance import read_provenance
+
+    # the training run this checkpoint came from: its own record, else what the run folder around it says
+    provenance = read_provenance(ckpt_path)
+    if provenance and provenance.get("runs"):
+        trained_run_id = provenance["runs"][-1].get("mlflow_run_id")
+    else:
+        trained = Path(ckpt_path).resolve().parent.parent / TRACKING_STATE_FILE
+        trained_run_id = json.loads(trained.read_text()).get("run_id") if trained.is_file() else None
     report = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "recipe": resolved["recipe"]["name"],
@@ -74,6 +80,8 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "output_dir": str(run_dir.resolve()),
         "wall_time_s": round(time.time() - started, 3),
         "trained_mlflow_run_id": trained_run_id,
+        # the data the model was trained on (digests, owner, consent), next to the data it is scored on
+        "trained_on": provenance["datasets"] if provenance else None,
         "tracking_uri": tracker.uri,
         "mlflow_run_id": None,
     }

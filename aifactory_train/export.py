@@ -30,6 +30,10 @@ def run_export(cfg) -> dict[str, Any]:
         raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no export; nothing to do for format={cfg.format}")
     module = load_trained_module(module_class, ckpt_path)
     files = module.export_model(cfg.format, run_dir, resolved["export"])
+    from aifactory_train.provenance import write_export_provenance
+
+    # which data and run made this model, beside it, in its folder and in an ONNX file's metadata
+    files = [*files, write_export_provenance(ckpt_path, cfg.format, files, run_dir)]
     report = {"checkpoint": str(Path(ckpt_path).resolve()), "recipe": resolved["recipe"]["name"], "format": cfg.format,
               "files": [str(Path(f).resolve()) for f in files]}
     (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")

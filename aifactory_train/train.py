@@ -125,6 +125,7 @@ def run_training(cfg) -> dict[str, Any]:
     from aifactory_train.callbacks import EnergyMeter, TrainingThroughput
     from aifactory_train.resume import (AtomicCheckpointIO, ElasticEpochProgress, JobRequeued, JobStopped,
                                         RNGStateCallback, SignalCheckpoint, periodic_checkpoint)
+    from aifactory_train.provenance import provenance_callback, training_provenance
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
 
     StrategyConfigFile = _strategy_config_file_callback()
@@ -162,8 +163,9 @@ def run_training(cfg) -> dict[str, Any]:
     )
     throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
     energy = EnergyMeter(None, resolved["energy"], run_dir)  # its meter is chosen once the device is known
+    provenance = provenance_callback()  # which data, weights, run and software: in every checkpoint
     callbacks = [checkpoint, throughput, energy, StrategyConfigFile(run_dir), RNGStateCallback(),
-                 ElasticEpochProgress()]
+                 ElasticEpochProgress(), provenance]
     periodic = resolved["checkpoint"]
     if periodic["every_n_train_steps"] or periodic["every_n_minutes"]:
         # last.ckpt during the epoch too; best-* stays with the monitor above
@@ -218,6 +220,7 @@ def run_training(cfg) -> dict[str, Any]:
         config_yaml.write_text(OmegaConf.to_yaml(resolved))
         lineage = datamodule.lineage()
         tracker.log_run_start(resolved, config_yaml, lineage)
+        provenance.begin(training_provenance(resolved, lineage, tracker, run_dir))
         tracker.start_system_metrics()
     else:
         lineage = None

@@ -14,8 +14,8 @@ and gradient clipping; no logger or checkpointing, which the plain loop does not
     python benchmarks/recipe_step.py clinical_notes                       # CPU: llama_tiny, 512 tokens, batch 16
     python benchmarks/recipe_step.py clinical_notes --model llama_374m --seq-len 2048 --batch-size 8 \
         --steps 20 --compile both                                          # one GPU (NOTES: 132k tok/s compiled)
-Writes a JSON (and a Markdown table with --markdown) with the exact command. crop_detection also measures
-the exported ONNX model's CPU latency at batch 1 (onnxruntime).
+Writes a JSON (and a Markdown table with --markdown) with the exact command. crop_detection and plastic_sorting
+also measure the exported ONNX model's CPU latency at batch 1 (onnxruntime).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class PlasticSorting:
 
         model = {"name": self.args.model, "weights_path": None, "channels_last": "auto", "compile": self.args._compile}
         info = {"class_names": [f"c{i}" for i in range(self.classes)], "channels": ["r", "g", "b"],
-                "image_size": self.args.image_size}
+                "image_size": self.args.image_size, "mean": [0.5] * 3, "std": [0.25] * 3}
         return PlasticSortingModule(model=model, optim=OPTIM, loss={"label_smoothing": 0.1}, data_info=info), None
 
     def plain(self):
@@ -95,6 +95,36 @@ class PlasticSorting:
 
     def input_pipeline(self, workers: int) -> dict:
         return _time_loader(self.datamodule(workers), workers)
+
+    def onnx_latency(self) -> dict:
+        """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
+        import onnxruntime
+
+        from aifactory_train.recipes.plastic_sorting.export import DeployableClassifier, export_onnx
+
+        module, _ = self.module()
+        out = Path(tempfile.mkdtemp())
+        export_onnx(module, out)
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        image = torch.rand(1, 3, self.args.image_size, self.args.image_size)
+        eager = DeployableClassifier(module.net.eval().cpu(), [0.5] * 3, [0.25] * 3).eval()
+        return {"input_hw": list(image.shape[2:]), "threads": torch.get_num_threads(),
+                "onnxruntime_ms": _median_ms(lambda: session.run(None, {"image": image.numpy()})),
+                "pytorch_eager_ms": _median_ms(lambda: eager(image))}
+
+
+def _median_ms(run, warmup: int = 3, repeats: int = 20) -> float:
+    import numpy as np
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
 
 
 class CropDetection:
@@ -172,7 +202,6 @@ class CropDetection:
 
     def onnx_latency(self) -> dict:
         """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
-        import numpy as np
         import onnxruntime
 
         from aifactory_train.recipes.crop_detection.export import export_onnx
@@ -183,19 +212,9 @@ class CropDetection:
         session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         image = self.batches[0][0][0].cpu()
         net = module.net.eval().cpu()
-        result = {"input_hw": list(image.shape[1:]), "threads": torch.get_num_threads()}
-        for name, run in (("onnxruntime_ms", lambda: session.run(None, {"image": image.numpy()})),
-                          ("pytorch_eager_ms", lambda: net([image]))):
-            with torch.no_grad():
-                for _ in range(3):
-                    run()
-                times = []
-                for _ in range(20):
-                    start = time.perf_counter()
-                    run()
-                    times.append((time.perf_counter() - start) * 1000)
-            result[name] = float(np.median(times))
-        return result
+        return {"input_hw": list(image.shape[1:]), "threads": torch.get_num_threads(),
+                "onnxruntime_ms": _median_ms(lambda: session.run(None, {"image": image.numpy()})),
+                "pytorch_eager_ms": _median_ms(lambda: net([image]))}
 
 
 class ClinicalNotes:

@@ -286,6 +286,11 @@ def test_hf_export_loads_with_from_pretrained_and_generates_like_the_module(lora
     assert result.returncode == 0, result.stderr[-3000:]
     folder = work / out / "model"
     assert (folder / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
+    # the folder carries its provenance: a hospital receiving only it can tell which notes trained it
+    record = json.loads((folder / "provenance.json").read_text())
+    assert record == json.loads((work / out / "provenance.json").read_text())
+    assert record["datasets"] == [summary["dataset"]] and record["datasets"][0]["datacard"]["deidentified"] == "true"
+    assert record["runs"][-1]["mlflow_run_id"] == summary["mlflow_run_id"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     module = ClinicalNotesModule.load_from_checkpoint(summary["last_checkpoint"], map_location="cpu",

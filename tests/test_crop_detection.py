@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -424,8 +425,10 @@ def crop_run(crop_data, tmp_path_factory):
                   "+model.extra.box_score_thresh=0.001", "model.channels_last=true", f"tracking.uri={uri}",
                   f"model.backbone_weights_path={backbone}", "hydra.run.dir=run", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
+    backbone_sha256 = hashlib.sha256(backbone.read_bytes()).hexdigest()
     shutil.rmtree(backbone.parent)
-    return {"work": work, "uri": uri, "summary": json.loads((work / "run" / "summary.json").read_text())}
+    return {"work": work, "uri": uri, "summary": json.loads((work / "run" / "summary.json").read_text()),
+            "backbone": str(backbone), "backbone_sha256": backbone_sha256}
 
 
 def test_smoke_train_logs_map_metrics_and_prediction_pictures(crop_run):
@@ -481,6 +484,54 @@ def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
             unused.remove(twin)
         compared += len(boxes)
     assert compared > 0  # the comparison saw real detections
+
+
+def test_the_exported_model_says_which_data_weights_and_run_made_it(crop_run):
+    """provenance.json beside model.onnx, and the same record inside the ONNX file, where onnxruntime on the
+    sprayer reads it: the training data's digest and data card, the backbone weights it started from, the run."""
+    import onnxruntime
+    from conftest import aift
+
+    summary, checkpoint = crop_run["summary"], crop_run["summary"]["last_checkpoint"]
+    result = aift("export", "recipe=crop_detection", f"ckpt_path={checkpoint}", "format=onnx",
+                  "hydra.run.dir=export_provenance", cwd=crop_run["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = crop_run["work"] / "export_provenance"
+    assert f"wrote {out / 'provenance.json'}" in result.stdout
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["recorded"] and record["recipe"] == "crop_detection"
+    assert record["datasets"] == [summary["dataset"]]  # digests of every split, and the data card
+    assert record["datasets"][0]["datacard"]["consent"].startswith("not applicable")
+    assert record["starting_weights"] == {"backbone_weights_path": {"path": crop_run["backbone"],
+                                                                    "sha256": crop_run["backbone_sha256"]}}
+    (run,) = record["runs"]
+    assert run["mlflow_run_id"] == summary["mlflow_run_id"] and run["tracking_uri"] == crop_run["uri"]
+    assert run["output_dir"] == summary["output_dir"]
+    assert record["export"]["checkpoint"] == {"path": checkpoint,
+                                              "sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()}
+    assert record["export"]["files"] == ["model.onnx", "model.json"]
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    embedded = session.get_modelmeta().custom_metadata_map
+    assert json.loads(embedded["aift.provenance"]) == record
+    assert embedded["aift.data.digest"] == summary["dataset"]["digest"]
+    assert embedded["aift.mlflow_run_id"] == summary["mlflow_run_id"]
+    assert embedded["aift.data.license"] == summary["dataset"]["datacard"]["license"]
+
+
+def test_a_checkpoint_without_a_provenance_record_exports_and_says_so(crop_run, tmp_path):
+    from conftest import aift
+
+    state = torch.load(crop_run["summary"]["last_checkpoint"], map_location="cpu", weights_only=True)
+    del state["callbacks"]["aift_provenance"]  # as a checkpoint from before records were kept
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    result = aift("export", "recipe=crop_detection", f"ckpt_path={old}", "format=onnx", "hydra.run.dir=export",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{old} holds no provenance record" in result.stdout  # the log, as Hydra prints it
+    record = json.loads((tmp_path / "export" / "provenance.json").read_text())
+    assert record["recorded"] is False and "datasets" not in record
+    assert record["export"]["checkpoint"]["path"] == str(old)
 
 
 def test_eval_refuses_a_checkpoint_of_another_class_set(crop_run, crop_copy):

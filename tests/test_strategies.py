@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aifactory_train.provenance import read_provenance
 from conftest import aift
 from test_config import compose_run
 
@@ -107,6 +108,11 @@ def test_sharded_strategies_train_the_same_weights_as_ddp(strategy_runs):
             torch.testing.assert_close(weights[key], value, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} {key}: {m}")
         summary = json.loads((strategy_runs[name] / "summary.json").read_text())
         assert summary["num_processes"] == 2 and summary["global_step"] == 4
+        # rank 0's provenance record is in the checkpoint whichever rank wrote what, and survives consolidation
+        last = strategy_runs[name] / "checkpoints" / "last.ckpt"
+        for path in [last] + ([strategy_runs[name] / "consolidated.ckpt"] if last.is_dir() else []):
+            record = read_provenance(str(path))
+            assert record["datasets"] == [summary["dataset"]], (name, path)
 
 
 def test_deepspeed_run_writes_the_json_deepspeed_received(strategy_runs):

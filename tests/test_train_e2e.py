@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -96,6 +97,7 @@ def test_eval_of_best_checkpoint_reproduces_test_metrics(smoke_run, plastic_data
     assert report["split"] == "test" and report["checkpoint"] == s["best_checkpoint"]
     assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
     assert report["dataset"]["digest"] == s["dataset"]["digest"]
+    assert report["trained_on"] == [s["dataset"]]  # what the model learned from, beside what it is scored on
     # its own MLflow run, linked to the training run that wrote the checkpoint
     run = MlflowClient(tracking_uri=smoke_run["uri"]).get_run(report["mlflow_run_id"])
     assert report["mlflow_run_id"] != s["mlflow_run_id"] and report["trained_mlflow_run_id"] == s["mlflow_run_id"]
@@ -120,12 +122,73 @@ def test_eval_does_not_need_the_weights_training_started_from(plastic_data, tmp_
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     trained = MlflowClient(tracking_uri=uri).get_run(s["mlflow_run_id"])  # (and the system metrics switched off)
     assert "train/loss" in trained.data.metrics and not any(k.startswith("system/") for k in trained.data.metrics)
+    start_sha256 = hashlib.sha256(start.read_bytes()).hexdigest()
     shutil.rmtree(start.parent)  # the pretrained file moved on; the checkpoint holds the trained weights
-    result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", f"data.root={plastic_data}",
+    # and the checkpoint leaves its run folder: it still says which run, data and weights made it
+    moved = Path(shutil.move(s["best_checkpoint"], tmp_path / "moved.ckpt"))
+    result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={moved}", f"data.root={plastic_data}",
                   "hydra.run.dir=eval", f"tracking.uri={uri}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
+    assert report["trained_mlflow_run_id"] == s["mlflow_run_id"] and report["trained_on"] == [s["dataset"]]
+    from aifactory_train.provenance import read_provenance
+
+    assert read_provenance(str(moved))["starting_weights"] == {"weights_path": {"path": str(start),
+                                                                                "sha256": start_sha256}}
+
+
+def test_onnx_export_classifies_like_the_checkpoint(smoke_run, plastic_data):
+    """The line's software gives the ONNX model resized images in [0, 1]; the normalisation is inside it. Its
+    probabilities match the PyTorch module's on real test images."""
+    import numpy as np
+    import onnxruntime
+    import torch
+    from torchvision.io import read_image
+    from torchvision.transforms import v2
+
+    from aifactory_train.checkpoints import load_trained_module
+    from aifactory_train.recipes.plastic_sorting.module import PlasticSortingModule
+
+    s = smoke_run["summary"]
+    result = aift("export", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", "format=onnx",
+                  "hydra.run.dir=export", cwd=smoke_run["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = smoke_run["work"] / "export"
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["class_names"] == ["HDPE", "LDPE", "PET", "PP", "PS", "PVC", "other"]
+    assert meta["input"]["channels"] == ["red", "green", "blue"] and meta["input"]["size_hw"] == [64, 64]
+    assert meta["inside_the_model"] == {"normalize_mean": [0.5, 0.5, 0.5], "normalize_std": [0.25, 0.25, 0.25]}
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["datasets"] == [s["dataset"]] and record["export"]["files"] == ["model.onnx", "model.json"]
+
+    paths = [sorted((plastic_data / "test" / name).glob("*.png"))[0] for name in meta["class_names"]]
+    images = torch.stack([v2.functional.resize(read_image(str(p)), [64, 64], antialias=True) for p in paths])
+    images = images.float() / 255
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(None, {"image": images.numpy()})
+    module = load_trained_module(PlasticSortingModule, s["best_checkpoint"]).eval()
+    with torch.no_grad():
+        reference = module(v2.functional.normalize(images, [0.5] * 3, [0.25] * 3))
+    np.testing.assert_allclose(logits, reference.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(probabilities, reference.softmax(1).numpy(), atol=1e-5)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["aift.provenance"]) == record
+
+
+def test_export_refuses_another_format_and_a_checkpoint_without_its_normalisation(smoke_run, tmp_path):
+    import torch
+
+    result = aift("export", "recipe=plastic_sorting", f"ckpt_path={smoke_run['summary']['best_checkpoint']}",
+                  "format=hf", "hydra.run.dir=export_hf", cwd=tmp_path)
+    assert result.returncode == 2 and "plastic_sorting exports 'onnx', not 'hf'" in result.stderr
+    state = torch.load(smoke_run["summary"]["best_checkpoint"], map_location="cpu", weights_only=True)
+    for key in ("mean", "std"):
+        del state["hyper_parameters"]["data_info"][key]  # as a checkpoint written before export existed
+    torch.save(state, tmp_path / "old.ckpt")
+    result = aift("export", "recipe=plastic_sorting", f"ckpt_path={tmp_path / 'old.ckpt'}", "format=onnx",
+                  "hydra.run.dir=export_old", cwd=tmp_path)
+    assert result.returncode == 2 and "data_info.mean/std" in result.stderr
+    assert not (tmp_path / "export_old" / "model.onnx").exists()
 
 
 def test_data_runs_lists_the_runs_that_used_each_split(smoke_run, plastic_data, tmp_path):
@@ -193,6 +256,32 @@ def test_resume_from_last_continues_the_same_mlflow_run(smoke_run, plastic_data,
     # the system metrics continue after the first job's steps instead of writing over them
     resumed = [m.step for m in client.get_metric_history(s["mlflow_run_id"], "system/cpu_utilization_percentage")]
     assert system_steps and len(resumed) > len(system_steps) and len(set(resumed)) == len(resumed)
+
+
+def test_a_resume_on_changed_data_keeps_the_earlier_data_in_the_checkpoints_record(smoke_run, plastic_data, tmp_path):
+    """The class set must match on resume, the files need not: the weights have then learned from two datasets,
+    and their record lists both, first to last, with the run each was trained in."""
+    from aifactory_train.provenance import read_provenance
+
+    first = smoke_run["summary"]
+    record = read_provenance(first["last_checkpoint"])
+    assert record["datasets"] == [first["dataset"]] and record["starting_weights"] == {}
+    assert [r["mlflow_run_id"] for r in record["runs"]] == [first["mlflow_run_id"]]
+    assert record["recipe"] == "plastic_sorting" and record["software"]["aifactory_train"]
+
+    changed = Path(shutil.copytree(plastic_data, tmp_path / "changed"))
+    image = sorted((changed / "train" / "PET").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")
+    run_dir = Path(shutil.copytree(smoke_run["run"], tmp_path / "run"))
+    result = aift("train", *SMOKE, f"data.root={changed}", f"hydra.run.dir={run_dir}", "ckpt_path=last",
+                  "trainer.max_epochs=2", "tracking=none", "run_test=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = json.loads((run_dir / "summary.json").read_text())
+    assert second["dataset"]["digest"] != first["dataset"]["digest"]
+    record = read_provenance(second["last_checkpoint"])
+    assert [d["digest"] for d in record["datasets"]] == [first["dataset"]["digest"], second["dataset"]["digest"]]
+    assert [(r["output_dir"], r["mlflow_run_id"]) for r in record["runs"]] == [
+        (first["output_dir"], first["mlflow_run_id"]), (second["output_dir"], None)]
 
 
 def test_resume_last_without_a_checkpoint_explains_hydra_run_dir(plastic_data, tmp_path):

@@ -260,7 +260,9 @@ class PlasticSortingDataModule(L.LightningDataModule):
     # -- recipe contract -------------------------------------------------------------------------
     @property
     def data_info(self) -> dict[str, Any]:
-        return {"class_names": self.class_names, "channels": self.channels, "image_size": self.image_size}
+        # mean/std: the normalisation the export puts inside the model
+        return {"class_names": self.class_names, "channels": self.channels, "image_size": self.image_size,
+                "mean": self.mean, "std": self.std}
 
     def has_split(self, name: str) -> bool:
         return self.splits is not None and name in self.splits

@@ -187,3 +187,13 @@ class PlasticSortingModule(L.LightningModule):
         scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export ----------------------------------------------------------------------------------
+    def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
+        """``format=onnx``: ``model.onnx`` (normalisation inside, softmax out) and ``model.json``."""
+        from aifactory_train.errors import ConfigError
+        from aifactory_train.recipes.plastic_sorting.export import export_onnx
+
+        if fmt != "onnx":
+            raise ConfigError(f"config key 'format': plastic_sorting exports 'onnx', not '{fmt}'")
+        return export_onnx(self, Path(out_dir))
