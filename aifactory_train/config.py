@@ -371,13 +371,15 @@ def validate(cfg) -> Any:
     return typed
 
 
-def check_data(typed, stage: str = "fit") -> None:
+def check_data(typed, stage: str = "fit", account: str | None = None) -> None:
     """The quick half of the data checks, run before a job starts or is queued: the files the config points
     at for ``stage`` ("fit": training, "eval": ``aift eval``) are there (the recipe's ``DataConfig.check_files``:
-    data root, split files, what the recipe requires of the data card) and the data card is readable. A wrong ``data.root`` then fails in about a second, before
+    data root, split files, what the recipe requires of the data card), the data card is readable, and this use
+    is inside the owner's usage terms (recipe, user, Slurm ``account``: the job's own by default, the one it
+    will be charged to when `aift launch` asks). A wrong ``data.root`` then fails in about a second, before
     Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue. What the files
     hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
-    from aifactory_train.lineage import read_datacard
+    from aifactory_train.lineage import check_usage_terms, read_datacard
 
     data = getattr(typed, "data", None)
     check_files = getattr(data, "check_files", None)
@@ -385,6 +387,7 @@ def check_data(typed, stage: str = "fit") -> None:
         return
     check_files(stage)
     read_datacard(data.root)
+    check_usage_terms(data.root, typed.recipe.name, account)
 
 
 def _check_model_task(plain: dict) -> None:

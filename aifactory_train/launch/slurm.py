@@ -162,8 +162,11 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         resolved = OmegaConf.to_container(cfg, resolve=True)
         jobs.append((point, resolved, run_path, render(resolved, point, job_name, run_path)))
     if data_check and not dry_run:
-        for typed in typed_configs:  # relative paths resolve as in the job: sbatch starts it in this folder
-            check_data(typed)
+        for typed, (_, resolved, _, _) in zip(typed_configs, jobs):
+            # relative paths resolve as in the job: sbatch starts it in this folder; the data owner's terms are
+            # checked against the account the job will be charged to
+            cluster = resolved["cluster"]
+            check_data(typed, account=cluster["accounts"].get(cluster["allocation"]))
     if dry_run:
         for point, resolved, run_path, script in jobs:
             if multirun:
