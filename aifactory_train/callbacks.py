@@ -136,33 +136,36 @@ class TrainingThroughput(L.Callback):
 
 
 class EnergyMeter(L.Callback):
-    """Reads this process's energy counter from the start of fit to ``finish()`` (after the test stage), into
+    """Reads this process's energy counters from the start of fit to ``finish()`` (after the test stage), into
     ``<run>/energy`` (see :mod:`aifactory_train.energy`). It starts in ``setup``, which every rank runs after it is
     launched and has its device."""
 
-    def __init__(self, meter: str | None, energy_cfg: dict, run_dir) -> None:
-        self.meter = meter
+    def __init__(self, meters: tuple[str, ...], energy_cfg: dict, run_dir) -> None:
+        self.meters = meters  # set once the device is known (aifactory_train.energy.check_meter)
         self.energy_cfg = energy_cfg
         self.run_dir = run_dir
-        self.ledger = None
+        self.ledgers: list = []
+        self.started = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self.ledger is not None:
+        if stage != "fit" or self.started:
             return
+        self.started = True
         from pathlib import Path
 
         from aifactory_train.energy import ENERGY_DIR, open_ledger, record_failure
 
-        try:
-            self.ledger = open_ledger(self.meter, self.energy_cfg, self.run_dir, trainer)
-            if self.ledger is not None:
-                self.ledger.start()
-        except Exception as err:  # noqa: BLE001 - e.g. a MIG slice without a counter: train on, and say so
-            self.ledger = None
-            log.warning("energy: rank %d cannot read its %s counter (%s); the run's total leaves this rank out",
-                        trainer.global_rank, self.meter, err)
-            record_failure(Path(self.run_dir) / ENERGY_DIR, self.meter, trainer.global_rank, err)
+        for meter in self.meters:
+            try:
+                ledger = open_ledger(meter, self.energy_cfg, self.run_dir, trainer)
+                if ledger is not None:
+                    ledger.start()
+                    self.ledgers.append(ledger)
+            except Exception as err:  # noqa: BLE001 - e.g. a MIG slice without a counter: train on, and say so
+                log.warning("energy: rank %d cannot read its %s counter (%s); the run's total leaves it out",
+                            trainer.global_rank, meter, err)
+                record_failure(Path(self.run_dir) / ENERGY_DIR, meter, trainer.global_rank, err)
 
     def finish(self) -> None:
-        if self.ledger is not None:
-            self.ledger.stop()
+        for ledger in self.ledgers:
+            ledger.stop()

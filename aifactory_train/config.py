@@ -21,7 +21,7 @@ STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 GPU_STRATEGIES = ("fsdp", "deepspeed")  # on CPU only with strategy.cpu_smoke=true
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 TRACKING_BACKENDS = ("mlflow", "none")
-ENERGY_METERS = ("auto", "nvml", "rapl", "none")
+ENERGY_METERS = ("auto", "nvml", "rapl", "nvml+rapl", "none")
 
 
 def check_choice(key: str, value: Any, valid: tuple | list) -> None:
@@ -196,7 +196,7 @@ class TrackingConfig:
 class EnergyConfig:
     """Energy per training run from hardware counters (aifactory_train.energy), into summary.json and MLflow."""
 
-    meter: str = "auto"  # auto: NVML on GPUs, powercap (RAPL) on CPUs, nothing where the counter is missing
+    meter: str = "auto"  # auto: NVML for GPUs and powercap (RAPL) for CPU packages, each where it can be read
     sample_every_s: float = 30.0
     powercap_dir: str = "/sys/class/powercap"
 

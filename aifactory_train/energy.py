@@ -5,6 +5,9 @@
 * **CPUs**: the kernel's powercap counters (Intel RAPL; AMD too on Linux >= 5.8), one per CPU package, read by
   each node's local rank 0 (a package counter covers the whole socket, which the node's ranks share). They wrap
   at ``max_energy_range_uj``; reading at least every ``sample_every_s`` seconds keeps every wrap seen.
+* A GPU run reads both where it can (``energy.meter=auto``): the GPUs do the training, but the host's CPUs draw
+  power for it too, and GPU and package counters measure disjoint parts. Still not counted: memory (DRAM zones),
+  network, fans and power-supply losses; a node's wall-plug meter (its BMC) sees those.
 
 Counters, not power samples: MLflow's system metrics sample power every few seconds, and the sum of those samples
 misses whatever happened between them. A counter is integrated by the hardware.
@@ -13,7 +16,8 @@ Why not CodeCarbon or Zeus: both measure a window inside one process. A training
 many nodes, and a run that is requeued continues in new processes. What must add up is the files, so the part
 that counts is this module's either way. The counter reads themselves are a few lines each.
 
-Each measuring process writes ``<run>/energy/<start>-<host>-<pid>-rank<r>.json``. A background thread rewrites it
+Each counter a process reads has its file, ``<run>/energy/<start>-<host>-<pid>-rank<r>-<meter>.json``. A background
+thread rewrites it
 every ``sample_every_s`` seconds, and the end of the run rewrites it once more. A requeued or resumed job adds
 files of its own. The run's energy is the sum of all the files, so work redone after a kill counts too: that
 energy was spent. A kill without warning loses at most the last ``sample_every_s`` seconds.
@@ -27,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,29 +134,34 @@ def rapl_available(powercap_dir: str | Path) -> str | None:
     return None
 
 
-def check_meter(cfg: dict[str, Any], on_gpu: bool) -> tuple[str | None, str | None]:
-    """Which meter this run uses ('nvml', 'rapl' or None) and, for None, why. ``auto`` picks NVML for a GPU run
-    and powercap for a CPU run, and measures nothing where the counter is missing. A meter named on purpose that
-    this machine does not have is an error, raised before training starts."""
+def check_meter(cfg: dict[str, Any], on_gpu: bool) -> tuple[tuple[str, ...], str | None]:
+    """Which meters this run reads ('nvml', 'rapl') and, for what it leaves out, why. ``auto`` reads NVML for the
+    GPUs of a GPU run and the CPU packages' powercap counters of every run, each where it can be read. A meter
+    named on purpose (``nvml``, ``rapl``, ``nvml+rapl``) that this machine cannot read is an error, raised before
+    training starts."""
     meter = cfg["meter"]
     if meter == "none":
-        return None, "energy.meter=none"
+        return (), "energy.meter=none"
     if meter == "auto":
-        meter = "nvml" if on_gpu else "rapl"
-        strict = False
+        wanted, strict = (("nvml", "rapl") if on_gpu else ("rapl",)), False
     else:
-        strict = True
-        if meter == "nvml" and not on_gpu:
-            raise ConfigError("config key 'energy.meter': 'nvml' reads the GPUs a run trains on, but this run trains "
-                              "on the CPU; valid here: auto, rapl, none")
-    reason = nvml_available() if meter == "nvml" else rapl_available(cfg["powercap_dir"])
-    if reason is None:
-        return meter, None
-    if strict:
-        raise ConfigError(f"config key 'energy.meter': '{meter}' cannot be read on {node_name()}: {reason}; "
-                          f"valid: auto (measures where it can), none")
-    log.info("energy not measured: %s", reason)
-    return None, reason
+        wanted, strict = tuple(meter.split("+")), True
+        if "nvml" in wanted and not on_gpu:
+            raise ConfigError(f"config key 'energy.meter': '{meter}' reads the GPUs a run trains on, but this run "
+                              f"trains on the CPU; valid here: auto, rapl, none")
+    meters, missing = [], []
+    for name in wanted:
+        reason = nvml_available() if name == "nvml" else rapl_available(cfg["powercap_dir"])
+        if reason is None:
+            meters.append(name)
+        elif strict:
+            raise ConfigError(f"config key 'energy.meter': '{meter}' cannot be read on {node_name()}: {reason}; "
+                              f"valid: auto (measures where it can), none")
+        else:
+            missing.append(reason)
+    if missing:
+        log.info("energy: not counted: %s", "; ".join(missing))
+    return tuple(meters), "; ".join(missing) or None
 
 
 class EnergyLedger:
@@ -164,7 +173,7 @@ class EnergyLedger:
         self.folder = Path(folder)
         self.sample_every_s = sample_every_s
         started = time.strftime("%Y%m%dT%H%M%S")
-        self.path = self.folder / f"{started}-{node_name()}-{os.getpid()}-rank{rank}.json"
+        self.path = self.folder / f"{started}-{node_name()}-{os.getpid()}-rank{rank}-{counter.kind}.json"
         self.record = {"meter": counter.kind, "devices": counter.devices, "host": node_name(), "rank": rank,
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time(),
                        "joules": 0.0, "seconds": 0.0}
@@ -209,26 +218,40 @@ class EnergyLedger:
 
 
 @dataclass
+class MeterTotal:
+    """One meter's part of a run's energy."""
+
+    joules: float = 0.0
+    seconds: float = 0.0  # measured seconds, summed over the files (device-seconds for NVML)
+    files: int = 0
+    devices: set = field(default_factory=set)  # (host, counter) pairs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"joules": round(self.joules, 3), "kwh": self.joules / JOULES_PER_KWH,
+                "mean_watts": round(self.joules / self.seconds, 3) if self.seconds else None,
+                "files": self.files, "devices": len(self.devices)}
+
+
+@dataclass
 class RunEnergy:
     """The sum of a run's energy files."""
 
-    meter: str | None
-    joules: float
-    seconds: float  # measured seconds, summed over the files (device-seconds for NVML)
-    files: int
-    devices: int  # distinct counters (GPUs, or CPU packages per host)
-    segments: int  # job starts that measured: files of global rank 0 (a resume or requeue adds one)
+    by_meter: dict[str, MeterTotal]
+    segments: int  # job starts that measured: those of global rank 0 (a resume or requeue adds one)
     skipped: list[str]  # files that could not be read
     unmeasured: list[str]  # processes whose counter could not be opened, and why
 
     def as_dict(self) -> dict[str, Any]:
-        if not self.files:
+        if not self.by_meter:
             return {"measured": False, "meter": None,
                     "reason": "no counter could be read: " + "; ".join(self.unmeasured or self.skipped)}
-        return {"measured": True, "meter": self.meter, "joules": round(self.joules, 3),
-                "kwh": self.joules / JOULES_PER_KWH,
-                "mean_watts": round(self.joules / self.seconds, 3) if self.seconds else None,
-                "files": self.files, "devices": self.devices, "segments": self.segments,
+        joules = sum(t.joules for t in self.by_meter.values())
+        seconds = sum(t.seconds for t in self.by_meter.values())
+        return {"measured": True, "meter": "+".join(sorted(self.by_meter)), "joules": round(joules, 3),
+                "kwh": joules / JOULES_PER_KWH, "mean_watts": round(joules / seconds, 3) if seconds else None,
+                "files": sum(t.files for t in self.by_meter.values()),
+                "devices": sum(len(t.devices) for t in self.by_meter.values()), "segments": self.segments,
+                "by_meter": {name: total.as_dict() for name, total in sorted(self.by_meter.items())},
                 "unreadable_files": self.skipped, "unmeasured": self.unmeasured}
 
 
@@ -236,7 +259,7 @@ def record_failure(folder: Path, meter: str, rank: int, err: Exception) -> None:
     """This process could not open its counter: say so in the run's energy files, so the total is known to
     leave it out."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{node_name()}-{os.getpid()}-rank{rank}.json"
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{node_name()}-{os.getpid()}-rank{rank}-{meter}.json"
     path.write_text(json.dumps({"meter": meter, "host": node_name(), "rank": rank,
                                 "error": f"{type(err).__name__}: {err}"}, indent=1) + "\n")
 
@@ -249,28 +272,28 @@ def read_run_energy(run_dir: Path) -> RunEnergy | None:
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
         return None
-    joules = seconds = 0.0
-    meters, devices, segments, skipped, unmeasured = set(), set(), set(), [], []
-    measured = 0
+    by_meter: dict[str, MeterTotal] = {}
+    segments, skipped, unmeasured = set(), [], []
     for path in files:
         try:
             record = json.loads(path.read_text())
             if "error" in record:
-                unmeasured.append(f"{record.get('host')} rank {record.get('rank')}: {record['error']}")
+                unmeasured.append(f"{record.get('host')} rank {record.get('rank')} {record.get('meter')}: "
+                                  f"{record['error']}")
                 continue
-            joules += float(record["joules"])
-            seconds += float(record["seconds"])
+            joules, seconds = float(record["joules"]), float(record["seconds"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("energy: %s is unreadable (%s); the run's total leaves it out", path, err)
             skipped.append(path.name)
             continue
-        measured += 1
-        meters.add(record.get("meter"))
-        devices.update((record.get("host"), d) for d in record.get("devices", []))
+        total = by_meter.setdefault(str(record.get("meter")), MeterTotal())
+        total.joules += joules
+        total.seconds += seconds
+        total.files += 1
+        total.devices.update((record.get("host"), d) for d in record.get("devices", []))
         if record.get("rank") == 0:
-            segments.add(path.name)
-    meter = meters.pop() if len(meters) == 1 else "+".join(sorted(str(m) for m in meters)) or None
-    return RunEnergy(meter, joules, seconds, measured, len(devices), len(segments), skipped, unmeasured)
+            segments.add(path.name.rsplit("-rank", 1)[0])  # <start>-<host>-<pid>: one per job start
+    return RunEnergy(by_meter, len(segments), skipped, unmeasured)
 
 
 def open_ledger(meter: str | None, cfg: dict[str, Any], run_dir: Path, trainer) -> EnergyLedger | None:
@@ -302,8 +325,12 @@ def set_aside_earlier_energy(run_dir: Path) -> Path | None:
 
 
 def summarize(run_dir: Path, reason: str | None) -> dict[str, Any]:
-    """The ``energy`` entry of summary.json: the run's total so far, or why nothing was measured."""
+    """The ``energy`` entry of summary.json: the run's total so far, or why nothing was measured; ``not_counted``
+    says why a counter ``auto`` wanted was left out (a GPU run's CPU packages where only root reads them)."""
     total = read_run_energy(run_dir)
     if total is None:
         return {"measured": False, "meter": None, "reason": reason or "no energy counter was read in this run"}
-    return total.as_dict()
+    summary = total.as_dict()
+    if summary["measured"]:
+        summary["not_counted"] = reason
+    return summary

@@ -22,6 +22,12 @@ def main(path: str) -> None:
     if energy.get("measured"):
         print(f"  energy           {energy['kwh']:.6g} kWh ({energy['joules']:.0f} J; {energy['meter']}, "
               f"{energy['devices']} counter(s), {energy['mean_watts']} W each on average)")
+        parts = energy.get("by_meter") or {}
+        if len(parts) > 1:
+            for name, part in parts.items():
+                print(f"    {name:<14} {part['kwh']:.6g} kWh ({part['devices']} counter(s))")
+        if energy.get("not_counted"):
+            print(f"    not counted    {energy['not_counted']}")
     elif energy:
         print(f"  energy           not measured: {energy['reason']}")
     print(f"  best checkpoint  {summary['best_checkpoint']}")

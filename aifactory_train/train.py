@@ -162,7 +162,7 @@ def run_training(cfg) -> dict[str, Any]:
         enable_version_counter=False,
     )
     throughput = TrainingThroughput(log_every_n_steps=resolved["trainer"]["log_every_n_steps"])
-    energy = EnergyMeter(None, resolved["energy"], run_dir)  # its meter is chosen once the device is known
+    energy = EnergyMeter((), resolved["energy"], run_dir)  # its meters are chosen once the device is known
     provenance = provenance_callback()  # which data, weights, run and software: in every checkpoint
     callbacks = [checkpoint, throughput, energy, StrategyConfigFile(run_dir), RNGStateCallback(),
                  ElasticEpochProgress(), provenance]
@@ -206,7 +206,7 @@ def run_training(cfg) -> dict[str, Any]:
 
     from aifactory_train.energy import check_meter, set_aside_earlier_energy, summarize
 
-    energy.meter, energy_reason = check_meter(resolved["energy"], on_gpu=trainer.strategy.root_device.type == "cuda")
+    energy.meters, energy_reason = check_meter(resolved["energy"], on_gpu=trainer.strategy.root_device.type == "cuda")
     if not ckpt_path and is_global_zero():
         set_aside_earlier_energy(run_dir)  # a fresh start in a used folder does not add the old run's energy
     if ckpt_path:
@@ -297,8 +297,12 @@ def run_training(cfg) -> dict[str, Any]:
         return summary
     summary["energy"] = summarize(run_dir, energy_reason)
     if summary["energy"]["measured"]:
-        tracker.log_metrics({f"energy/{k}": summary["energy"][k] for k in ("kwh", "joules", "mean_watts")
-                             if summary["energy"][k] is not None}, step=trainer.global_step)
+        energy_metrics = {f"energy/{k}": summary["energy"][k] for k in ("kwh", "joules", "mean_watts")
+                          if summary["energy"][k] is not None}
+        if len(summary["energy"]["by_meter"]) > 1:  # a GPU run with its CPU packages: each part too
+            energy_metrics.update({f"energy/{name}/kwh": part["kwh"]
+                                   for name, part in summary["energy"]["by_meter"].items()})
+        tracker.log_metrics(energy_metrics, step=trainer.global_step)
     summary_path = write_summary(run_dir, summary)
     tags = {"aift.checkpoint.best": summary["best_checkpoint"] or "",
             "aift.checkpoint.last": summary["last_checkpoint"] or ""}

@@ -122,8 +122,6 @@ def freeze_backbone(model, trainable_layers: int | None) -> None:
     """As torchvision fine-tunes from a pretrained backbone: only the last ``trainable_layers`` stages train
     (default 3), and the backbone's BatchNorm layers keep their pretrained statistics and scales (their affine
     parameters are frozen here; the module keeps them in eval mode, see ``frozen_norm_layers``)."""
-    import torch
-
     from aifactory_train.errors import ConfigError
 
     stages = backbone_stages(model)

@@ -160,9 +160,7 @@ class CropDetectionModule(L.LightningModule):
                     module.eval()  # one image: SSDlite's 1 x 1 maps would give BatchNorm one value per channel
             image = torch.rand(image_shape, device=device)
             target = {"boxes": target["boxes"].detach().float().to(device), "labels": target["labels"].to(device)}
-            flops = measure_flops(net, lambda: net([image], [target]), loss_fn=lambda losses: sum(losses.values()))
-        del net
-        return flops
+            return measure_flops(net, lambda: net([image], [target]), loss_fn=lambda losses: sum(losses.values()))
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
