@@ -192,6 +192,8 @@ def _data_runs(args: argparse.Namespace) -> int:
             print(f"  {run['start_time']}  {run['run_id']}  {run['kind']:5s}  {run['experiment']}/{run['run_name']}  "
                   f"{run['status']}{' (deleted)' if run['deleted'] else ''}  {shared}"
                   + (f"  checkpoint {run['best_checkpoint']}" if run["best_checkpoint"] else ""))
+            for export in run["exports"]:
+                print(f"      exported: {export}")
     if args.out:
         report = {"data": lineage.as_dict(), "tracking_uri": tracking["uri"], "runs": runs}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -136,7 +136,7 @@ class DigestCache:
                 if _stat_key(full) == stat and now_ns - stat[1] > self.RACY_NS and now_ns - stat[2] > self.RACY_NS:
                     self.entries[self._key(rel)] = [*stat, hashed[rel]]
             nbytes = sum(stat[0] for _, stat in stale.values())
-            log.info("data digest: hashed %d file(s), %.1f MB in %.1f s; %d unchanged file(s) from the cache",
+            log.info("SHA-256: hashed %d file(s), %.1f MB in %.1f s; %d unchanged file(s) from the cache",
                      len(stale), nbytes / 1e6, time.time() - started, len(files) - len(stale))
             self._save()
         return digests

@@ -65,11 +65,19 @@ def training_provenance(resolved: dict[str, Any], lineage, tracker, run_dir: Pat
     model = resolved["model"]
     weights = {key: {"path": str(Path(model[key]).resolve()), "sha256": path_sha256(model[key])}
                for key in STARTING_WEIGHTS_KEYS if model.get(key)}
-    run = {"output_dir": str(Path(run_dir).resolve()), "tracking_uri": tracker.uri if tracker.enabled else None,
+    run = {"output_dir": str(Path(run_dir).resolve()), "tracking_uri": _absolute(tracker.uri) if tracker.enabled else None,
            "mlflow_run_id": tracker.run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {"schema_version": SCHEMA_VERSION, "recipe": resolved["recipe"]["name"], "model": model["name"],
             "datasets": [lineage.as_dict()], "starting_weights": weights, "runs": [run],
             "software": software_versions()}
+
+
+def _absolute(uri: str | None) -> str | None:
+    """A sqlite store's URI with an absolute path (MLflow's default ``sqlite:///mlflow.db`` is relative to the folder
+    the run started in, which the record must not depend on)."""
+    if uri and uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
 
 
 def merged(earlier: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +153,38 @@ def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir
     for file in map(Path, files):
         if file.suffix == ".onnx":
             embed_in_onnx(file, document)
+    if record is not None:
+        log.info("export: %s", record_export_in_training_run(document, out_dir))
     return path
+
+
+EXPORT_TAG_PREFIX = "aift.export."
+
+
+def record_export_in_training_run(document: dict[str, Any], out_dir: Path) -> str:
+    """Tag the training run the record names with this export (``aift.export.<folder hash>`` = ``<format>
+    <folder> <time>``), so `aift data runs` tells a data owner where the models trained on their data went.
+    Returns what was done, for the log; a store that is not here or not reachable is said, not an error (exports
+    are often made elsewhere)."""
+    from aifactory_train.tracking import check_tracking_uri
+
+    run = (document.get("runs") or [{}])[-1]
+    uri, run_id = run.get("tracking_uri"), run.get("mlflow_run_id")
+    if not uri or not run_id:
+        return "the training run was not tracked; the export is not recorded in MLflow"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return f"the training run's store {uri} is not on this machine; the export is not recorded in MLflow"
+    try:
+        check_tracking_uri(uri)
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(out_dir).resolve()
+        key = EXPORT_TAG_PREFIX + hashlib.sha256(str(folder).encode()).hexdigest()[:12]  # one per export folder
+        export = document["export"]
+        MlflowClient(tracking_uri=uri).set_tag(run_id, key, f"{export['format']} {folder} {export['exported']}")
+    except Exception as err:  # noqa: BLE001 - the export itself is done; say why it is not recorded
+        return f"the export could not be recorded in the training run {run_id} ({type(err).__name__}: {err})"
+    return f"recorded in the training run {run_id} ({uri}) as tag {key}"
 
 
 def _relative(path: str | Path, out_dir: Path) -> str:

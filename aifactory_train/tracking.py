@@ -190,6 +190,8 @@ def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
             "output_dir": tags.get("aift.output_dir"),
             "datacard": {k[len("aift.data."):]: v for k, v in tags.items()
                          if k.startswith("aift.data.") and k[len("aift.data."):] in ("owner", "license", "consent")},
+            # where its models went: `aift export` tags the training run ("<format> <folder> <time>")
+            "exports": sorted(v for k, v in tags.items() if k.startswith("aift.export.")),
         })
     return sorted(found, key=lambda r: r["start_time"])
 

@@ -173,6 +173,14 @@ def test_onnx_export_classifies_like_the_checkpoint(smoke_run, plastic_data):
     np.testing.assert_allclose(logits, reference.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(probabilities, reference.softmax(1).numpy(), atol=1e-5)
     assert json.loads(session.get_modelmeta().custom_metadata_map["aift.provenance"]) == record
+    # the data owner's view: the training run says where its model went
+    runs = aift("data", "runs", "recipe=plastic_sorting", f"data.root={plastic_data}", f"tracking.uri={smoke_run['uri']}",
+                "--out", str(smoke_run["work"] / "runs_after_export.json"), cwd=smoke_run["work"])
+    assert runs.returncode == 0, runs.stderr[-3000:]
+    (trained,) = [r for r in json.loads((smoke_run["work"] / "runs_after_export.json").read_text())["runs"]
+                  if r["run_id"] == s["mlflow_run_id"]]
+    assert trained["exports"] == [f"onnx {out} {record['export']['exported']}"]
+    assert f"exported: onnx {out}" in runs.stdout
 
 
 def test_export_refuses_another_format_and_a_checkpoint_without_its_normalisation(smoke_run, tmp_path):
