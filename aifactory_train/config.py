@@ -371,14 +371,14 @@ def validate(cfg) -> Any:
     return typed
 
 
-def check_data(typed, stage: str = "fit", account: str | None = None) -> None:
+def check_data(typed, stage: str = "fit", account: str | None = None, queued: bool = False) -> None:
     """The quick half of the data checks, run before a job starts or is queued: the files the config points
     at for ``stage`` ("fit": training, "eval": ``aift eval``) are there (the recipe's ``DataConfig.check_files``:
     data root, split files, what the recipe requires of the data card), the data card is readable, and this use
-    is inside the owner's usage terms (recipe, user, Slurm ``account``: the job's own by default, the one it
-    will be charged to when `aift launch` asks). A wrong ``data.root`` then fails in about a second, before
-    Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue. What the files
-    hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
+    is inside the owner's usage terms (recipe, user, node, Slurm ``account``: the job's own by default, the one
+    it will be charged to when `aift launch` asks for a ``queued`` job). A wrong ``data.root`` then fails in about
+    a second, before Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue.
+    What the files hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
     from aifactory_train.lineage import check_usage_terms, read_datacard
 
     data = getattr(typed, "data", None)
@@ -387,7 +387,7 @@ def check_data(typed, stage: str = "fit", account: str | None = None) -> None:
         return
     check_files(stage)
     read_datacard(data.root)
-    check_usage_terms(data.root, typed.recipe.name, account)
+    check_usage_terms(data.root, typed.recipe.name, account, queued=queued)
 
 
 def _check_model_task(plain: dict) -> None:

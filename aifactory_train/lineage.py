@@ -194,7 +194,7 @@ def read_datacard(root: str | Path) -> dict[str, str]:
 
 
 # -- the data owner's usage terms -----------------------------------------------------------------------------
-USAGE_KEYS = ("recipes", "users", "accounts", "until")
+USAGE_KEYS = ("recipes", "users", "accounts", "hosts", "until")
 
 
 @dataclass
@@ -202,8 +202,9 @@ class UsageTerms:
     """What the data owner allows, from the data card's ``usage`` section; a key left out allows everything.
 
     ``recipes``: the purposes (recipe names) the data may be used for; ``users``: the login names that may use
-    it; ``accounts``: the Slurm accounts (projects) whose jobs may use it; ``until``: the last day it may be used
-    (the end of the agreement or consent).
+    it; ``accounts``: the Slurm accounts (projects) whose jobs may use it; ``hosts``: where it may be used
+    (node-name patterns, ``gcn*``: a copy on a laptop is refused); ``until``: the last day it may be used (the
+    end of the agreement or consent).
 
     aift checks them before a run reads the data, opens a tracking store or queues a job, and refuses a run
     outside them. That keeps honest people inside an owner's terms; it is not access control, which is the
@@ -213,17 +214,21 @@ class UsageTerms:
     recipes: list[str] | None = None
     users: list[str] | None = None
     accounts: list[str] | None = None
+    hosts: list[str] | None = None  # fnmatch patterns
     until: Any = None  # datetime.date
 
     def describe(self) -> str:
-        parts = [f"{key}={','.join(getattr(self, key))}" for key in ("recipes", "users", "accounts")
+        parts = [f"{key}={','.join(getattr(self, key))}" for key in ("recipes", "users", "accounts", "hosts")
                  if getattr(self, key) is not None]
         if self.until is not None:
             parts.append(f"until={self.until.isoformat()}")
         return "; ".join(parts) or "no restrictions"
 
-    def check(self, recipe: str, user: str, account: str | None, today) -> None:
-        """Raise DataError naming the card, the term and the value when this use is outside the terms."""
+    def check(self, recipe: str, user: str, account: str | None, today, host: str | None = None) -> None:
+        """Raise DataError naming the card, the term and the value when this use is outside the terms. ``host``
+        None: not known yet (a job being queued), checked when the job starts."""
+        from fnmatch import fnmatchcase
+
         from aifactory_train.errors import DataError
 
         where = f"data card '{self.path}': usage"
@@ -242,6 +247,9 @@ class UsageTerms:
             raise DataError(f"{where}.accounts allows the jobs of Slurm accounts {self.accounts}, and this has "
                             f"{got}: run it as a job of one of them (aift launch with a cluster.allocation whose "
                             f"account is listed)")
+        if self.hosts is not None and host is not None and not any(fnmatchcase(host, p) for p in self.hosts):
+            raise DataError(f"{where}.hosts allows the data to be used on {self.hosts} only, not on '{host}': run "
+                            f"it where the owner allows")
 
 
 def read_usage_terms(root: str | Path) -> UsageTerms | None:
@@ -262,7 +270,7 @@ def read_usage_terms(root: str | Path) -> UsageTerms | None:
     if unknown:
         raise DataError(f"data card '{path}': usage has unknown key(s) {unknown}; valid: {', '.join(USAGE_KEYS)}")
     terms = UsageTerms(path)
-    for key in ("recipes", "users", "accounts"):
+    for key in ("recipes", "users", "accounts", "hosts"):
         value = usage.get(key)
         if value is None:
             continue
@@ -286,18 +294,21 @@ def read_usage_terms(root: str | Path) -> UsageTerms | None:
     return terms
 
 
-def check_usage_terms(root: str | Path, recipe: str, account: str | None = None) -> None:
+def check_usage_terms(root: str | Path, recipe: str, account: str | None = None, queued: bool = False) -> None:
     """Refuse a use of the data at ``root`` that its owner's terms do not allow. ``account``: the Slurm account
-    the work is charged to (default: this job's, ``SLURM_JOB_ACCOUNT``; none outside a Slurm job)."""
+    the work is charged to (default: this job's, ``SLURM_JOB_ACCOUNT``; none outside a Slurm job). ``queued``: a
+    job about to be queued, whose node is not known yet (``hosts`` is checked when it starts)."""
     import datetime
     import getpass
+
+    from aifactory_train.energy import node_name
 
     terms = read_usage_terms(root)
     if terms is None:
         return
     if account is None:
         account = os.environ.get("SLURM_JOB_ACCOUNT")
-    terms.check(recipe, getpass.getuser(), account, datetime.date.today())
+    terms.check(recipe, getpass.getuser(), account, datetime.date.today(), host=None if queued else node_name())
 
 
 @dataclass

@@ -8,6 +8,7 @@ import datetime
 import getpass
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,14 @@ def card(root: Path, usage) -> Path:
 
 def test_terms_are_read_and_each_one_restricts(tmp_path):
     path = card(tmp_path, {"recipes": ["crop_detection"], "users": "alice", "accounts": ["aif-regional"],
-                           "until": datetime.date(2027, 6, 30)})
+                           "hosts": ["gcn*"], "until": datetime.date(2027, 6, 30)})
     terms = read_usage_terms(tmp_path)
     assert terms.users == ["alice"] and terms.until == datetime.date(2027, 6, 30)
     assert read_datacard(tmp_path)["usage"] == ("recipes=crop_detection; users=alice; accounts=aif-regional; "
-                                                "until=2027-06-30")
-    terms.check("crop_detection", "alice", "aif-regional", TODAY)  # inside every term
+                                                "hosts=gcn*; until=2027-06-30")
+    terms.check("crop_detection", "alice", "aif-regional", TODAY, host="gcn12")  # inside every term
     terms.check("crop_detection", "alice", "aif-regional", datetime.date(2027, 6, 30))  # the last day still counts
+    terms.check("crop_detection", "alice", "aif-regional", TODAY, host=None)  # a queued job: its node comes later
     refusals = [
         (("crop_detection", "alice", "aif-regional", datetime.date(2027, 7, 1)),
          "usage.until is 2027-06-30: the owner's terms for this data ended on that day (today is 2027-07-01)"),
@@ -44,10 +46,12 @@ def test_terms_are_read_and_each_one_restricts(tmp_path):
         (("crop_detection", "alice", "aif-national", TODAY),
          "usage.accounts allows the jobs of Slurm accounts ['aif-regional'], and this has account 'aif-national'"),
         (("crop_detection", "alice", None, TODAY), "and this has no Slurm account named"),
+        (("crop_detection", "alice", "aif-regional", TODAY, "laptop-7"),
+         "usage.hosts allows the data to be used on ['gcn*'] only, not on 'laptop-7'"),
     ]
     for use, message in refusals:
         with pytest.raises(DataError) as refused:
-            terms.check(*use)
+            terms.check(*use[:4], host=use[4] if len(use) > 4 else "gcn12")
         assert f"data card '{path}': " in str(refused.value) and message in str(refused.value)
 
 
@@ -60,11 +64,11 @@ def test_no_card_or_no_usage_section_restricts_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("usage, message", [
-    ({"untill": "2027-01-01"}, "usage has unknown key(s) ['untill']; valid: recipes, users, accounts, until"),
+    ({"untill": "2027-01-01"}, "usage has unknown key(s) ['untill']; valid: recipes, users, accounts, hosts, until"),
     ({"until": "next summer"}, "usage.until must be a date (YYYY-MM-DD), not 'next summer'"),
     ({"users": []}, "usage.users must be a non-empty list of names, not []"),
     ({"accounts": {"a": 1}}, "usage.accounts must be a non-empty list of names"),
-    (["crop_detection"], "usage must be a mapping of recipes, users, accounts, until"),
+    (["crop_detection"], "usage must be a mapping of recipes, users, accounts, hosts, until"),
 ])
 def test_a_term_that_cannot_be_read_is_an_error_not_a_lifted_restriction(tmp_path, usage, message):
     path = card(tmp_path, usage)
@@ -85,6 +89,12 @@ def restricted_copy(plastic_data: Path, where: Path, usage) -> Path:
 
 
 def test_training_outside_the_terms_is_refused_before_anything_is_written(plastic_data, tmp_path):
+    elsewhere = restricted_copy(plastic_data, tmp_path / "elsewhere", {"hosts": ["gcn*", "tcn*"]})
+    result = aift("train", "recipe=plastic_sorting", "debug=smoke", f"data.root={elsewhere}", "hydra.run.dir=run",
+                  cwd=tmp_path, env={**NOT_IN_A_JOB, "SLURMD_NODENAME": "laptop-7"})
+    assert result.returncode == 2 and "usage.hosts allows the data to be used on ['gcn*', 'tcn*'] only, not on " \
+        "'laptop-7'" in result.stderr
+
     expired = restricted_copy(plastic_data, tmp_path / "expired", {"until": "2020-12-31"})
     result = aift("train", "recipe=plastic_sorting", "debug=smoke", f"data.root={expired}", "hydra.run.dir=run",
                   cwd=tmp_path, env=NOT_IN_A_JOB)
@@ -100,7 +110,7 @@ def test_training_outside_the_terms_is_refused_before_anything_is_written(plasti
 
 def test_a_job_of_a_listed_account_and_user_trains_and_records_the_terms(plastic_data, tmp_path):
     usage = {"recipes": ["plastic_sorting"], "users": [getpass.getuser()], "accounts": ["aif-regional"],
-             "until": (datetime.date.today() + datetime.timedelta(days=30)).isoformat()}
+             "hosts": [socket.gethostname()], "until": (datetime.date.today() + datetime.timedelta(days=30)).isoformat()}
     data = restricted_copy(plastic_data, tmp_path / "terms", usage)
     args = ["train", "recipe=plastic_sorting", "debug=smoke", f"data.root={data}", "tracking=none",
             "run_test=false", "hydra.run.dir=run"]
@@ -113,7 +123,8 @@ def test_a_job_of_a_listed_account_and_user_trains_and_records_the_terms(plastic
 
 
 def test_launch_checks_the_terms_against_the_account_the_job_is_charged_to(plastic_data, tmp_path):
-    data = restricted_copy(plastic_data, tmp_path / "regional", {"accounts": ["aif-regional"]})
+    # hosts: a queued job's node is not known yet; it is checked when the job starts
+    data = restricted_copy(plastic_data, tmp_path / "regional", {"accounts": ["aif-regional"], "hosts": ["gcn*"]})
     no_sbatch = {"PATH": str(tmp_path / "no-such-bin")}
     job = ["launch", "recipe=plastic_sorting", "cluster=aifactory_h100", "strategy=ddp", f"data.root={data}"]
     result = aift(*job, "cluster.allocation=national", cwd=tmp_path, env=no_sbatch)

@@ -166,7 +166,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
             # relative paths resolve as in the job: sbatch starts it in this folder; the data owner's terms are
             # checked against the account the job will be charged to
             cluster = resolved["cluster"]
-            check_data(typed, account=cluster["accounts"].get(cluster["allocation"]))
+            check_data(typed, account=cluster["accounts"].get(cluster["allocation"]), queued=True)
     if dry_run:
         for point, resolved, run_path, script in jobs:
             if multirun:
