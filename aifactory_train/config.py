@@ -17,6 +17,7 @@ from aifactory_train.errors import ConfigError
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PROFILERS = (None, "simple", "advanced", "pytorch")  # Lightning's profilers
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 GPU_STRATEGIES = ("fsdp", "deepspeed")  # on CPU only with strategy.cpu_smoke=true
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -63,9 +64,11 @@ class TrainerConfig:
     deterministic: Any = False
     benchmark: Optional[bool] = None
     enable_progress_bar: bool = True
+    profiler: Optional[str] = None  # Lightning's simple | advanced | pytorch, into <run>/profiler
 
     def check(self) -> None:
         check_choice("trainer.accelerator", self.accelerator, ACCELERATORS)
+        check(self.profiler in PROFILERS, "trainer.profiler", self.profiler, "null, simple, advanced or pytorch")
         check_choice("trainer.precision", self.precision, PRECISIONS)
         devices_ok = self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1) or (
             isinstance(self.devices, list) and all(isinstance(d, int) for d in self.devices)

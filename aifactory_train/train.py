@@ -90,6 +90,22 @@ def _peak_device_memory_gib(trainer) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
+PROFILER_DIR = "profiler"
+
+
+def _profiler(name: str, folder: Path):
+    """Lightning's profiler ``name`` writing its report into ``folder`` (Lightning's own default prints it and
+    keeps no file). ``pytorch``: torch.profiler's operator table and Chrome/Perfetto traces of a few steps of
+    each stage (Lightning's schedule: wait 1, warm up 1, record 3; an epoch needs 5 training steps for a training
+    trace), with operator input shapes."""
+    from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
+
+    if name == "pytorch":
+        return PyTorchProfiler(dirpath=folder, filename="profile", export_to_chrome=True, record_shapes=True,
+                               row_limit=40)
+    return {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[name](dirpath=folder, filename="profile")
+
+
 def _early_stopping_summary(callback) -> dict[str, Any] | None:
     """Whether early stopping ended the run, and Lightning's own words for why; None when it was off."""
     if callback is None:
@@ -184,6 +200,8 @@ def run_training(cfg) -> dict[str, Any]:
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs = trainer_kwargs(resolved["trainer"], resolved["strategy"])
+    if kwargs.get("profiler"):
+        kwargs["profiler"] = _profiler(kwargs["profiler"], run_dir / PROFILER_DIR)
     callbacks += strategy_callbacks(kwargs)
     kwargs["plugins"] = []
     if resolved["strategy"]["name"] != "deepspeed":  # DeepSpeed writes its checkpoint folders itself
@@ -309,7 +327,7 @@ def run_training(cfg) -> dict[str, Any]:
     if summary["early_stopping"] is not None:
         tags["aift.early_stopping"] = summary["early_stopping"]["reason"]
     tracker.set_tags(tags)
-    artifacts = [run_dir / "reports", summary_path]
+    artifacts = [run_dir / "reports", run_dir / PROFILER_DIR, summary_path]
     if resolved["tracking"].get("log_checkpoints"):
         artifacts.append(run_dir / CHECKPOINT_DIR)
     tracker.log_artifacts(artifacts)

@@ -486,6 +486,36 @@ def test_early_stopping_ends_the_run_when_the_monitor_stops_improving(plastic_da
     assert "val/f1_macro did not improve" in stop["message"]
 
 
+@pytest.mark.parametrize("profiler", ["simple", "pytorch"])
+def test_a_profiled_run_keeps_its_profile_in_the_run_folder_and_mlflow(profiler, plastic_data, tmp_path):
+    """trainer.profiler: Lightning's report of where the time went, as a file (Lightning's default only prints
+    it); pytorch adds a Chrome/Perfetto trace (Lightning's schedule needs 5 training steps; this run has 6)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = aift("train", *SMOKE, f"data.root={plastic_data}", f"trainer.profiler={profiler}", "data.batch_size=8",
+                  "trainer.limit_train_batches=6", "run_test=false", f"tracking.uri={uri}",
+                  "tracking.system_metrics=false", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "run" / "profiler"
+    report = (folder / "fit-profile.txt").read_text()
+    assert "FIT Profiler Report" in report and "run_training_batch" in report
+    traces = sorted(folder.glob("fit-*.pt.trace.json"))
+    if profiler == "pytorch":
+        (trace,) = traces
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert sum(e.get("name") == "Optimizer.step#AdamW.step" for e in events) >= 3  # training steps in it
+    else:
+        assert not traces
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    logged = MlflowClient(tracking_uri=uri).list_artifacts(summary["mlflow_run_id"], "profiler")
+    assert "profiler/fit-profile.txt" in {a.path for a in logged}
+
+
+def test_an_unknown_profiler_is_refused_with_the_valid_ones(tmp_path):
+    result = aift("train", *SMOKE, "trainer.profiler=nsys", "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config key 'trainer.profiler': 'nsys' is not valid; expected null, simple, advanced or pytorch" in result.stderr
+
+
 def test_show_summary_prints_the_run_for_people(smoke_run):
     """What `make demo` prints at its end: the metrics, speed, energy (or why not), checkpoint and MLflow run."""
     import subprocess
