@@ -150,7 +150,7 @@ def test_added_key_unknown_to_the_schema_is_an_error(tmp_path):
         ("tracking.backend=wandb", "tracking.backend", "mlflow"),
         ("tracking.system_metrics_interval_s=0", "tracking.system_metrics_interval_s", "seconds > 0"),
         ("energy.sample_every_s=0", "energy.sample_every_s", "seconds > 0"),
-        ("energy.meter=wattmeter", "energy.meter", "auto, nvml, rapl, none"),
+        ("energy.meter=wattmeter", "energy.meter", "auto, nvml, rapl, nvml+rapl, none"),
         ("early_stopping.patience=0", "early_stopping.patience", "null (off) or a number of validations >= 1"),
     ],
 )
