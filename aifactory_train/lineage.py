@@ -337,7 +337,7 @@ class DatasetLineage:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "root": self.root,
+            "root": str(Path(self.root).resolve()),  # where the data was, whatever folder the run started in
             "digest": self.digest,
             "splits": {n: {"num_rows": s.num_rows, "digest": s.digest} for n, s in self.splits.items()},
             "datacard": self.datacard,
