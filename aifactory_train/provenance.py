@@ -129,9 +129,10 @@ def read_provenance(ckpt_path: str) -> dict[str, Any] | None:
     return record or None
 
 
-def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir: Path) -> Path:
+def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir: Path) -> dict[str, Any]:
     """``provenance.json`` for an export: the checkpoint's record plus which checkpoint and files. Written beside
-    the exported files, copied into each exported folder and embedded in each ONNX file."""
+    the exported files (``out_dir / PROVENANCE_FILE``), copied into each exported folder and embedded in each ONNX
+    file. Returns the document."""
     record = read_provenance(ckpt_path)
     if record is None:
         log.warning("%s holds no provenance record (written before aift kept one, or by another tool): the export's "
@@ -155,7 +156,7 @@ def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir
             embed_in_onnx(file, document)
     if record is not None:
         log.info("export: %s", record_export_in_training_run(document, out_dir))
-    return path
+    return document
 
 
 EXPORT_TAG_PREFIX = "aift.export."

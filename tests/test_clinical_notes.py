@@ -281,10 +281,19 @@ def test_hf_export_loads_with_from_pretrained_and_generates_like_the_module(lora
 
     work, summary = lora_run
     out = f"outputs/export_{merge}"
+    register = ["export.register=note-summariser"] if merge else []  # the HF folder, whole, as a registered version
     result = aift("export", "recipe=clinical_notes", f"ckpt_path={summary['last_checkpoint']}", "format=hf",
-                  f"export.merge_lora={str(merge).lower()}", f"hydra.run.dir={out}", cwd=work)
+                  f"export.merge_lora={str(merge).lower()}", *register, f"hydra.run.dir={out}", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = work / out / "model"
+    if merge:
+        registered = json.loads((work / out / "export.json").read_text())["registered"]
+        client = MlflowClient(tracking_uri=registered["tracking_uri"])
+        version = client.get_model_version("note-summariser", str(registered["version"]))
+        assert version.tags["aift.data.digest"] == summary["dataset"]["digest"]
+        logged = registered["source"].rsplit("/artifacts/", 1)[1]
+        names = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(summary["mlflow_run_id"], f"{logged}/model")}
+        assert {"model.safetensors", "tokenizer.json", "provenance.json"} <= names
     assert (folder / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
     # the folder carries its provenance: a hospital receiving only it can tell which notes trained it
     record = json.loads((folder / "provenance.json").read_text())

@@ -518,6 +518,47 @@ def test_the_exported_model_says_which_data_weights_and_run_made_it(crop_run):
     assert embedded["aift.data.license"] == summary["dataset"]["datacard"]["license"]
 
 
+def test_export_register_makes_a_versioned_registered_model_tagged_with_its_data(crop_run):
+    """export.register: the exported files are logged to the training run and become a new version of an MLflow
+    registered model; the version's tags say which data (digest, licence, consent) and checkpoint made it."""
+    from conftest import aift
+    from mlflow.tracking import MlflowClient
+
+    summary = crop_run["summary"]
+    client = MlflowClient(tracking_uri=crop_run["uri"])
+    for version in (1, 2):
+        result = aift("export", "recipe=crop_detection", f"ckpt_path={summary['last_checkpoint']}", "format=onnx",
+                      "export.register=weed-detector", f"hydra.run.dir=export_registered_{version}",
+                      cwd=crop_run["work"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"registered weed-detector version {version} in {crop_run['uri']}" in result.stdout
+    model_version = client.get_model_version("weed-detector", "2")
+    assert model_version.run_id == summary["mlflow_run_id"]
+    assert model_version.tags["aift.data.digest"] == summary["dataset"]["digest"]
+    assert model_version.tags["aift.data.license"] == summary["dataset"]["datacard"]["license"]
+    assert model_version.tags["aift.checkpoint.sha256"] == hashlib.sha256(
+        Path(summary["last_checkpoint"]).read_bytes()).hexdigest()
+    report = json.loads((crop_run["work"] / "export_registered_2" / "export.json").read_text())
+    assert report["registered"]["version"] == 2 and model_version.source == report["registered"]["source"]
+    folder = report["registered"]["source"].rsplit("/artifacts/", 1)[1]
+    logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], folder)}
+    assert logged == {f"{folder}/model.onnx", f"{folder}/model.json", f"{folder}/provenance.json"}
+
+
+def test_export_register_is_refused_before_anything_is_written_without_a_tracked_run(crop_run, tmp_path):
+    from conftest import aift
+
+    state = torch.load(crop_run["summary"]["last_checkpoint"], map_location="cpu", weights_only=True)
+    state["callbacks"]["aift_provenance"]["runs"][-1]["mlflow_run_id"] = None  # as a run with tracking=none
+    untracked = tmp_path / "untracked.ckpt"
+    torch.save(state, untracked)
+    result = aift("export", "recipe=crop_detection", f"ckpt_path={untracked}", "format=onnx",
+                  "export.register=weed-detector", "hydra.run.dir=export", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config key 'export.register'" in result.stderr and "was trained without tracking" in result.stderr
+    assert not (tmp_path / "export" / "model.onnx").exists()
+
+
 def test_a_checkpoint_without_a_provenance_record_exports_and_says_so(crop_run, tmp_path):
     from conftest import aift
 
