@@ -194,6 +194,8 @@ def _data_runs(args: argparse.Namespace) -> int:
                   + (f"  checkpoint {run['best_checkpoint']}" if run["best_checkpoint"] else ""))
             for export in run["exports"]:
                 print(f"      exported: {export}")
+            for version in run["registered"]:
+                print(f"      registered: {version}")
     if args.out:
         report = {"data": lineage.as_dict(), "tracking_uri": tracking["uri"], "runs": runs}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

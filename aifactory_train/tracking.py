@@ -190,8 +190,11 @@ def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
             "output_dir": tags.get("aift.output_dir"),
             "datacard": {k[len("aift.data."):]: v for k, v in tags.items()
                          if k.startswith("aift.data.") and k[len("aift.data."):] in ("owner", "license", "consent")},
-            # where its models went: `aift export` tags the training run ("<format> <folder> <time>")
+            # where its models went: `aift export` tags the training run ("<format> <folder> <time>"), and
+            # export.register makes registered model versions of it
             "exports": sorted(v for k, v in tags.items() if k.startswith("aift.export.")),
+            "registered": [f"{v.name} version {v.version}" for v in
+                           client.search_model_versions(f"run_id = '{run.info.run_id}'")],
         })
     return sorted(found, key=lambda r: r["start_time"])
 

@@ -428,7 +428,7 @@ def crop_run(crop_data, tmp_path_factory):
     backbone_sha256 = hashlib.sha256(backbone.read_bytes()).hexdigest()
     shutil.rmtree(backbone.parent)
     return {"work": work, "uri": uri, "summary": json.loads((work / "run" / "summary.json").read_text()),
-            "backbone": str(backbone), "backbone_sha256": backbone_sha256}
+            "backbone": str(backbone), "backbone_sha256": backbone_sha256, "data": crop_data}
 
 
 def test_smoke_train_logs_map_metrics_and_prediction_pictures(crop_run):
@@ -543,6 +543,12 @@ def test_export_register_makes_a_versioned_registered_model_tagged_with_its_data
     folder = report["registered"]["source"].rsplit("/artifacts/", 1)[1]
     logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], folder)}
     assert logged == {f"{folder}/model.onnx", f"{folder}/model.json", f"{folder}/provenance.json"}
+    # the data owner's view: the run trained on their data, where its exports went and which versions they became
+    runs = aift("data", "runs", "recipe=crop_detection", f"data.root={crop_run['data']}",
+                f"tracking.uri={crop_run['uri']}", cwd=crop_run["work"])
+    assert runs.returncode == 0, runs.stderr[-3000:]
+    assert "registered: weed-detector version 1" in runs.stdout and "registered: weed-detector version 2" in runs.stdout
+    assert f"exported: onnx {crop_run['work'] / 'export_registered_2'}" in runs.stdout
 
 
 def test_export_register_is_refused_before_anything_is_written_without_a_tracked_run(crop_run, tmp_path):
