@@ -179,3 +179,24 @@ def test_an_unusable_tracking_store_is_refused_before_any_job_is_queued(clinical
                   "--run-dir", str(tmp_path / "sweep"), cwd=tmp_path, env=slurm_env(tmp_path))
     assert result.returncode == 2 and "no-such-folder' does not exist" in result.stderr, result.stderr[-2000:]
     assert "submitted job" not in result.stdout and not (tmp_path / "sweep").exists()
+
+
+def test_data_the_owner_keeps_to_the_clusters_nodes_trains_in_a_job_and_is_refused_elsewhere(clinical_data, tmp_path):
+    """The data card's usage.hosts: these notes may be used on the cluster's nodes (node1, node2) only. `aift launch`
+    queues the job (its node is not known yet); the job checks again where it starts, on a node, and trains; the
+    same command on this machine (not a node) is refused before anything is written."""
+    import yaml
+
+    data = Path(shutil.copytree(clinical_data, tmp_path / "notes"))
+    card = yaml.safe_load((data / "datacard.yaml").read_text())
+    (data / "datacard.yaml").write_text(yaml.safe_dump({**card, "usage": {"hosts": ["node*"]}}))
+    job_id, run = launch(tmp_path, *SMOKE, f"data.root={data}", "tracking=none", name="hosts")
+    state = wait_for(job_id)
+    assert state["JobState"] == "COMPLETED", failure(state, run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"]["datacard"]["usage"] == "hosts=node*"
+    here = aift("train", *SMOKE, f"data.root={data}", "tracking=none", f"hydra.run.dir={tmp_path}/here",
+                cwd=tmp_path, env={"SLURMD_NODENAME": "login1"})  # as on a login node, not a compute node
+    assert here.returncode == 2
+    assert "usage.hosts allows the data to be used on ['node*'] only, not on 'login1'" in here.stderr
+    assert not (tmp_path / "here" / "checkpoints").exists()
