@@ -288,7 +288,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the runs that used a dataset",
         description="Which runs (training and eval, all experiments, deleted ones included) used this data? Reads "
                     "the data as the recipe does, computes its digests and finds every run in the MLflow store whose "
-                    "dataset inputs have one of them, with the splits it shares: the data owner's question.",
+                    "dataset inputs have one of them, with the splits it shares, its checkpoint, where its models "
+                    "were exported to and the registered model versions made of them: the data owner's question.",
     )
     runs.add_argument("overrides", nargs="*", help="train overrides naming the data and the store, e.g. "
                                                   "recipe=plastic_sorting data.root=DIR tracking.uri=sqlite:///mlflow.db")
