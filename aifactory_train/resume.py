@@ -190,6 +190,23 @@ def is_epoch_last_batch(trainer: L.Trainer) -> bool:
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
+class StepBoundary:
+    """Whether the batch that just ended stepped the optimizer. With gradient accumulation (or a global batch
+    spread over fewer ranks) most batches only add to the gradients, which no checkpoint holds: a state saved after
+    one of them resumes with that part of the step lost (measured: other weights than the uninterrupted run). The
+    callbacks that save mid-epoch save only where this says so. It compares the optimizer step count before and after
+    the batch (public, and the same for every strategy) rather than asking Lightning's private accumulation test."""
+
+    def __init__(self) -> None:
+        self._step_before: int | None = None
+
+    def batch_started(self, trainer: L.Trainer) -> None:
+        self._step_before = trainer.global_step
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        return self._step_before is None or trainer.global_step != self._step_before
+
+
 def periodic_checkpoint(dirpath: Path, every_n_train_steps: int | None, every_n_minutes: float | None):
     """``last.ckpt`` every N steps and/or minutes, except on an epoch's last batch.
 
@@ -202,8 +219,15 @@ def periodic_checkpoint(dirpath: Path, every_n_train_steps: int | None, every_n_
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class PeriodicCheckpoint(ModelCheckpoint):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.boundary = StepBoundary()  # every N minutes could otherwise land between two accumulated batches
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.boundary.batch_started(trainer)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if not is_epoch_last_batch(trainer):
+            if not is_epoch_last_batch(trainer) and self.boundary.stepped(trainer):
                 super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     return PeriodicCheckpoint(
@@ -287,7 +311,8 @@ class JobRequeued(JobStopped):
 
 
 class SignalCheckpoint(L.Callback):
-    """Save ``hpc_ckpt_<n>.ckpt`` at the next step boundary the ranks agree on, then stop, when a signal asks:
+    """Save ``hpc_ckpt_<n>.ckpt`` at the next optimizer-step boundary the ranks agree on (with gradient
+    accumulation, not between two accumulated batches: see ``StepBoundary``), then stop, when a signal asks:
 
     * SIGTERM (preemption, ``scancel``, the time limit, ``kill``): save and stop. No requeue from here: Slurm
       requeues a preempted job itself (``--requeue``), and a cancelled one should stay cancelled.
@@ -319,6 +344,7 @@ class SignalCheckpoint(L.Callback):
         self.received = self.NONE
         self._group = None  # the ranks' gloo group for the decision; None with one rank
         self._pending = None  # (work, flags) of the all-reduce started at the last boundary
+        self._boundary = StepBoundary()  # boundaries are optimizer steps: accumulated gradients are in no checkpoint
 
     def on_train_start(self, trainer, pl_module) -> None:
         import signal
@@ -342,8 +368,11 @@ class SignalCheckpoint(L.Callback):
             if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # see the class docstring
                 epoch_loop._broadcast_sigterm_tensor = lambda: None
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._boundary.batch_started(trainer)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if is_epoch_last_batch(trainer):
+        if is_epoch_last_batch(trainer) or not self._boundary.stepped(trainer):
             return
         decision = self.received if self._group is None else self._agreed_decision()
         if decision == self.NONE:
