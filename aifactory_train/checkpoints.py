@@ -106,11 +106,11 @@ def saved_world_size(path: str) -> int | None:
     return len(ranks) if ranks else None
 
 
-def check_world_size(path: str, world_size: int) -> str | None:
+def check_world_size(path: str, world_size: int, batch: dict | None = None) -> str | None:
     """A DeepSpeed checkpoint resumes only with the number of ranks that wrote it (its optimizer state is
     partitioned per rank): refuse another count before any GPU time is spent. A Lightning checkpoint (single,
     DDP, FSDP full state) loads with any count (``ResumableSampler`` finishes the interrupted epoch's data on the
-    new ranks); the returned warning says what then does not continue exactly."""
+    new ranks); the returned warning says what then does not continue exactly. ``batch``: ``train.batch_plan``."""
     saved = saved_world_size(path)
     if saved is None or saved == world_size:
         return None
@@ -119,11 +119,16 @@ def check_world_size(path: str, world_size: int) -> str | None:
             f"ckpt_path: '{path}' is a DeepSpeed checkpoint written by {saved} ranks, but this job has {world_size} "
             f"(trainer.num_nodes x trainer.devices); resume it with {saved} ranks, or take its weights with "
             f"`aift checkpoint consolidate {path}` and start a new run from them")
+    if batch and batch.get("global_fixed"):
+        global_batch = (f"the global batch stays {batch['global']} samples per step (trainer.global_batch_size; "
+                        f"{batch['accumulate_grad_batches']} batches accumulated per step now)")
+    else:
+        global_batch = ("the global batch (samples per step) changes with the rank count (set "
+                        "trainer.global_batch_size to keep it)")
     return (f"resuming '{path}', written by {saved} ranks, with {world_size}: weights, optimizer, step and the "
             f"interrupted epoch's data continue (its remaining samples, each once, split over the new ranks) and the "
-            f"learning-rate schedule is stretched to end with the run; the global batch (samples per step) changes "
-            f"with the rank count, and the random streams (dropout, augmentation) do not continue exactly; resume "
-            f"with {saved} ranks for that")
+            f"learning-rate schedule is stretched to end with the run; {global_batch}; the random streams "
+            f"(dropout, augmentation) do not continue exactly; resume with {saved} ranks for that")
 
 
 def check_classes_match(path: str, class_names: list[str]) -> None:

@@ -60,6 +60,9 @@ class TrainerConfig:
     check_val_every_n_epoch: Optional[int] = 1
     log_every_n_steps: int = 10
     accumulate_grad_batches: int = 1
+    # samples per optimizer step over all ranks: the accumulation is derived from it, data.batch_size (per device)
+    # and the rank count, so the optimisation (and its learning rate) stays the same on 1 GPU or 64
+    global_batch_size: Optional[int] = None
     gradient_clip_val: Optional[float] = None
     deterministic: Any = False
     benchmark: Optional[bool] = None
@@ -87,6 +90,20 @@ class TrainerConfig:
             self.accumulate_grad_batches,
             "an integer >= 1",
         )
+        check(self.global_batch_size is None or self.global_batch_size >= 1, "trainer.global_batch_size",
+              self.global_batch_size, "null or a number of samples per optimizer step >= 1")
+        check(self.global_batch_size is None or self.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
+              self.accumulate_grad_batches, f"1 when trainer.global_batch_size is set ({self.global_batch_size}): the "
+              f"accumulation is derived from it; set one of the two")
+
+    def known_ranks(self, strategy: str) -> int | None:
+        """The job's rank count where the config fixes it (None for ``devices: auto`` on a multi-device strategy,
+        which Lightning resolves on the node)."""
+        if isinstance(self.devices, int):
+            return self.devices * self.num_nodes
+        if isinstance(self.devices, list):
+            return len(self.devices) * self.num_nodes
+        return self.num_nodes if strategy == "single" else None  # single: one device per node (trainer_kwargs)
 
 
 @dataclass
@@ -371,7 +388,40 @@ def validate(cfg) -> Any:
     except ValidationError as err:
         raise ConfigError(f"config key '{err.full_key}': {_first_line(err)}") from None
     _check_tree(typed)
+    check_global_batch(typed)
     return typed
+
+
+def gradient_accumulation(global_batch_size: int, batch_size: int, ranks: int) -> int:
+    """How many batches of ``batch_size`` each of ``ranks`` ranks accumulates per optimizer step, so that a step
+    sees ``global_batch_size`` samples. Not a whole number: a ConfigError that lists the global sizes and the
+    per-device batch sizes that would fit."""
+    per_round = batch_size * ranks
+    if global_batch_size % per_round == 0:
+        return global_batch_size // per_round
+    lower, upper = global_batch_size // per_round * per_round, (global_batch_size // per_round + 1) * per_round
+    valid = [f"trainer.global_batch_size={n}" for n in (lower, upper) if n > 0]
+    if global_batch_size % ranks == 0:  # or keep the global batch and change the per-device one
+        per_rank = global_batch_size // ranks
+        sizes = sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), key=lambda d: abs(d - batch_size))
+        valid += [f"data.batch_size={d}" for d in sorted(sizes[:3])]
+    raise ConfigError(f"config key 'trainer.global_batch_size': {global_batch_size} is not a multiple of "
+                      f"data.batch_size x ranks = {batch_size} x {ranks} = {per_round}, so no whole number of batches "
+                      f"per rank adds up to it; valid: {', '.join(valid)}")
+
+
+def check_global_batch(typed) -> None:
+    """``trainer.global_batch_size`` against the recipe's per-device batch and, where the config fixes it, the rank
+    count (else the check runs when the job has its ranks, before anything is tracked)."""
+    global_batch_size = typed.trainer.global_batch_size
+    if global_batch_size is None:
+        return
+    batch_size = getattr(getattr(typed, "data", None), "batch_size", None)
+    check(isinstance(batch_size, int), "trainer.global_batch_size", global_batch_size,
+          f"null: recipe {typed.recipe.name} has no data.batch_size to accumulate")
+    ranks = typed.trainer.known_ranks(typed.strategy.name)
+    if ranks is not None:
+        gradient_accumulation(global_batch_size, batch_size, ranks)
 
 
 def check_data(typed, stage: str = "fit", account: str | None = None, queued: bool = False) -> None:

@@ -192,6 +192,7 @@ def build_strategy(strategy_cfg: dict[str, Any], accelerator: str):
 def trainer_kwargs(trainer_cfg: dict[str, Any], strategy_cfg: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``lightning.Trainer`` from the trainer + strategy sections."""
     kwargs = dict(trainer_cfg)
+    kwargs.pop("global_batch_size", None)  # not Lightning's: train.py derives accumulate_grad_batches from it
     accelerator = kwargs["accelerator"]
     kwargs["precision"] = resolve_precision(kwargs["precision"], accelerator)
     if strategy_cfg["name"] == "single" and kwargs["devices"] == "auto":

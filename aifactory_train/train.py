@@ -116,6 +116,21 @@ def _early_stopping_summary(callback) -> dict[str, Any] | None:
             "message": callback.stopping_reason_message, "epoch": callback.stopped_epoch if stopped else None}
 
 
+def batch_plan(resolved: dict[str, Any], ranks: int) -> dict[str, Any]:
+    """Samples per optimizer step: per device x accumulated batches x ranks. With ``trainer.global_batch_size`` the
+    accumulation is derived (ConfigError where no whole number fits, e.g. ``devices: auto`` found 3 GPUs)."""
+    from aifactory_train.config import gradient_accumulation
+
+    per_device = (resolved.get("data") or {}).get("batch_size")
+    wanted = resolved["trainer"].get("global_batch_size")
+    accumulate = resolved["trainer"]["accumulate_grad_batches"]
+    if wanted is not None:
+        accumulate = gradient_accumulation(wanted, per_device, ranks)
+    return {"per_device": per_device, "accumulate_grad_batches": accumulate, "ranks": ranks,
+            "global": per_device * accumulate * ranks if per_device else None,
+            "global_fixed": wanted is not None}
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train the configured recipe; return the summary (also written to <run dir>/summary.json)."""
     started = time.time()
@@ -221,6 +236,8 @@ def run_training(cfg) -> dict[str, Any]:
         callbacks=callbacks,
         default_root_dir=run_dir,
     )
+    batch = batch_plan(resolved, trainer.world_size)  # the rank count is known now (devices: auto)
+    trainer.accumulate_grad_batches = batch["accumulate_grad_batches"]  # read by the loop (and DeepSpeed) in fit
 
     from aifactory_train.energy import check_meter, set_aside_earlier_energy, summarize
 
@@ -230,7 +247,7 @@ def run_training(cfg) -> dict[str, Any]:
     if ckpt_path:
         from aifactory_train.checkpoints import check_world_size
 
-        if (warning := check_world_size(ckpt_path, trainer.world_size)) and is_global_zero():
+        if (warning := check_world_size(ckpt_path, trainer.world_size, batch)) and is_global_zero():
             log.warning(warning)
 
     config_yaml = run_dir / "config.yaml"
@@ -239,6 +256,12 @@ def run_training(cfg) -> dict[str, Any]:
         lineage = datamodule.lineage()
         tracker.log_run_start(resolved, config_yaml, lineage)
         provenance.begin(training_provenance(resolved, lineage, tracker, run_dir))
+        # tags, not params: a job resumed on another rank count has another accumulation (and, without
+        # trainer.global_batch_size, another global batch)
+        tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
+        log.info("global batch %s = %s per device x %d accumulated x %d ranks%s", batch["global"],
+                 batch["per_device"], batch["accumulate_grad_batches"], batch["ranks"],
+                 " (trainer.global_batch_size)" if batch["global_fixed"] else "")
         tracker.start_system_metrics()
     else:
         lineage = None
@@ -308,6 +331,7 @@ def run_training(cfg) -> dict[str, Any]:
         "train_flops_per_token": getattr(module, "flops_per_token", None),
         "precision": str(trainer.precision),
         "num_processes": trainer.world_size,
+        "batch": batch,
         "peak_device_memory_gib": _peak_device_memory_gib(trainer),
         "dataset": lineage.as_dict() if lineage is not None else None,
     }

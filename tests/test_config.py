@@ -162,6 +162,63 @@ def test_bad_value_names_key_value_and_what_is_valid(override, key, expected, tm
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # 4 devices x 32 per device = 128 per round: 200 is no whole number of rounds
+    (["trainer.global_batch_size=200", "trainer.devices=4"],
+     "config key 'trainer.global_batch_size': 200 is not a multiple of data.batch_size x ranks = 32 x 4 = 128, so no "
+     "whole number of batches per rank adds up to it; valid: trainer.global_batch_size=128, "
+     "trainer.global_batch_size=256, data.batch_size=10, data.batch_size=25, data.batch_size=50"),
+    # fewer samples than one batch on each rank
+    (["trainer.global_batch_size=16", "trainer.devices=2", "trainer.num_nodes=2"],
+     "16 is not a multiple of data.batch_size x ranks = 32 x 4 = 128, so no whole number of batches per rank adds up "
+     "to it; valid: trainer.global_batch_size=128, data.batch_size=1, data.batch_size=2, data.batch_size=4"),
+    (["trainer.global_batch_size=0"], "'trainer.global_batch_size': 0 is not valid; expected null or a number of "
+                                      "samples per optimizer step >= 1"),
+    (["trainer.global_batch_size=64", "trainer.accumulate_grad_batches=2"],
+     "config key 'trainer.accumulate_grad_batches': 2 is not valid; expected 1 when trainer.global_batch_size is set "
+     "(64): the accumulation is derived from it; set one of the two"),
+])
+def test_a_global_batch_that_no_whole_accumulation_gives_is_refused_with_what_fits(overrides, message, tmp_path):
+    cfg = compose_run(["recipe=plastic_sorting", *overrides], tmp_path)  # data.batch_size 32
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, ranks, accumulate", [
+    (["trainer.global_batch_size=256"], 1, 8),  # single: one device
+    (["trainer.global_batch_size=256", "strategy=ddp", "trainer.devices=4", "trainer.num_nodes=2"], 8, 1),
+    (["trainer.global_batch_size=256", "strategy=ddp", "trainer.devices=[0,1]"], 2, 4),
+    (["trainer.accumulate_grad_batches=3", "strategy=ddp", "trainer.devices=2"], 2, 3),  # no global batch: as set
+])
+def test_the_accumulation_follows_from_the_global_batch_and_the_ranks(overrides, ranks, accumulate, tmp_path):
+    from omegaconf import OmegaConf
+
+    from aifactory_train.train import batch_plan
+
+    cfg = compose_run(["recipe=plastic_sorting", *overrides], tmp_path)
+    typed = validate(cfg)
+    assert typed.trainer.known_ranks(typed.strategy.name) == ranks
+    plan = batch_plan(OmegaConf.to_container(cfg, resolve=True), ranks)
+    assert plan["accumulate_grad_batches"] == accumulate
+    assert plan["global"] == 32 * accumulate * ranks
+
+
+def test_a_global_batch_is_checked_against_the_ranks_found_when_devices_is_auto(tmp_path):
+    """devices: auto with DDP is resolved on the node: the check then runs with the rank count found there."""
+    from omegaconf import OmegaConf
+
+    from aifactory_train.train import batch_plan
+
+    cfg = compose_run(["recipe=plastic_sorting", "strategy=ddp", "trainer.global_batch_size=256"], tmp_path)
+    typed = validate(cfg)  # nothing to check yet
+    assert typed.trainer.known_ranks("ddp") is None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert batch_plan(resolved, 4)["accumulate_grad_batches"] == 2
+    with pytest.raises(ConfigError, match=r"256 is not a multiple of data.batch_size x ranks = 32 x 3 = 96"):
+        batch_plan(resolved, 3)
+
+
 def test_unknown_model_name_lists_torchvision_classifiers(tmp_path):
     cfg = compose_run(["model.name=resnet9000"], tmp_path)
     with pytest.raises(ConfigError) as err:

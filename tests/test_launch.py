@@ -52,6 +52,8 @@ def test_allocation_track_selects_the_account(tmp_path):
      "strategy=deepspeed shards over GPUs, but cluster 'local_slurm' has none"),
     (["strategy=deepspeed_zero2", "strategy.offload_parameters=cpu"], "needs strategy.stage=3"),
     (["cluster.time_limit=00:20:00", "checkpoint.every_n_minutes=30"], "ends the job before the first checkpoint"),
+    # devices: auto is the profile's 4 GPUs per node: 16 ranks of data.batch_size 32 make 512 per round
+    (["trainer.global_batch_size=1000"], "1000 is not a multiple of data.batch_size x ranks = 32 x 16 = 512"),
 ])
 def test_jobs_that_do_not_fit_are_refused_before_submission(overrides, message, tmp_path):
     base = [o for o in H100_4_NODES if not (o.startswith("strategy=") and any(x.startswith("strategy=") for x in overrides))]

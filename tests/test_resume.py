@@ -435,17 +435,22 @@ def test_an_epoch_resumed_on_other_rank_counts_visits_every_sample_once():
     assert not later.cuts and sorted(later) == dataset
 
 
-@pytest.mark.parametrize("case", ["2 ranks -> 1", "1 rank -> 2"])
+@pytest.mark.parametrize("case", ["2 ranks -> 1", "1 rank -> 2", "2 ranks -> 1, global batch 16"])
 def test_a_mid_epoch_resume_on_another_rank_count_finishes_that_epoch_exactly(runs, case):
     """Killed in the second epoch, resumed on another number of ranks: the rest of that epoch (each remaining note
     once, split over the new ranks) is trained, no batch more or less. 120 notes, batch 8.
     2 -> 1: killed at step 12 (8 + 4 batches of 2 x 8 notes: 64 seen), 56 left: 7 steps on one rank, 19 in all.
     1 -> 2: killed at step 20 (15 + 5 batches of 8: 40 seen), 80 left: 5 steps of 2 x 8, 25 in all.
-    The learning-rate schedule ends with the run: after the resume its cosine runs over those 19 (25) steps, not
-    over the 30 (16) that two epochs on the new rank count would have."""
-    work, common = runs["work"], [*runs["common"], "optim.warmup_steps=2"]
-    before, after, kill_at, steps_left = ((DDP, [], 12, 7) if case == "2 ranks -> 1" else ([], DDP, 20, 5))
-    name = "elastic-" + ("down" if after == [] else "up")
+    2 -> 1 with trainer.global_batch_size=16: the one rank accumulates 2 batches per step, so the 7 batches left
+    make 4 steps (2 + 2 + 2 and the epoch's last), 16 in all, each of 16 notes but the last.
+    The learning-rate schedule ends with the run: after the resume its cosine runs over those 19 (25, 16) steps,
+    not over the 30 (16, 16) that two epochs on the new rank count would have."""
+    fixed = ["trainer.global_batch_size=16"] if "global batch" in case else []
+    work, common = runs["work"], [*runs["common"], "optim.warmup_steps=2", *fixed]
+    before, after, kill_at, steps_left, batches_left = (
+        {"2 ranks -> 1": (DDP, [], 12, 7, 7), "1 rank -> 2": ([], DDP, 20, 5, 5),
+         "2 ranks -> 1, global batch 16": (DDP, [], 12, 4, 7)}[case])
+    name = "elastic-" + ("down" if after == [] else "up") + ("-fixed" if fixed else "")
     step = kill_at_checkpoint(["train", *common, *before, f"hydra.run.dir={name}"], work, work / name,
                               lambda s: s == kill_at)
     assert step == kill_at
@@ -455,9 +460,15 @@ def test_a_mid_epoch_resume_on_another_rank_count_finishes_that_epoch_exactly(ru
     ranks = 2 if after else 1
     assert summary["num_processes"] == ranks
     assert summary["global_step"] == kill_at + steps_left and summary["epochs"] == 2
-    assert summary["train_samples"] == steps_left * 8 * ranks  # exactly what the epoch had left
+    assert summary["train_samples"] == batches_left * 8 * ranks  # exactly what the epoch had left
+    assert summary["batch"] == {"per_device": 8, "ranks": ranks, "accumulate_grad_batches": 2 if fixed else 1,
+                                "global": 16 if fixed else 8 * ranks, "global_fixed": bool(fixed)}
     log = (work / name / "train.log").read_text()
-    assert f"resumed on {ranks} ranks mid-epoch: {steps_left} batches per rank left in this epoch" in log
+    assert f"resumed on {ranks} ranks mid-epoch: {batches_left} batches per rank left in this epoch" in log
+    assert ("the global batch stays 16 samples per step (trainer.global_batch_size; 2 batches accumulated per step "
+            "now)" if fixed else "the global batch (samples per step) changes with the rank count") in log
+    run = MlflowClient(tracking_uri=runs["uri"]).get_run(summary["mlflow_run_id"])
+    assert run.data.tags["aift.batch.global"] == str(summary["batch"]["global"])  # this job's, not the first's
     # the LR each step after the resume trained with (the resume's first one was restored from the checkpoint):
     # AdamW 0.003, 2 warmup steps, then cosine to 0.1 x over the run's real length
     history = MlflowClient(tracking_uri=runs["uri"]).get_metric_history(summary["mlflow_run_id"], "lr-AdamW")

@@ -70,11 +70,14 @@ def test_gpu_strategy_on_cpu_needs_the_smoke_switch(clinical_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def strategy_runs(clinical_data, tmp_path_factory):
-    """The same 4 steps of clinical_notes (full fine-tuning, no BatchNorm) on 2 CPU processes per strategy."""
+    """The same 4 steps of clinical_notes (full fine-tuning, no BatchNorm) on 2 CPU processes per strategy, each step
+    of 32 notes: 2 accumulated batches of 8 per rank (trainer.global_batch_size), which each strategy does its own
+    way (DDP and FSDP without a gradient sync on the first batch, DeepSpeed inside its engine)."""
     work = tmp_path_factory.mktemp("strategies")
     runs = {}
     for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
-        extra = [] if name == "ddp" else ["strategy.cpu_smoke=true"]
+        extra = ["trainer.global_batch_size=32", "trainer.limit_train_batches=8"]
+        extra += [] if name == "ddp" else ["strategy.cpu_smoke=true"]
         if name == "deepspeed_zero3":
             extra.append("strategy.stage3_param_persistence_threshold=0")  # shard even the tiny model's parameters
         result = aift("train", *STRATEGY_RUN, f"data.root={clinical_data}", f"strategy={name}", *extra,
@@ -108,6 +111,7 @@ def test_sharded_strategies_train_the_same_weights_as_ddp(strategy_runs):
             torch.testing.assert_close(weights[key], value, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} {key}: {m}")
         summary = json.loads((strategy_runs[name] / "summary.json").read_text())
         assert summary["num_processes"] == 2 and summary["global_step"] == 4
+        assert summary["batch"]["accumulate_grad_batches"] == 2 and summary["batch"]["global"] == 32
         # rank 0's provenance record is in the checkpoint whichever rank wrote what, and survives consolidation
         last = strategy_runs[name] / "checkpoints" / "last.ckpt"
         for path in [last] + ([strategy_runs[name] / "consolidated.ckpt"] if last.is_dir() else []):
@@ -121,6 +125,8 @@ def test_deepspeed_run_writes_the_json_deepspeed_received(strategy_runs):
     assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert config["gradient_clipping"] == 1.0  # clinical_notes' trainer.gradient_clip_val, filled in by Lightning
     assert config["train_micro_batch_size_per_gpu"] == 8
+    # trainer.global_batch_size=32 on 2 ranks: the accumulation derived from it reached DeepSpeed
+    assert config["gradient_accumulation_steps"] == 2
     assert not (strategy_runs["ddp"] / "deepspeed_config.json").exists()
 
 

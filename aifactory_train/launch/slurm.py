@@ -56,6 +56,10 @@ def job_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
     if devices * cluster["cpus_per_task"] > cluster["node"]["cpus"]:
         raise ConfigError(f"cluster.cpus_per_task={cluster['cpus_per_task']} x trainer.devices={devices} exceeds the "
                           f"{cluster['node']['cpus']} CPUs of a '{cluster['name']}' node")
+    if trainer.get("global_batch_size") is not None:  # devices: auto is the node's GPUs here, so check it now
+        from aifactory_train.config import gradient_accumulation
+
+        gradient_accumulation(trainer["global_batch_size"], (cfg.get("data") or {}).get("batch_size"), nodes * devices)
     return nodes, devices, (devices if node_gpus else 0)
 
 
