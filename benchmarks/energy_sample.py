@@ -32,7 +32,8 @@ def fake_powercap(root: Path, packages: int) -> Path:
     return root
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_gpu_scripts.py parses the GPU scripts' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meter", choices=["rapl", "nvml"], default="rapl")
     parser.add_argument("--powercap-dir", default=None, help="a real powercap folder (default: files written here)")
@@ -40,7 +41,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--out", default=None, help="JSON results")
     parser.add_argument("--markdown", default=None, help="Markdown results")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     from aifactory_train.energy import EnergyLedger, NvmlCounter, RaplCounter, cuda_uuid
 

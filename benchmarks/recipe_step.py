@@ -449,7 +449,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="clinical_notes: tokens per row")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_gpu_scripts.py parses the GPU scripts' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
@@ -464,7 +465,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=None, help="input-pipeline worker counts")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--markdown", default=None, help="Markdown file to write")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     spec_class = RECIPES[args.recipe]
     for key, value in spec_class.defaults.items():
         if getattr(args, key) is None:

@@ -82,8 +82,9 @@ def per_step(short: collections.Counter, long: collections.Counter, steps: int) 
     return {key: (long[key] - short.get(key, 0)) / steps for key in long if long[key] != short.get(key, 0)}
 
 
-def main() -> None:
-    from aifactory_train.benchmarks.recipe_step import RECIPES, add_recipe_arguments, plain_loop, recipe_loop
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_gpu_scripts.py parses the GPU scripts' commands with it)."""
+    from aifactory_train.benchmarks.recipe_step import add_recipe_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
@@ -92,7 +93,13 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto: bf16-mixed on GPU, 32-true on CPU")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--markdown", default=None, help="Markdown file to write")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from aifactory_train.benchmarks.recipe_step import RECIPES, plain_loop, recipe_loop
+
+    args = build_parser().parse_args(argv)
     spec_class = RECIPES[args.recipe]
     for key, value in spec_class.defaults.items():
         if key != "steps" and getattr(args, key, None) is None:

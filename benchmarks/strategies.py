@@ -88,7 +88,8 @@ def run(strategy: str, data: Path, work: Path, steps: int) -> dict:
             "wall_s": time.time() - started, "global_step": summary["global_step"]}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_gpu_scripts.py parses the GPU scripts' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpu", action="store_true", help="one GPU: single, ddp, ZeRO-2, ZeRO-3 on the 374M model")
@@ -97,7 +98,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--keep-runs", action="store_true", help="keep the temporary run folders (checkpoints, logs)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="aift-strategies-"))
     try:
         report, title, about, table = measure(args, work)
