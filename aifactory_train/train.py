@@ -259,7 +259,7 @@ def run_training(cfg) -> dict[str, Any]:
         # tags, not params: a job resumed on another rank count has another accumulation (and, without
         # trainer.global_batch_size, another global batch)
         tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
-        log.info("global batch %s = %s per device x %d accumulated x %d ranks%s", batch["global"],
+        log.info("global batch %s = %s per device x %d accumulated x %d rank(s)%s", batch["global"],
                  batch["per_device"], batch["accumulate_grad_batches"], batch["ranks"],
                  " (trainer.global_batch_size)" if batch["global_fixed"] else "")
         tracker.start_system_metrics()
