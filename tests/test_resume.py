@@ -356,17 +356,17 @@ def test_sigterm_between_accumulated_batches_saves_after_the_step_and_resumes_ex
                                                                                   weights_only=True)
         return model
 
-    straight = fit(tmp_path / "straight")
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM)  # every fit installs SignalCheckpoint's handler in this process
     try:
+        straight = fit(tmp_path / "straight")
         with pytest.raises(JobStopped) as stopped:
             fit(tmp_path / "stopped", extra=[SignalAfter(3)])
+        saved = torch.load(str(stopped.value), map_location="cpu", weights_only=True)
+        assert saved["global_step"] == 2
+        assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"] == 4
+        resumed = fit(tmp_path / "stopped", ckpt_path=str(stopped.value))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    saved = torch.load(str(stopped.value), map_location="cpu", weights_only=True)
-    assert saved["global_step"] == 2
-    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"] == 4
-    resumed = fit(tmp_path / "stopped", ckpt_path=str(stopped.value))
     assert torch.equal(resumed.layer.weight, straight.layer.weight)
     assert torch.equal(resumed.layer.bias, straight.layer.bias)
 
