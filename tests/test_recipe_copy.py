@@ -25,7 +25,11 @@ def digest_of(folder: Path) -> str:
 def test_a_copied_recipe_is_listed_trains_with_its_own_code_and_launches(tmp_path):
     from aifactory_train.resources import config_dir
 
-    shipped = digest_of(config_dir().parent)  # the checkout's (or package's) configs and code, before
+    import aifactory_train.recipes
+
+    # the shipped configs and recipe code, before (only those: other tests build wheels in the checkout meanwhile)
+    shipped_folders = [config_dir(), Path(aifactory_train.recipes.__file__).parent]
+    shipped = [digest_of(folder) for folder in shipped_folders]
     mine = tmp_path / "my_recipes"
     copied = aift("recipes", "copy", "plastic_sorting", "tulip_grading", "--to", str(mine), cwd=tmp_path)
     assert copied.returncode == 0, copied.stderr[-3000:]
@@ -58,7 +62,7 @@ def test_a_copied_recipe_is_listed_trains_with_its_own_code_and_launches(tmp_pat
                     f"data.root={tmp_path / 'data'}", "--run-dir", str(tmp_path / "job"), cwd=tmp_path, env=env)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert f"export AIFT_RECIPES_PATH={mine}" in launched.stdout and "aift train recipe=tulip_grading" in launched.stdout
-    assert digest_of(config_dir().parent) == shipped  # the original recipe was not touched
+    assert [digest_of(folder) for folder in shipped_folders] == shipped  # the original recipe was not touched
 
 
 @pytest.mark.parametrize("source", ["crop_detection", "clinical_notes"])
