@@ -1,7 +1,7 @@
 """`aift`: the command line of aifactory-train.
 
 Only the standard library is imported at start-up; each subcommand imports what it needs, so
-`aift --help` answers instantly. `aift train` and `aift eval` are Hydra apps: everything after the
+`aift --help` answers instantly. `aift train`, `eval`, `predict` and `export` are Hydra apps: everything after the
 subcommand is handed to Hydra (overrides, --cfg job, -m, hydra.run.dir=...).
 """
 
@@ -17,6 +17,8 @@ aift: train the AI Factory Groningen's recipes, from a laptop smoke run to a mul
 usage:
   aift train recipe=NAME [KEY=VALUE ...]   train (a Hydra app: --cfg job, -m, hydra.run.dir=DIR; --help)
   aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
+  aift predict recipe=NAME ckpt_path=FILE input=DIR
+                                           predictions for new files, one JSON line each (--help)
   aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection, plastic_sorting: format=onnx;
                                            clinical_notes: format=hf) + provenance.json (--help)
   aift recipes list                        the recipes: task, default model, data format
@@ -69,6 +71,10 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
                 from aifactory_train.evaluate import run_evaluation
 
                 run_evaluation(cfg)
+            elif command == "predict":
+                from aifactory_train.predict import run_prediction
+
+                run_prediction(cfg)
             else:
                 from aifactory_train.export import run_export
 
@@ -240,6 +246,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train a recipe (Hydra app; `aift train --help`)", add_help=False)
     sub.add_parser("eval", help="score a checkpoint (Hydra app; `aift eval --help`)", add_help=False)
+    sub.add_parser("predict", help="a checkpoint's predictions for new files (Hydra app; `aift predict --help`)",
+                   add_help=False)
     sub.add_parser("export", help="export a checkpoint (Hydra app; `aift export --help`)", add_help=False)
     recipes = sub.add_parser("recipes", prog="aift recipes", help="list or copy the recipes",
                              description="The recipes this install knows (shipped, and those of $AIFT_RECIPES_PATH).")
@@ -353,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         searchpath = use_user_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
     except AiftError as err:
         return _fail(str(err))
-    if argv and argv[0] in ("train", "eval", "export"):
+    if argv and argv[0] in ("train", "eval", "predict", "export"):
         return _hydra_app(argv[0], argv[0], argv[1:], searchpath)
     args = _parser().parse_args(argv)
     if args.version:

@@ -315,6 +315,8 @@ class RunConfig:
     split: Optional[str] = None  # aift eval only
     format: Optional[str] = None  # aift export only
     export: Dict[str, Any] = field(default_factory=dict)  # aift export only
+    input: Optional[str] = None  # aift predict only
+    predict: Dict[str, Any] = field(default_factory=dict)  # aift predict only
 
 
 
@@ -372,6 +374,10 @@ def validate(cfg) -> Any:
         plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except InterpolationResolutionError as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': cannot be resolved: {err.msg}") from None
+    missing = [key for key, value in plain.items() if value == "???"]
+    if missing:  # `???` in a root config: what the command cannot run without (aift predict: input)
+        raise ConfigError(f"config key '{missing[0]}' is required and was not given; add {missing[0]}=... to the "
+                          f"command")
     _check_model_task(plain)
     schema_path = plain.get("recipe", {}).get("schema")
     if not schema_path:
@@ -408,6 +414,14 @@ def gradient_accumulation(global_batch_size: int, batch_size: int, ranks: int) -
     raise ConfigError(f"config key 'trainer.global_batch_size': {global_batch_size} is not a multiple of "
                       f"data.batch_size x ranks = {batch_size} x {ranks} = {per_round}, so no whole number of batches "
                       f"per rank adds up to it; valid: {', '.join(valid)}")
+
+
+def require_checkpoint(cfg, command: str) -> None:
+    """``ckpt_path`` for the commands that start from one (`???` in their root config does not override train.yaml's
+    ``null``: OmegaConf keeps a value over a later ``???``)."""
+    if cfg.ckpt_path in (None, "", "auto"):
+        raise ConfigError(f"config key 'ckpt_path': {command} needs a checkpoint; give ckpt_path=FILE (a run's "
+                          f"checkpoints/last.ckpt or best-*.ckpt)")
 
 
 def check_global_batch(typed) -> None:

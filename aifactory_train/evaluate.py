@@ -14,9 +14,10 @@ def run_evaluation(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import build, check_choice, check_data, validate
+    from aifactory_train.config import build, check_choice, check_data, require_checkpoint, validate
 
     typed = validate(cfg)
+    require_checkpoint(cfg, "aift eval")
     check_choice("split", cfg.split, ("test", "val"))
     check_data(typed, stage="eval")  # before the tracking store is opened and Lightning imported
     run_dir = Path(cfg.paths.output_dir)
@@ -33,7 +34,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     from aifactory_train.train import use_hydra_logging
 
     use_hydra_logging()
-    from aifactory_train.tracking import TRACKING_STATE_FILE, Tracker
+    from aifactory_train.tracking import Tracker
 
     tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
@@ -62,15 +63,9 @@ def run_evaluation(cfg) -> dict[str, Any]:
     results = run(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     lineage = datamodule.lineage()
-    from aifactory_train.provenance import read_provenance
+    from aifactory_train.provenance import training_origin
 
-    # the training run this checkpoint came from: its own record, else what the run folder around it says
-    provenance = read_provenance(ckpt_path)
-    if provenance and provenance.get("runs"):
-        trained_run_id = provenance["runs"][-1].get("mlflow_run_id")
-    else:
-        trained = Path(ckpt_path).resolve().parent.parent / TRACKING_STATE_FILE
-        trained_run_id = json.loads(trained.read_text()).get("run_id") if trained.is_file() else None
+    trained_run_id, trained_on = training_origin(ckpt_path)
     report = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "recipe": resolved["recipe"]["name"],
@@ -81,7 +76,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "wall_time_s": round(time.time() - started, 3),
         "trained_mlflow_run_id": trained_run_id,
         # the data the model was trained on (digests, owner, consent), next to the data it is scored on
-        "trained_on": provenance["datasets"] if provenance else None,
+        "trained_on": trained_on,
         "tracking_uri": tracker.uri,
         "mlflow_run_id": None,
     }

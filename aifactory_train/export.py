@@ -10,9 +10,10 @@ from typing import Any
 def run_export(cfg) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import validate
+    from aifactory_train.config import require_checkpoint, validate
 
     validate(cfg)
+    require_checkpoint(cfg, "aift export")
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -129,6 +129,19 @@ def read_provenance(ckpt_path: str) -> dict[str, Any] | None:
     return record or None
 
 
+def training_origin(ckpt_path: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(the MLflow run that wrote the checkpoint, the datasets it was trained on): from the checkpoint's own record,
+    else the run id from the ``tracking.json`` of the run folder around it (and no datasets)."""
+    from aifactory_train.tracking import TRACKING_STATE_FILE
+
+    record = read_provenance(ckpt_path)
+    if record and record.get("runs"):
+        return record["runs"][-1].get("mlflow_run_id"), record.get("datasets")
+    trained = Path(ckpt_path).resolve().parent.parent / TRACKING_STATE_FILE
+    run_id = json.loads(trained.read_text()).get("run_id") if trained.is_file() else None
+    return run_id, record.get("datasets") if record else None
+
+
 def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir: Path) -> dict[str, Any]:
     """``provenance.json`` for an export: the checkpoint's record plus which checkpoint and files. Written beside
     the exported files (``out_dir / PROVENANCE_FILE``), copied into each exported folder and embedded in each ONNX

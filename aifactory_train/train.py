@@ -11,7 +11,9 @@ Everything use-case specific is built from config with ``hydra.utils.instantiate
   (plots, tables) into ``<run dir>/reports``;
 * the recipe's schema (``recipe.schema``) may give its ``data`` section a ``check_files(stage)`` that checks,
   without reading them, that the files the config names for ``stage`` ("fit" or "eval") are there: run by
-  ``aift train``, ``aift eval`` and ``aift launch`` before anything is tracked or queued.
+  ``aift train``, ``aift eval`` and ``aift launch`` before anything is tracked or queued;
+* optionally, the LightningModule has ``export_model(format, out_dir, options)`` for ``aift export``, and
+  ``PREDICT_EXTENSIONS`` with ``predict_files(files, batch_size, options)`` for ``aift predict``.
 """
 
 from __future__ import annotations

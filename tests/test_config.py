@@ -94,11 +94,16 @@ def test_model_of_another_task_lists_the_right_ones(tmp_path):
     assert "object_detection model" in message and "model=resnet18" in message and "model=ssdlite" not in message
 
 
-def test_eval_and_export_root_configs_compose(tmp_path):
+def test_eval_predict_and_export_root_configs_compose(tmp_path):
     cfg = compose_run(["ckpt_path=x.ckpt"], tmp_path, root="eval")
     assert validate(cfg).split == "test"
     cfg = compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt"], tmp_path, root="export")
     assert validate(cfg).format == "onnx"
+    cfg = compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "input=images"], tmp_path, root="predict")
+    typed = validate(cfg)
+    assert typed.input == "images" and typed.predict == {"batch_size": 8, "score_threshold": None}
+    with pytest.raises(ConfigError, match="config key 'input' is required and was not given; add input="):
+        validate(compose_run(["ckpt_path=x.ckpt"], tmp_path, root="predict"))
 
 
 def test_precision_group_sets_the_trainer_precision(tmp_path):

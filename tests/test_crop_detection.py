@@ -486,6 +486,65 @@ def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
     assert compared > 0  # the comparison saw real detections
 
 
+def test_predictions_are_the_boxes_of_the_eval_data_path(crop_run, crop_data):
+    """aift predict on the test images (no annotations read), every box kept (score threshold 0): per image the
+    boxes, labels and scores the detector gives on the test split as aift eval loads it (the DataModule's test
+    loader, its on-device scaling). Category ids are the COCO file's own (3 crop, 7 weed), boxes COCO's
+    [x, y, w, h]. And the same threshold logic as the recipe's weed recall: scored with it, they give eval's figure."""
+    from conftest import aift
+
+    from aifactory_train.checkpoints import load_trained_module
+    from aifactory_train.recipes.crop_detection.module import CropDetectionModule
+
+    work, checkpoint = crop_run["work"], crop_run["summary"]["last_checkpoint"]
+    result = aift("predict", "recipe=crop_detection", f"ckpt_path={checkpoint}", f"input={crop_data / 'images' / 'test'}",
+                  "predict.batch_size=4", "predict.score_threshold=0", "hydra.run.dir=predict", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {Path(r["file"]).name: r for r in map(json.loads, (work / "predict" / "predictions.jsonl").read_text().splitlines())}
+    coco = json.loads((crop_data / "annotations" / "test.json").read_text())
+    assert set(rows) == {image["file_name"] for image in coco["images"]}
+    category_of = {1: 3, 2: 7}  # the recipe's labels (category ids in sorted order, from 1) and the COCO file's ids
+
+    module = load_trained_module(CropDetectionModule, checkpoint).eval()
+    data = CropDetectionDataModule(str(crop_data), splits=SPLITS, batch_size=4, num_workers=0)
+    data.setup("test")
+    names = [image["file_name"] for image in coco["images"]]
+    compared = 0
+    with torch.inference_mode():
+        for batch in data.test_dataloader():
+            images, targets = data.on_after_batch_transfer(batch, 0)
+            for pred in module.net(images):
+                row = rows[names[compared]]
+                compared += 1
+                found = row["detections"]
+                assert [d["category_id"] for d in found] == [category_of[int(l)] for l in pred["labels"]]
+                assert [d["class"] for d in found] == [module.class_names[int(l) - 1] for l in pred["labels"]]
+                torch.testing.assert_close(torch.tensor([d["score"] for d in found]), pred["scores"].float())
+                x0, y0, x1, y1 = pred["boxes"].float().unbind(-1)
+                torch.testing.assert_close(torch.tensor([d["bbox"] for d in found]).reshape(-1, 4),
+                                           torch.stack([x0, y0, x1 - x0, y1 - y0], -1))
+    assert compared == len(names) and sum(len(r["detections"]) for r in rows.values()) > 0
+    # and at the recipe's threshold (0.5), the recall the recipe's metric computes from those boxes is eval's
+    result = aift("eval", "recipe=crop_detection", f"ckpt_path={checkpoint}", f"data.root={crop_data}",
+                  "data.batch_size=4", "data.num_workers=0", "tracking=none", "hydra.run.dir=eval-all", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((work / "eval-all" / "eval.json").read_text())["metrics"]
+    recall = DetectionRecall(label=2, iou_threshold=0.5, score_threshold=0.5)
+    for image in coco["images"]:
+        found = rows[image["file_name"]]["detections"]
+        truth = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+
+        def xyxy(box):
+            return [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+
+        recall.update([{"boxes": torch.tensor([xyxy(d["bbox"]) for d in found]).reshape(-1, 4),
+                        "scores": torch.tensor([d["score"] for d in found]),
+                        "labels": torch.tensor([2 if d["category_id"] == 7 else 1 for d in found])}],
+                      [{"boxes": torch.tensor([xyxy(a["bbox"]) for a in truth]).reshape(-1, 4),
+                        "labels": torch.tensor([2 if a["category_id"] == 7 else 1 for a in truth])}])
+    assert float(recall.compute()) == pytest.approx(metrics["test/weed_recall"], abs=1e-6)
+
+
 def test_the_exported_model_says_which_data_weights_and_run_made_it(crop_run):
     """provenance.json beside model.onnx, and the same record inside the ONNX file, where onnxruntime on the
     sprayer reads it: the training data's digest and data card, the backbone weights it started from, the run."""

@@ -14,7 +14,7 @@ from aifactory_train.errors import ConfigError
 from test_config import compose_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-HYDRA_COMMANDS = ("train", "eval", "export")
+HYDRA_COMMANDS = ("train", "eval", "predict", "export")
 
 
 def readme_commands() -> list[list[str]]:
@@ -34,7 +34,8 @@ COMMANDS = readme_commands()
 
 def test_the_readme_has_examples_of_every_command():
     assert len(COMMANDS) > 30
-    assert {c[0] for c in COMMANDS} >= {"train", "eval", "export", "launch", "recipes", "data", "checkpoint", "bench"}
+    assert {c[0] for c in COMMANDS} >= {"train", "eval", "predict", "export", "launch", "recipes", "data", "checkpoint",
+                                        "bench"}
 
 
 def as_overrides(args: list[str]) -> tuple[str, list[str]]:

@@ -233,6 +233,76 @@ def test_data_runs_needs_an_existing_store(plastic_data, tmp_path):
     assert result.returncode == 2 and "tracking=none has none" in result.stderr
 
 
+def test_predictions_on_the_test_images_give_the_accuracy_eval_reports(smoke_run, plastic_data):
+    """aift predict on the test folder (no labels read) classifies each image as aift eval scores it: the share of
+    predictions that name the image's class folder is eval's test/acc, to the sample."""
+    s, work = smoke_run["summary"], smoke_run["work"]
+    result = aift("eval", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}", f"data.root={plastic_data}",
+                  "data.num_workers=0", "tracking=none", "hydra.run.dir=eval-all", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = json.loads((work / "eval-all" / "eval.json").read_text())["metrics"]["test/acc"]
+    result = aift("predict", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}",
+                  f"input={plastic_data / 'test'}", "predict.batch_size=5", "hydra.run.dir=predict", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (work / "predict" / "predictions.jsonl").read_text().splitlines()]
+    images = sorted((plastic_data / "test").rglob("*.png"))
+    assert [row["file"] for row in rows] == [str(p) for p in images]  # every image once, in sorted order
+    assert sum(row["class"] == Path(row["file"]).parent.name for row in rows) / len(rows) == pytest.approx(accuracy,
+                                                                                                           abs=1e-6)
+    for row in rows:
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["probability"] == max(row["probabilities"].values())
+    report = json.loads((work / "predict" / "predict.json").read_text())
+    assert report["files"] == len(images) and report["checkpoint"] == s["best_checkpoint"]
+    assert report["trained_on"] == [s["dataset"]] and report["trained_mlflow_run_id"] == s["mlflow_run_id"]
+    assert "predicted 18 file(s)" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["no such input", "empty folder", "another kind of file", "unreadable image",
+                                  "other bands", "no checkpoint", "a recipe without predict"])
+def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smoke_run, plastic_data, tmp_path):
+    import numpy as np
+
+    checkpoint = smoke_run["summary"]["last_checkpoint"]
+    good = sorted((plastic_data / "test").rglob("*.png"))[:3]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    args, message = ["recipe=plastic_sorting", f"ckpt_path={checkpoint}", f"input={folder}"], None
+    if case == "no such input":
+        args[2], message = f"input={tmp_path / 'nope'}", f"config key 'input': '{tmp_path / 'nope'}' does not exist"
+    elif case == "empty folder":
+        message = f"config key 'input': the folder '{folder}' holds no files this recipe reads (.png, .jpg"
+    elif case == "another kind of file":
+        (folder / "notes.txt").write_text("x")
+        args[2], message = f"input={folder / 'notes.txt'}", "is not a kind of file this recipe reads; valid: .png"
+    elif case == "unreadable image":  # after good ones: the run stops at it, and keeps none of the results
+        for path in good:
+            shutil.copy(path, folder / path.name)
+        (folder / "zz_broken.png").write_bytes(b"not a png")
+        message = f"cannot decode '{folder / 'zz_broken.png'}'"
+    elif case == "other bands":
+        np.save(folder / "four_bands.npy", np.random.rand(4, 16, 16).astype(np.float32))
+        message = f"'{folder / 'four_bands.npy'}' has 4 bands of shape (C, H, W); the model was trained on 3: red, green, blue"
+    elif case == "no checkpoint":
+        args[1], message = "ckpt_path=null", "config key 'ckpt_path': aift predict needs a checkpoint; give ckpt_path=FILE"
+    else:
+        args[0], message = "recipe=clinical_notes", "recipe 'clinical_notes' has no `aift predict`; export the model"
+    result = aift("predict", *args, "hydra.run.dir=out", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not list((tmp_path / "out").glob("predictions.jsonl*")) and not (tmp_path / "out" / "predict.json").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_eval_and_export_without_a_checkpoint_say_so(command, plastic_data, tmp_path):
+    """Their root configs' `ckpt_path: ???` does not override train.yaml's null (OmegaConf keeps a value over a later
+    `???`): without this check the command failed with a TypeError deep in checkpoint loading."""
+    result = aift(command, "recipe=plastic_sorting", f"data.root={plastic_data}", "tracking=none", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"config key 'ckpt_path': aift {command} needs a checkpoint; give ckpt_path=FILE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_eval_with_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
     data = Path(shutil.copytree(plastic_data, tmp_path / "fewer"))
     for split in ("train", "val", "test"):

@@ -28,14 +28,20 @@ class DeployableClassifier(torch.nn.Module):
         return logits, logits.softmax(dim=1)
 
 
-def export_onnx(module, out_dir: Path) -> list[Path]:
+def training_normalisation(info: dict) -> tuple[list[float], list[float]]:
+    """The (mean, std) a checkpoint was trained with, from its ``data_info``."""
     from aifactory_train.errors import CheckpointError
 
-    info = module.hparams.data_info
     if "mean" not in info or "std" not in info:
         raise CheckpointError("ckpt_path: this plastic_sorting checkpoint does not record the normalisation it was "
                               "trained with (data_info.mean/std; written before export existed); train it again to "
-                              "export it")
+                              "export it or predict with it")
+    return list(info["mean"]), list(info["std"])
+
+
+def export_onnx(module, out_dir: Path) -> list[Path]:
+    info = module.hparams.data_info
+    training_normalisation(info)
     out_dir.mkdir(parents=True, exist_ok=True)
     channels, size = list(info["channels"]), int(info["image_size"])
     model = DeployableClassifier(module.net.eval().cpu().float(), info["mean"], info["std"]).eval()

@@ -22,6 +22,7 @@ from torchmetrics.classification import (
 )
 
 from aifactory_train.models import build_torchvision_classifier
+from aifactory_train.recipes.plastic_sorting.data import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS
 from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
 
 
@@ -187,6 +188,15 @@ class PlasticSortingModule(L.LightningModule):
         scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- predict ---------------------------------------------------------------------------------
+    PREDICT_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS  # the kinds of file `aift predict` reads
+
+    def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]):
+        """One dict per file: ``file``, ``class``, ``probability`` and ``probabilities`` (per class)."""
+        from aifactory_train.recipes.plastic_sorting.predict import predict_files
+
+        return predict_files(self, files, batch_size)
 
     # -- export ----------------------------------------------------------------------------------
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:

@@ -1,0 +1,107 @@
+"""`aift predict`: run a checkpoint on new files (no labels needed) and keep the results as files.
+
+The recipe contract: the LightningModule has ``PREDICT_EXTENSIONS`` (the file kinds it reads) and
+``predict_files(files, batch_size, options)``, which yields one JSON-able dict per file, preprocessing each file as
+its eval split is preprocessed. Nothing goes to MLflow: the files may be a company's or a patient's, and the
+predictions stay beside them in the output folder, with ``predict.json`` saying which checkpoint (and which
+training data) made them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_FILE = "predict.json"
+
+
+def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
+    """The files under ``path`` (a folder, searched recursively, in sorted order) or ``path`` itself."""
+    from aifactory_train.errors import DataError
+
+    kinds = ", ".join(extensions)
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"config key 'input': '{path}' does not exist; give a folder of files ({kinds}) or one file")
+    if root.is_file():
+        if not root.name.lower().endswith(extensions):
+            raise DataError(f"config key 'input': '{path}' is not a kind of file this recipe reads; valid: {kinds}")
+        return [root]
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.name.lower().endswith(extensions))
+    if not files:
+        raise DataError(f"config key 'input': the folder '{path}' holds no files this recipe reads ({kinds})")
+    return files
+
+
+def run_prediction(cfg) -> dict[str, Any]:
+    started = time.time()
+    from omegaconf import OmegaConf
+
+    from aifactory_train.config import check, require_checkpoint, validate
+
+    validate(cfg)
+    require_checkpoint(cfg, "aift predict")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    options = resolved["predict"]
+    check(isinstance(options.get("batch_size"), int) and options["batch_size"] >= 1, "predict.batch_size",
+          options.get("batch_size"), "an integer >= 1")
+    threshold = options.get("score_threshold")
+    check(threshold is None or (isinstance(threshold, (int, float)) and 0 <= threshold <= 1), "predict.score_threshold",
+          threshold, "null (the recipe's) or a score in [0, 1]")
+
+    from hydra.utils import get_class
+
+    from aifactory_train.errors import ConfigError
+
+    module_class = get_class(resolved["recipe"]["module"]["_target_"])
+    if not hasattr(module_class, "predict_files"):
+        raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no `aift predict`; export the model "
+                          f"(`aift export`) and run it where it is used")
+    files = input_files(cfg.input, module_class.PREDICT_EXTENSIONS)  # before the checkpoint is read
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from aifactory_train.checkpoints import load_trained_module, resolve_checkpoint
+    from aifactory_train.provenance import training_origin
+    from aifactory_train.strategies import gpu_available
+    from aifactory_train.train import use_hydra_logging
+
+    use_hydra_logging()
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    module = load_trained_module(module_class, ckpt_path)
+    device = torch.device("cuda" if gpu_available(resolved["trainer"]["accelerator"]) else "cpu")
+    module = module.to(device).eval()
+    path = run_dir / PREDICTIONS_FILE
+    partial = path.with_name(path.name + ".tmp")  # a reader never sees half the predictions
+    count = 0
+    try:
+        with torch.inference_mode(), partial.open("w") as out:
+            for row in module.predict_files(files, options["batch_size"], options):
+                out.write(json.dumps(row) + "\n")
+                count += 1
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a file that failed (named in the error) leaves no half-written result
+        raise
+    os.replace(partial, path)
+    trained_run_id, trained_on = training_origin(ckpt_path)
+    report = {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "recipe": resolved["recipe"]["name"],
+        "input": str(Path(cfg.input).resolve()),
+        "files": count,
+        "predictions": str(path.resolve()),
+        "options": options,
+        "trained_mlflow_run_id": trained_run_id,
+        "trained_on": trained_on,  # the data the model learned from (digests, owner, consent)
+        "output_dir": str(run_dir.resolve()),
+        "wall_time_s": round(time.time() - started, 3),
+    }
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"predicted {count} file(s): {path}")
+    return report
