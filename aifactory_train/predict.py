@@ -37,6 +37,17 @@ def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
     return files
 
 
+def datacard_root(path: Path) -> Path | None:
+    """The nearest folder at or above ``path`` with a data card: the root whose owner's terms cover these files."""
+    from aifactory_train.lineage import DATACARD_FILE
+
+    folder = path.resolve() if path.is_dir() else path.resolve().parent
+    for candidate in (folder, *folder.parents):
+        if (candidate / DATACARD_FILE).is_file():
+            return candidate
+    return None
+
+
 def run_prediction(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
@@ -62,6 +73,11 @@ def run_prediction(cfg) -> dict[str, Any]:
         raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no `aift predict`; export the model "
                           f"(`aift export`) and run it where it is used")
     files = input_files(cfg.input, module_class.PREDICT_EXTENSIONS)  # before the checkpoint is read
+    from aifactory_train.lineage import check_usage_terms, read_datacard
+
+    card_root = datacard_root(Path(cfg.input))
+    if card_root is not None:  # the owner of the new files may limit their use, as a training data owner may
+        check_usage_terms(card_root, resolved["recipe"]["name"])
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -99,6 +115,7 @@ def run_prediction(cfg) -> dict[str, Any]:
         "options": options,
         "trained_mlflow_run_id": trained_run_id,
         "trained_on": trained_on,  # the data the model learned from (digests, owner, consent)
+        "input_datacard": read_datacard(card_root) if card_root is not None else None,
         "output_dir": str(run_dir.resolve()),
         "wall_time_s": round(time.time() - started, 3),
     }

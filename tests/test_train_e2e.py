@@ -255,11 +255,12 @@ def test_predictions_on_the_test_images_give_the_accuracy_eval_reports(smoke_run
     report = json.loads((work / "predict" / "predict.json").read_text())
     assert report["files"] == len(images) and report["checkpoint"] == s["best_checkpoint"]
     assert report["trained_on"] == [s["dataset"]] and report["trained_mlflow_run_id"] == s["mlflow_run_id"]
+    assert report["input_datacard"] == s["dataset"]["datacard"]  # the card above test/: the synthetic data's own
     assert "predicted 18 file(s)" in result.stdout
 
 
 @pytest.mark.parametrize("case", ["no such input", "empty folder", "another kind of file", "unreadable image",
-                                  "other bands", "no checkpoint", "a recipe without predict"])
+                                  "other bands", "no checkpoint", "a recipe without predict", "the owner's terms"])
 def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smoke_run, plastic_data, tmp_path):
     import numpy as np
 
@@ -285,8 +286,14 @@ def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smo
         message = f"'{folder / 'four_bands.npy'}' has 4 bands of shape (C, H, W); the model was trained on 3: red, green, blue"
     elif case == "no checkpoint":
         args[1], message = "ckpt_path=null", "config key 'ckpt_path': aift predict needs a checkpoint; give ckpt_path=FILE"
-    else:
+    elif case == "a recipe without predict":
         args[0], message = "recipe=clinical_notes", "recipe 'clinical_notes' has no `aift predict`; export the model"
+    else:  # a data card above the files (the nearest one counts) whose owner allows another purpose only
+        (tmp_path / "datacard.yaml").write_text("owner: Recycling BV\nusage:\n  recipes: [crop_detection]\n")
+        (folder / "line3").mkdir()
+        shutil.copy(good[0], folder / "line3" / good[0].name)
+        message = (f"data card '{tmp_path / 'datacard.yaml'}': usage.recipes allows ['crop_detection'], not recipe "
+                   f"'plastic_sorting'")
     result = aift("predict", *args, "hydra.run.dir=out", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr, result.stderr[-2000:]
