@@ -45,10 +45,10 @@ IGNORE_INDEX = -100
 
 
 # -- 1. reading ---------------------------------------------------------------------------------------
-def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> list[tuple[int, str, str]]:
-    """(line number, note, summary) of every record; errors name the file, line and field, never the text."""
-    if not path.is_file():
-        raise DataError(MISSING_SPLIT.format(split=split, path=path))
+def read_records(path: Path, fields: dict[str, str]) -> list[tuple[int, list[str]]]:
+    """(line number, [the value of each field]) of every record of a JSONL file; ``fields`` maps the config key
+    that names a field to the field (``{"data.text_field": "note"}``). Errors name the file, line and field, never
+    the text."""
     records = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -62,7 +62,7 @@ def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> li
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {line_number}: a {type(record).__name__}, not a JSON object")
             values = []
-            for key, name in (("data.text_field", text_field), ("data.target_field", target_field)):
+            for key, name in fields.items():
                 if name not in record:
                     raise DataError(f"{path} line {line_number}: the record has no field '{name}' ({key}); "
                                     f"its fields are {sorted(record)}; set {key} to the right one")
@@ -71,13 +71,22 @@ def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> li
                     raise DataError(f"{path} line {line_number}: field '{name}' ({key}) must be a string, "
                                     f"not {type(value).__name__}")
                 if not value.strip():
+                    what = " and summary" if len(fields) > 1 else ""
                     raise DataError(f"{path} line {line_number}: field '{name}' ({key}) is empty; every record "
-                                    f"needs a non-empty note and summary (remove or complete this record)")
+                                    f"needs a non-empty note{what} (remove or complete this record)")
                 values.append(value)
-            records.append((line_number, values[0], values[1]))
+            records.append((line_number, values))
+    return records
+
+
+def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> list[tuple[int, str, str]]:
+    """(line number, note, summary) of every record of one split."""
+    if not path.is_file():
+        raise DataError(MISSING_SPLIT.format(split=split, path=path))
+    records = read_records(path, {"data.text_field": text_field, "data.target_field": target_field})
     if not records:
         raise DataError(f"data.splits.{split}: '{path}' has no records")
-    return records
+    return [(line, note, summary) for line, (note, summary) in records]
 
 
 # -- 3. tokenizer -------------------------------------------------------------------------------------
@@ -158,6 +167,10 @@ class PromptEncoder:
             raise DataError(f"data.max_length {max_length} leaves no room for the note: the prompt template alone takes "
                             f"{fixed} tokens; raise data.max_length or shorten data.prompt_template")
         self.fixed = fixed
+        if self.generation_budget < 1:
+            raise DataError(f"data.max_length {max_length} leaves no room for the note when a summary is generated: "
+                            f"the prompt template takes {fixed} tokens and data.max_target_length {max_target_length}; "
+                            f"valid: data.max_length > {fixed + max_target_length} or a smaller data.max_target_length")
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -165,18 +178,30 @@ class PromptEncoder:
     def prompt(self, note_ids: list[int], budget: int) -> list[int]:
         return self.bos + self.before + note_ids[:budget] + self.after
 
+    def generation_prompt(self, note_ids: list[int]) -> list[int]:
+        """The prompt to generate a summary from: it leaves room for max_target_length summary tokens."""
+        return self.prompt(note_ids, self.generation_budget)
+
+    @property
+    def generation_budget(self) -> int:
+        return self.max_length - self.fixed - self.max_target_length
+
+    def encode_note(self, note: str) -> dict[str, Any]:
+        """A note alone (`aift predict`): its generation prompt and whether the note had to be cut."""
+        note_ids = self._ids(note)
+        return {"prompt_ids": self.generation_prompt(note_ids), "note_truncated": len(note_ids) > self.generation_budget}
+
     def encode(self, note: str, summary: str) -> dict[str, Any]:
         note_ids, target = self._ids(note), self._ids(summary) + [self.eos]
         summary_cut = len(target) > self.max_target_length
         target = target[: self.max_target_length]
         budget = self.max_length - self.fixed - len(target)
         prompt = self.prompt(note_ids, budget)
-        # the prompt for generation leaves room for a summary of max_target_length tokens, whatever this one's length
-        generation_prompt = self.prompt(note_ids, self.max_length - self.fixed - self.max_target_length)
         return {
             "input_ids": prompt + target,
             "labels": [IGNORE_INDEX] * len(prompt) + target,
-            "prompt_ids": generation_prompt,
+            # generation leaves room for a summary of max_target_length tokens, whatever this one's length
+            "prompt_ids": self.generation_prompt(note_ids),
             "note_truncated": len(note_ids) > budget,
             "summary_truncated": summary_cut,
         }
@@ -196,6 +221,14 @@ def pack_rows(examples: list[dict[str, Any]], max_length: int) -> list[dict[str,
     if current["input_ids"]:
         rows.append(current)
     return rows
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts for generation, padded on the left (so every row's next token comes at the end), and their mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return ids, mask
 
 
 class Collator:
@@ -223,11 +256,7 @@ class Collator:
                 [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], dtype=torch.long)
         batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
         if self.generation:
-            prompt_width = max(len(r["prompt_ids"]) for r in rows)
-            batch["prompt_ids"] = torch.tensor(
-                [[self.pad_id] * (prompt_width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows], dtype=torch.long)
-            batch["prompt_mask"] = torch.tensor(
-                [[0] * (prompt_width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows], dtype=torch.long)
+            batch["prompt_ids"], batch["prompt_mask"] = left_padded([r["prompt_ids"] for r in rows], self.pad_id)
             batch["references"] = [r["reference"] for r in rows]
         return batch
 

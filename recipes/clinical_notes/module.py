@@ -169,6 +169,15 @@ class ClinicalNotesModule(L.LightningModule):
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- predict ---------------------------------------------------------------------------------
+    PREDICT_EXTENSIONS = (".jsonl",)  # the kinds of file `aift predict` reads
+
+    def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]):
+        """One dict per note (a JSONL line): ``file``, ``line``, the greedy ``summary`` and ``note_truncated``."""
+        from aifactory_train.recipes.clinical_notes.predict import predict_files
+
+        return predict_files(self, files, batch_size, options)
+
     # -- export ----------------------------------------------------------------------------------
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
         """``format=hf``: a folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained load.
