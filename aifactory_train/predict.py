@@ -1,8 +1,8 @@
 """`aift predict`: run a checkpoint on new files (no labels needed) and keep the results as files.
 
 The recipe contract: the LightningModule has ``PREDICT_EXTENSIONS`` (the file kinds it reads) and
-``predict_files(files, batch_size, options)``, which yields one JSON-able dict per file, preprocessing each file as
-its eval split is preprocessed. Nothing goes to MLflow: the files may be a company's or a patient's, and the
+``predict_files(files, batch_size, options)``, which yields one JSON-able dict per file (per record, for files of
+records such as clinical_notes' JSONL), preprocessing each as its eval split is preprocessed. Nothing goes to MLflow: the files may be a company's or a patient's, and the
 predictions stay beside them in the output folder, with ``predict.json`` saying which checkpoint (and which
 training data) made them.
 """
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "predict.json"
+PICTURES_DIR = "pictures"  # predict.draw=true, for recipes with PREDICT_DRAWS
 
 
 def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
@@ -63,6 +65,8 @@ def run_prediction(cfg) -> dict[str, Any]:
     threshold = options.get("score_threshold")
     check(threshold is None or (isinstance(threshold, (int, float)) and 0 <= threshold <= 1), "predict.score_threshold",
           threshold, "null (the recipe's) or a score in [0, 1]")
+    draw = options.get("draw", False)
+    check(isinstance(draw, bool), "predict.draw", draw, "true or false")
 
     from hydra.utils import get_class
 
@@ -72,6 +76,9 @@ def run_prediction(cfg) -> dict[str, Any]:
     if not hasattr(module_class, "predict_files"):
         raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no `aift predict`; export the model "
                           f"(`aift export`) and run it where it is used")
+    if draw and not getattr(module_class, "PREDICT_DRAWS", False):
+        raise ConfigError(f"config key 'predict.draw': recipe '{resolved['recipe']['name']}' draws no pictures of its "
+                          f"predictions; valid: predict.draw=false (crop_detection draws its boxes)")
     files = input_files(cfg.input, module_class.PREDICT_EXTENSIONS)  # before the checkpoint is read
     from aifactory_train.lineage import check_usage_terms, read_datacard
 
@@ -95,23 +102,32 @@ def run_prediction(cfg) -> dict[str, Any]:
     module = module.to(device).eval()
     path = run_dir / PREDICTIONS_FILE
     partial = path.with_name(path.name + ".tmp")  # a reader never sees half the predictions
+    pictures, partial_pictures = run_dir / PICTURES_DIR, run_dir / f"{PICTURES_DIR}.tmp"
+    shutil.rmtree(partial_pictures, ignore_errors=True)  # a crashed earlier run's
     count = 0
     try:
+        recipe_options = {**options, "pictures_dir": str(partial_pictures) if draw else None}
         with torch.inference_mode(), partial.open("w") as out:
-            for row in module.predict_files(files, options["batch_size"], options):
+            for row in module.predict_files(files, options["batch_size"], recipe_options):
                 out.write(json.dumps(row) + "\n")
                 count += 1
     except BaseException:
         partial.unlink(missing_ok=True)  # a file that failed (named in the error) leaves no half-written result
+        shutil.rmtree(partial_pictures, ignore_errors=True)
         raise
+    if draw:  # the pictures of these predictions replace an earlier run's in this folder, as predictions.jsonl does
+        shutil.rmtree(pictures, ignore_errors=True)
+        os.replace(partial_pictures, pictures)
     os.replace(partial, path)
     trained_run_id, trained_on = training_origin(ckpt_path)
     report = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "recipe": resolved["recipe"]["name"],
         "input": str(Path(cfg.input).resolve()),
-        "files": count,
+        "files": len(files),
+        "rows": count,  # one per file, or per record for files of records
         "predictions": str(path.resolve()),
+        "pictures": str(pictures.resolve()) if draw else None,
         "options": options,
         "trained_mlflow_run_id": trained_run_id,
         "trained_on": trained_on,  # the data the model learned from (digests, owner, consent)
@@ -120,5 +136,5 @@ def run_prediction(cfg) -> dict[str, Any]:
         "wall_time_s": round(time.time() - started, 3),
     }
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"predicted {count} file(s): {path}")
+    print(f"predicted {len(files)} file(s), {count} row(s): {path}")
     return report

@@ -486,6 +486,57 @@ def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
     assert compared > 0  # the comparison saw real detections
 
 
+def test_predict_draws_each_image_with_its_boxes_and_nothing_else(crop_run, crop_data, tmp_path):
+    """predict.draw=true: one PNG per image, by its path below the input folder, at the image's size; it differs
+    from the decoded image only at the boxes predictions.jsonl lists (their outlines and labels), and not at all
+    where nothing was found. A run that fails on a bad image leaves no pictures."""
+    from conftest import aift
+    from torchvision.io import ImageReadMode, decode_image
+
+    checkpoint = crop_run["summary"]["last_checkpoint"]
+    images = sorted((crop_data / "images" / "test").glob("*.jpg"))[:6]
+    field = tmp_path / "field"
+    for i, path in enumerate(images):  # two camera folders
+        (field / f"cam{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, field / f"cam{i % 2}" / path.name)
+    args = ["predict", "recipe=crop_detection", f"ckpt_path={checkpoint}", f"input={field}", "predict.draw=true"]
+
+    def predict_and_compare(threshold: float, out: str) -> int:
+        """Run, check every picture against its image and row; return how many pictures have boxes."""
+        result = aift(*args, f"predict.score_threshold={threshold}", f"hydra.run.dir={out}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
+        pictures = tmp_path / out / "pictures"
+        assert sorted(p.relative_to(pictures) for p in pictures.rglob("*.png")) == sorted(
+            Path(r["file"]).relative_to(field).with_suffix(".png") for r in rows)
+        assert json.loads((tmp_path / out / "predict.json").read_text())["pictures"] == str(pictures)
+        drawn = 0
+        for row in rows:
+            original = decode_image(row["file"], mode=ImageReadMode.RGB)
+            picture = decode_image(str(pictures / Path(row["file"]).relative_to(field).with_suffix(".png")))
+            assert picture.shape == original.shape == (3, row["height"], row["width"])
+            changed = (picture != original).any(0)
+            inside = torch.zeros_like(changed)
+            for d in row["detections"]:
+                x, y, w, h = d["bbox"]
+                inside[max(0, int(y) - 2):int(y + h) + 3, max(0, int(x) - 2):int(x + w) + 3] = True  # the outline
+                label = f"{d['class']} {d['score']:.2f}"  # written from the box's top-left corner, at most 10 px a letter
+                inside[int(y):int(y) + 20, int(x):int(x) + 10 * len(label) + 4] = True
+            assert not (changed & ~inside).any()
+            assert changed.any() == bool(row["detections"])
+            drawn += bool(row["detections"])
+        return drawn
+
+    # the smoke-trained model's scores are low (and not the same from run to run): every box at 0, none at 1
+    assert predict_and_compare(0, "all") == len(images)
+    assert predict_and_compare(1, "none") == 0
+    # a bad image after the good ones: the run fails, and keeps no pictures (nor predictions)
+    (field / "cam1" / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    result = aift(*args, "hydra.run.dir=failed", cwd=tmp_path)
+    assert result.returncode == 2 and "zz_broken.jpg" in result.stderr, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir() if not p.name.startswith(".")) == ["predict.log"]
+
+
 def test_predictions_are_the_boxes_of_the_eval_data_path(crop_run, crop_data):
     """aift predict on the test images (no annotations read), every box kept (score threshold 0): per image the
     boxes, labels and scores the detector gives on the test split as aift eval loads it (the DataModule's test

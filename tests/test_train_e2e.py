@@ -253,14 +253,15 @@ def test_predictions_on_the_test_images_give_the_accuracy_eval_reports(smoke_run
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert row["probability"] == max(row["probabilities"].values())
     report = json.loads((work / "predict" / "predict.json").read_text())
-    assert report["files"] == len(images) and report["checkpoint"] == s["best_checkpoint"]
+    assert report["files"] == report["rows"] == len(images) and report["checkpoint"] == s["best_checkpoint"]
     assert report["trained_on"] == [s["dataset"]] and report["trained_mlflow_run_id"] == s["mlflow_run_id"]
     assert report["input_datacard"] == s["dataset"]["datacard"]  # the card above test/: the synthetic data's own
-    assert "predicted 18 file(s)" in result.stdout
+    assert "predicted 18 file(s), 18 row(s)" in result.stdout
 
 
 @pytest.mark.parametrize("case", ["no such input", "empty folder", "another kind of file", "unreadable image",
-                                  "other bands", "no checkpoint", "a recipe without predict", "the owner's terms"])
+                                  "other bands", "no checkpoint", "a recipe without predict", "no pictures",
+                                  "the owner's terms"])
 def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smoke_run, plastic_data, tmp_path):
     import numpy as np
 
@@ -287,7 +288,13 @@ def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smo
     elif case == "no checkpoint":
         args[1], message = "ckpt_path=null", "config key 'ckpt_path': aift predict needs a checkpoint; give ckpt_path=FILE"
     elif case == "a recipe without predict":
-        args[0], message = "recipe=clinical_notes", "recipe 'clinical_notes' has no `aift predict`; export the model"
+        # every recipe here has one; a recipe copied from an older template may not
+        args.append("recipe.module._target_=lightning.pytorch.LightningModule")
+        message = "recipe 'plastic_sorting' has no `aift predict`; export the model"
+    elif case == "no pictures":
+        args.append("predict.draw=true")
+        message = ("config key 'predict.draw': recipe 'plastic_sorting' draws no pictures of its predictions; "
+                   "valid: predict.draw=false")
     else:  # a data card above the files (the nearest one counts) whose owner allows another purpose only
         (tmp_path / "datacard.yaml").write_text("owner: Recycling BV\nusage:\n  recipes: [crop_detection]\n")
         (folder / "line3").mkdir()

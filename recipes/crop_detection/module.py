@@ -295,13 +295,14 @@ class CropDetectionModule(L.LightningModule):
 
     # -- predict ---------------------------------------------------------------------------------
     PREDICT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # the kinds of file `aift predict` reads
+    PREDICT_DRAWS = True  # predict.draw=true: each image with its boxes, under pictures/
 
     def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]):
         """One dict per image: ``file``, ``width``, ``height`` and its ``detections`` (``class``, ``category_id``
         as in the training data's COCO file, ``score``, ``bbox`` as COCO's [x, y, width, height])."""
         from aifactory_train.recipes.crop_detection.predict import predict_files
 
-        return predict_files(self, files, batch_size, options.get("score_threshold"))
+        return predict_files(self, files, batch_size, options)
 
     # -- export ----------------------------------------------------------------------------------
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:

@@ -3,13 +3,15 @@
 Each image is decoded as RGB and scaled to [0, 1] as the eval split is; the detector resizes and normalises it
 itself (torchvision's transform, which the ONNX export keeps inside too). Boxes below the score threshold (the
 recipe's ``score_threshold`` unless ``predict.score_threshold`` says otherwise) are left out; the sprayer's
-decision is made on the rest.
+decision is made on the rest. With ``predict.draw=true`` each image is also written as a PNG with those boxes drawn
+(class and score), at its own size, under ``pictures/`` in the output folder, by its path below the input folder.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torchvision.transforms import v2
@@ -17,24 +19,52 @@ from torchvision.transforms import v2
 from aifactory_train.errors import DataError
 
 
+# one colour per class, in the order of the class names (weeds and crops apart at a glance); repeats after 8
+CLASS_COLOURS = ("red", "lime", "yellow", "cyan", "magenta", "orange", "white", "blue")
+
+
 def read_image(path: Path) -> torch.Tensor:
+    """The image as uint8 RGB (C, H, W); a file the decoder cannot read is named."""
     from torchvision.io import ImageReadMode, decode_image
 
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        return decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception as err:  # noqa: BLE001 - name the file, whatever the decoder raised
         raise DataError(f"cannot decode '{path}': {err}") from err
-    return v2.functional.to_dtype(image, torch.float32, scale=True)
 
 
-def predict_files(module, files: list[Path], batch_size: int, score_threshold: float | None) -> Iterator[dict]:
+def picture_paths(files: list[Path], folder: Path) -> dict[Path, Path]:
+    """Where each image's picture goes: its path below the folder the images share, as .png."""
+    common = Path(os.path.commonpath([str(path.resolve().parent) for path in files]))
+    return {path: folder / path.resolve().relative_to(common).with_suffix(".png") for path in files}
+
+
+def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: list[float],
+                    names: list[str], path: Path) -> None:
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes
+
+    if labels:  # (torchvision warns on an empty box list)
+        image = draw_bounding_boxes(image, boxes, labels=[f"{names[l - 1]} {s:.2f}" for l, s in zip(labels, scores)],
+                                    colors=[CLASS_COLOURS[(l - 1) % len(CLASS_COLOURS)] for l in labels], width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def predict_files(module, files: list[Path], batch_size: int, options: dict[str, Any]) -> Iterator[dict]:
     names, category_ids = module.class_names, list(module.hparams.data_info["category_ids"])
+    score_threshold = options.get("score_threshold")
     threshold = module.hparams.score_threshold if score_threshold is None else score_threshold
+    pictures = picture_paths(files, Path(options["pictures_dir"])) if options.get("pictures_dir") else None
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        images = [read_image(path).to(module.device) for path in chunk]
-        for path, image, pred in zip(chunk, images, module.net(images)):
+        decoded = [read_image(path) for path in chunk]
+        images = [v2.functional.to_dtype(image, torch.float32, scale=True).to(module.device) for image in decoded]
+        for path, image, original, pred in zip(chunk, images, decoded, module.net(images)):
             keep = pred["scores"] >= threshold
+            if pictures is not None:
+                draw_detections(original, pred["boxes"][keep].float().cpu(), pred["labels"][keep].tolist(),
+                                pred["scores"][keep].tolist(), names, pictures[path])
             detections = []
             for (x0, y0, x1, y1), label, score in zip(pred["boxes"][keep].tolist(), pred["labels"][keep].tolist(),
                                                       pred["scores"][keep].tolist()):
