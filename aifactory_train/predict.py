@@ -2,9 +2,12 @@
 
 The recipe contract: the LightningModule has ``PREDICT_EXTENSIONS`` (the file kinds it reads) and
 ``predict_files(files, batch_size, options)``, which yields one JSON-able dict per file (per record, for files of
-records such as clinical_notes' JSONL), preprocessing each as its eval split is preprocessed. Nothing goes to MLflow: the files may be a company's or a patient's, and the
-predictions stay beside them in the output folder, with ``predict.json`` saying which checkpoint (and which
-training data) made them.
+records such as clinical_notes' JSONL), preprocessing each as its eval split is preprocessed. ``options`` is the
+``predict`` config plus ``output_dir`` (where the recipe may write results of its own, such as pictures, moved into
+the run folder when every file was read) and ``input_root`` (the input folder, to name results by path).
+
+Nothing goes to MLflow: the files may be a company's or a patient's, and the predictions stay in the output folder,
+with ``predict.json`` saying which checkpoint (and which training data) made them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "predict.json"
-PICTURES_DIR = "pictures"  # predict.draw=true, for recipes with PREDICT_DRAWS
+STAGING_DIR = ".predict.tmp"  # results until every file was read
 
 
 def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
@@ -100,25 +103,31 @@ def run_prediction(cfg) -> dict[str, Any]:
     module = load_trained_module(module_class, ckpt_path)
     device = torch.device("cuda" if gpu_available(resolved["trainer"]["accelerator"]) else "cpu")
     module = module.to(device).eval()
-    path = run_dir / PREDICTIONS_FILE
-    partial = path.with_name(path.name + ".tmp")  # a reader never sees half the predictions
-    pictures, partial_pictures = run_dir / PICTURES_DIR, run_dir / f"{PICTURES_DIR}.tmp"
-    shutil.rmtree(partial_pictures, ignore_errors=True)  # a crashed earlier run's
+    # Everything is written to a staging folder first and moved in only when every file was read: a reader never
+    # sees half the predictions, and a file that failed (named in the error) leaves no result at all.
+    staging = run_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier run's
+    staging.mkdir()
+    input_root = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
+    recipe_options = {**options, "output_dir": str(staging), "input_root": str(input_root.absolute())}
     count = 0
     try:
-        recipe_options = {**options, "pictures_dir": str(partial_pictures) if draw else None}
-        with torch.inference_mode(), partial.open("w") as out:
+        with torch.inference_mode(), (staging / PREDICTIONS_FILE).open("w") as out:
             for row in module.predict_files(files, options["batch_size"], recipe_options):
                 out.write(json.dumps(row) + "\n")
                 count += 1
     except BaseException:
-        partial.unlink(missing_ok=True)  # a file that failed (named in the error) leaves no half-written result
-        shutil.rmtree(partial_pictures, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    if draw:  # the pictures of these predictions replace an earlier run's in this folder, as predictions.jsonl does
-        shutil.rmtree(pictures, ignore_errors=True)
-        os.replace(partial_pictures, pictures)
-    os.replace(partial, path)
+    outputs = []
+    for entry in sorted(staging.iterdir()):  # these results replace an earlier run's in this folder
+        target = run_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+        outputs.append(target.resolve())
+    staging.rmdir()
+    path = run_dir / PREDICTIONS_FILE
     trained_run_id, trained_on = training_origin(ckpt_path)
     report = {
         "checkpoint": str(Path(ckpt_path).resolve()),
@@ -127,7 +136,7 @@ def run_prediction(cfg) -> dict[str, Any]:
         "files": len(files),
         "rows": count,  # one per file, or per record for files of records
         "predictions": str(path.resolve()),
-        "pictures": str(pictures.resolve()) if draw else None,
+        "outputs": [str(p) for p in outputs if p.name != PREDICTIONS_FILE],  # the recipe's own (pictures, COCO)
         "options": options,
         "trained_mlflow_run_id": trained_run_id,
         "trained_on": trained_on,  # the data the model learned from (digests, owner, consent)

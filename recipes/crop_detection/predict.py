@@ -3,13 +3,18 @@
 Each image is decoded as RGB and scaled to [0, 1] as the eval split is; the detector resizes and normalises it
 itself (torchvision's transform, which the ONNX export keeps inside too). Boxes below the score threshold (the
 recipe's ``score_threshold`` unless ``predict.score_threshold`` says otherwise) are left out; the sprayer's
-decision is made on the rest. With ``predict.draw=true`` each image is also written as a PNG with those boxes drawn
-(class and score), at its own size, under ``pictures/`` in the output folder, by its path below the input folder.
+decision is made on the rest.
+
+Besides predictions.jsonl, the same boxes go to ``predictions.coco.json``: a COCO file (images by their path below
+the input folder, annotations with a ``score``, the training data's categories) that CVAT, Label Studio or Roboflow
+import as pre-annotations, and that `aift train` reads as a split once people have corrected it. With
+``predict.draw=true`` each image is also written as a PNG with those boxes drawn (class and score), at its own size,
+under ``pictures/``, by the same path.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,12 +38,6 @@ def read_image(path: Path) -> torch.Tensor:
         raise DataError(f"cannot decode '{path}': {err}") from err
 
 
-def picture_paths(files: list[Path], folder: Path) -> dict[Path, Path]:
-    """Where each image's picture goes: its path below the folder the images share, as .png."""
-    common = Path(os.path.commonpath([str(path.resolve().parent) for path in files]))
-    return {path: folder / path.resolve().relative_to(common).with_suffix(".png") for path in files}
-
-
 def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: list[float],
                     names: list[str], path: Path) -> None:
     from PIL import Image
@@ -55,20 +54,31 @@ def predict_files(module, files: list[Path], batch_size: int, options: dict[str,
     names, category_ids = module.class_names, list(module.hparams.data_info["category_ids"])
     score_threshold = options.get("score_threshold")
     threshold = module.hparams.score_threshold if score_threshold is None else score_threshold
-    pictures = picture_paths(files, Path(options["pictures_dir"])) if options.get("pictures_dir") else None
+    output_dir, input_root = Path(options["output_dir"]), Path(options["input_root"])
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": i, "name": name} for i, name in zip(category_ids, names)]}
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         decoded = [read_image(path) for path in chunk]
         images = [v2.functional.to_dtype(image, torch.float32, scale=True).to(module.device) for image in decoded]
         for path, image, original, pred in zip(chunk, images, decoded, module.net(images)):
             keep = pred["scores"] >= threshold
-            if pictures is not None:
+            name = path.absolute().relative_to(input_root)  # (not resolved: a linked file keeps its name)
+            if options.get("draw"):
                 draw_detections(original, pred["boxes"][keep].float().cpu(), pred["labels"][keep].tolist(),
-                                pred["scores"][keep].tolist(), names, pictures[path])
+                                pred["scores"][keep].tolist(), names, output_dir / "pictures" / name.with_suffix(".png"))
             detections = []
             for (x0, y0, x1, y1), label, score in zip(pred["boxes"][keep].tolist(), pred["labels"][keep].tolist(),
                                                       pred["scores"][keep].tolist()):
                 detections.append({"class": names[label - 1], "category_id": category_ids[label - 1], "score": score,
                                    "bbox": [x0, y0, x1 - x0, y1 - y0]})  # COCO: x, y, width, height in pixels
-            yield {"file": str(path), "width": int(image.shape[-1]), "height": int(image.shape[-2]),
-                   "score_threshold": threshold, "detections": detections}
+            width, height = int(image.shape[-1]), int(image.shape[-2])
+            image_id = len(coco["images"]) + 1
+            coco["images"].append({"id": image_id, "file_name": name.as_posix(), "width": width, "height": height})
+            for d in detections:
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "iscrowd": 0,
+                                            "category_id": d["category_id"], "bbox": d["bbox"], "score": d["score"],
+                                            "area": d["bbox"][2] * d["bbox"][3]})
+            yield {"file": str(path), "width": width, "height": height, "score_threshold": threshold,
+                   "detections": detections}
+    (output_dir / "predictions.coco.json").write_text(json.dumps(coco) + "\n")
