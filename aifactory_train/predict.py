@@ -22,6 +22,7 @@ from typing import Any
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "predict.json"
 STAGING_DIR = ".predict.tmp"  # results until every file was read
+AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
 def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
@@ -70,6 +71,13 @@ def run_prediction(cfg) -> dict[str, Any]:
           threshold, "null (the recipe's) or a score in [0, 1]")
     draw = options.get("draw", False)
     check(isinstance(draw, bool), "predict.draw", draw, "true or false")
+    from aifactory_train.strategies import resolve_precision
+
+    trainer = resolved["trainer"]
+    precision = resolve_precision(trainer["precision"], trainer["accelerator"])  # auto: bf16-mixed on a GPU
+    check(precision in ("32-true", "32", *AUTOCAST_DTYPES), "trainer.precision", trainer["precision"],
+          "auto, 32-true, bf16-mixed or 16-mixed: aift predict keeps the weights in fp32 and runs the model under "
+          "autocast for a mixed precision, as eval does")
 
     from hydra.utils import get_class
 
@@ -101,8 +109,10 @@ def run_prediction(cfg) -> dict[str, Any]:
     use_hydra_logging()
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     module = load_trained_module(module_class, ckpt_path)
-    device = torch.device("cuda" if gpu_available(resolved["trainer"]["accelerator"]) else "cpu")
+    device = torch.device("cuda" if gpu_available(trainer["accelerator"]) else "cpu")
     module = module.to(device).eval()
+    autocast = torch.autocast(device.type, dtype=getattr(torch, AUTOCAST_DTYPES.get(precision, "bfloat16")),
+                              enabled=precision in AUTOCAST_DTYPES)
     # Everything is written to a staging folder first and moved in only when every file was read: a reader never
     # sees half the predictions, and a file that failed (named in the error) leaves no result at all.
     staging = run_dir / STAGING_DIR
@@ -112,7 +122,7 @@ def run_prediction(cfg) -> dict[str, Any]:
     recipe_options = {**options, "output_dir": str(staging), "input_root": str(input_root.absolute())}
     count = 0
     try:
-        with torch.inference_mode(), (staging / PREDICTIONS_FILE).open("w") as out:
+        with torch.inference_mode(), autocast, (staging / PREDICTIONS_FILE).open("w") as out:
             for row in module.predict_files(files, options["batch_size"], recipe_options):
                 out.write(json.dumps(row) + "\n")
                 count += 1
@@ -138,6 +148,8 @@ def run_prediction(cfg) -> dict[str, Any]:
         "predictions": str(path.resolve()),
         "outputs": [str(p) for p in outputs if p.name != PREDICTIONS_FILE],  # the recipe's own (pictures, COCO)
         "options": options,
+        "device": str(device),
+        "precision": precision,
         "trained_mlflow_run_id": trained_run_id,
         "trained_on": trained_on,  # the data the model learned from (digests, owner, consent)
         "input_datacard": read_datacard(card_root) if card_root is not None else None,

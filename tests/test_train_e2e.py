@@ -259,9 +259,28 @@ def test_predictions_on_the_test_images_give_the_accuracy_eval_reports(smoke_run
     assert "predicted 18 file(s), 18 row(s)" in result.stdout
 
 
+def test_predict_runs_under_the_configured_mixed_precision(smoke_run, plastic_data, tmp_path):
+    """trainer.precision=bf16-mixed: the model runs under bf16 autocast (its probabilities move a little from the
+    fp32 run's, the classes hardly), and predict.json says which precision and device made them."""
+    checkpoint = smoke_run["summary"]["last_checkpoint"]
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        result = aift("predict", "recipe=plastic_sorting", f"ckpt_path={checkpoint}", f"input={plastic_data / 'test'}",
+                      f"trainer.precision={precision}", f"hydra.run.dir={precision}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / precision / "predict.json").read_text())
+        assert (report["precision"], report["device"]) == (precision, "cpu")
+        runs[precision] = [json.loads(line) for line in (tmp_path / precision / "predictions.jsonl").read_text().splitlines()]
+    import torch
+
+    full, mixed = (torch.tensor([list(r["probabilities"].values()) for r in runs[p]]) for p in ("32-true", "bf16-mixed"))
+    assert 0 < (full - mixed).abs().max() < 0.05  # bf16 has 8 bits of mantissa: moved, not scrambled
+    assert sum(a["class"] == b["class"] for a, b in zip(runs["32-true"], runs["bf16-mixed"])) >= len(full) - 2
+
+
 @pytest.mark.parametrize("case", ["no such input", "empty folder", "another kind of file", "unreadable image",
                                   "other bands", "no checkpoint", "a recipe without predict", "no pictures",
-                                  "the owner's terms"])
+                                  "a true half precision", "the owner's terms"])
 def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smoke_run, plastic_data, tmp_path):
     import numpy as np
 
@@ -291,6 +310,10 @@ def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smo
         # every recipe here has one; a recipe copied from an older template may not
         args.append("recipe.module._target_=lightning.pytorch.LightningModule")
         message = "recipe 'plastic_sorting' has no `aift predict`; export the model"
+    elif case == "a true half precision":  # the weights stay fp32; only autocast precisions fit that
+        args.append("trainer.precision=bf16-true")
+        message = ("config key 'trainer.precision': 'bf16-true' is not valid; expected auto, 32-true, bf16-mixed or "
+                   "16-mixed")
     elif case == "no pictures":
         args.append("predict.draw=true")
         message = ("config key 'predict.draw': recipe 'plastic_sorting' draws no pictures of its predictions; "
