@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "predict.json"
@@ -43,6 +43,44 @@ def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
     return files
 
 
+class _FileReads:
+    """A map-style dataset of ``read(file)``: what DataLoader workers run. A file the reader refuses comes back as
+    its message, so the main process raises the reader's DataError as it is (a worker's exception would arrive
+    wrapped in the worker's traceback)."""
+
+    def __init__(self, files: list[Path], read: Callable[[Path], Any]):
+        self.files, self.read = files, read
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, str | None]:
+        from aifactory_train.errors import DataError
+
+        try:
+            return self.read(self.files[index]), None
+        except DataError as err:
+            return None, str(err)
+
+
+def read_in_batches(files: list[Path], read: Callable[[Path], Any], batch_size: int,
+                    num_workers: int) -> Iterator[tuple[list[Path], list[Any]]]:
+    """(files, what ``read`` made of each) per batch, in file order, read by ``num_workers`` DataLoader worker
+    processes while the model works on the batch before (0: in this process). For recipes whose files take real
+    work to decode (images); ``read`` must be picklable where workers are spawned (a module-level function, or a
+    functools.partial of one)."""
+    from torch.utils.data import DataLoader
+
+    from aifactory_train.errors import DataError
+
+    loader = DataLoader(_FileReads(files, read), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    for start, items in zip(range(0, len(files), batch_size), loader):
+        for _, error in items:
+            if error is not None:
+                raise DataError(error)
+        yield files[start:start + batch_size], [item for item, _ in items]
+
+
 def datacard_root(path: Path) -> Path | None:
     """The nearest folder at or above ``path`` with a data card: the root whose owner's terms cover these files."""
     from aifactory_train.lineage import DATACARD_FILE
@@ -66,6 +104,8 @@ def run_prediction(cfg) -> dict[str, Any]:
     options = resolved["predict"]
     check(isinstance(options.get("batch_size"), int) and options["batch_size"] >= 1, "predict.batch_size",
           options.get("batch_size"), "an integer >= 1")
+    check(isinstance(options.get("num_workers"), int) and options["num_workers"] >= 0, "predict.num_workers",
+          options.get("num_workers"), "an integer >= 0 (0: files are read in the main process)")
     threshold = options.get("score_threshold")
     check(threshold is None or (isinstance(threshold, (int, float)) and 0 <= threshold <= 1), "predict.score_threshold",
           threshold, "null (the recipe's) or a score in [0, 1]")

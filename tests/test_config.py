@@ -102,13 +102,13 @@ def test_eval_predict_and_export_root_configs_compose(tmp_path):
     cfg = compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "input=images"], tmp_path, root="predict")
     typed = validate(cfg)
     assert typed.input == "images"
-    assert typed.predict == {"batch_size": 8, "score_threshold": None, "draw": False, "text_field": None,
-                             "deidentify": None}
+    assert typed.predict == {"batch_size": 8, "num_workers": 2, "score_threshold": None, "draw": False,
+                             "text_field": None, "deidentify": None}
     # clinical_notes reads its notes as its data config says (the note's field, de-identification)
     cfg = compose_run(["recipe=clinical_notes", "ckpt_path=x.ckpt", "input=notes.jsonl", "data.text_field=body",
                        "data.deidentify=inline"], tmp_path, root="predict")
-    assert validate(cfg).predict == {"batch_size": 8, "score_threshold": None, "draw": False, "text_field": "body",
-                                     "deidentify": "inline"}
+    assert validate(cfg).predict == {"batch_size": 8, "num_workers": 2, "score_threshold": None, "draw": False,
+                                     "text_field": "body", "deidentify": "inline"}
     with pytest.raises(ConfigError, match="config key 'input' is required and was not given; add input="):
         validate(compose_run(["ckpt_path=x.ckpt"], tmp_path, root="predict"))
 

@@ -257,6 +257,12 @@ def test_predictions_on_the_test_images_give_the_accuracy_eval_reports(smoke_run
     assert report["trained_on"] == [s["dataset"]] and report["trained_mlflow_run_id"] == s["mlflow_run_id"]
     assert report["input_datacard"] == s["dataset"]["datacard"]  # the card above test/: the synthetic data's own
     assert "predicted 18 file(s), 18 row(s)" in result.stdout
+    assert report["options"]["num_workers"] == 2  # the files were decoded by two worker processes; in this one:
+    result = aift("predict", "recipe=plastic_sorting", f"ckpt_path={s['best_checkpoint']}",
+                  f"input={plastic_data / 'test'}", "predict.batch_size=5", "predict.num_workers=0",
+                  "hydra.run.dir=predict-main", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (work / "predict-main" / "predictions.jsonl").read_text() == (work / "predict" / "predictions.jsonl").read_text()
 
 
 def test_predict_runs_under_the_configured_mixed_precision(smoke_run, plastic_data, tmp_path):
@@ -280,7 +286,7 @@ def test_predict_runs_under_the_configured_mixed_precision(smoke_run, plastic_da
 
 @pytest.mark.parametrize("case", ["no such input", "empty folder", "another kind of file", "unreadable image",
                                   "other bands", "no checkpoint", "a recipe without predict", "no pictures",
-                                  "a true half precision", "the owner's terms"])
+                                  "a true half precision", "negative workers", "the owner's terms"])
 def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smoke_run, plastic_data, tmp_path):
     import numpy as np
 
@@ -314,6 +320,9 @@ def test_predict_refuses_bad_input_naming_it_and_writes_no_predictions(case, smo
         args.append("trainer.precision=bf16-true")
         message = ("config key 'trainer.precision': 'bf16-true' is not valid; expected auto, 32-true, bf16-mixed or "
                    "16-mixed")
+    elif case == "negative workers":
+        args.append("predict.num_workers=-1")
+        message = "config key 'predict.num_workers': -1 is not valid; expected an integer >= 0"
     elif case == "no pictures":
         args.append("predict.draw=true")
         message = ("config key 'predict.draw': recipe 'plastic_sorting' draws no pictures of its predictions; "

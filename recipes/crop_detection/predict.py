@@ -22,6 +22,7 @@ import torch
 from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
+from aifactory_train.predict import read_in_batches
 
 
 # one colour per class, in the order of the class names (weeds and crops apart at a glance); repeats after 8
@@ -57,9 +58,7 @@ def predict_files(module, files: list[Path], batch_size: int, options: dict[str,
     output_dir, input_root = Path(options["output_dir"]), Path(options["input_root"])
     coco = {"images": [], "annotations": [],
             "categories": [{"id": i, "name": name} for i, name in zip(category_ids, names)]}
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        decoded = [read_image(path) for path in chunk]
+    for chunk, decoded in read_in_batches(files, read_image, batch_size, options["num_workers"]):
         images = [v2.functional.to_dtype(image, torch.float32, scale=True).to(module.device) for image in decoded]
         for path, image, original, pred in zip(chunk, images, decoded, module.net(images)):
             keep = pred["scores"] >= threshold

@@ -196,7 +196,7 @@ class PlasticSortingModule(L.LightningModule):
         """One dict per file: ``file``, ``class``, ``probability`` and ``probabilities`` (per class)."""
         from aifactory_train.recipes.plastic_sorting.predict import predict_files
 
-        return predict_files(self, files, batch_size)
+        return predict_files(self, files, batch_size, options)
 
     # -- export ----------------------------------------------------------------------------------
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:

@@ -7,13 +7,15 @@ same graph the ONNX export holds.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torchvision.transforms import v2
 
 from aifactory_train.errors import DataError
+from aifactory_train.predict import read_in_batches
 from aifactory_train.recipes.plastic_sorting.data import load_file
 from aifactory_train.recipes.plastic_sorting.export import DeployableClassifier, training_normalisation
 
@@ -32,14 +34,14 @@ def read_image(path: Path, channels: list[str], size: int) -> torch.Tensor:
     return v2.functional.to_dtype(image, torch.float32, scale=True)
 
 
-def predict_files(module, files: list[Path], batch_size: int) -> Iterator[dict]:
+def predict_files(module, files: list[Path], batch_size: int, options: dict[str, Any]) -> Iterator[dict]:
     info = module.hparams.data_info
     mean, std = training_normalisation(info)
     channels, size, names = list(info["channels"]), int(info["image_size"]), module.class_names
     model = DeployableClassifier(module.net, mean, std).to(module.device).eval()
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        images = torch.stack([read_image(path, channels, size) for path in chunk]).to(module.device)
+    read = functools.partial(read_image, channels=channels, size=size)
+    for chunk, decoded in read_in_batches(files, read, batch_size, options["num_workers"]):
+        images = torch.stack(decoded).to(module.device)
         _, probabilities = model(images)
         for path, row in zip(chunk, probabilities.float().cpu()):
             best = int(row.argmax())
