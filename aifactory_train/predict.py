@@ -81,6 +81,16 @@ def read_in_batches(files: list[Path], read: Callable[[Path], Any], batch_size: 
         yield files[start:start + batch_size], [item for item, _ in items]
 
 
+def earlier_outputs(run_dir: Path) -> set[str]:
+    """The recipe results an earlier `aift predict` in this folder listed in its predict.json (inside the folder)."""
+    try:
+        listed = list(json.loads((run_dir / REPORT_FILE).read_text()).get("outputs", []))
+    except (OSError, ValueError, AttributeError, TypeError):  # no earlier run, or a report that is not one
+        return set()
+    inside = run_dir.resolve()
+    return {p for p in listed if isinstance(p, str) and Path(p).parent == inside}
+
+
 def datacard_root(path: Path) -> Path | None:
     """The nearest folder at or above ``path`` with a data card: the root whose owner's terms cover these files."""
     from aifactory_train.lineage import DATACARD_FILE
@@ -177,6 +187,11 @@ def run_prediction(cfg) -> dict[str, Any]:
         os.replace(entry, target)
         outputs.append(target.resolve())
     staging.rmdir()
+    for stale in map(Path, earlier_outputs(run_dir) - {str(p) for p in outputs}):  # a run with predict.draw's pictures
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
     path = run_dir / PREDICTIONS_FILE
     trained_run_id, trained_on = training_origin(ckpt_path)
     report = {

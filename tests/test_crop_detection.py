@@ -546,6 +546,10 @@ def test_predict_draws_each_image_with_its_boxes_and_nothing_else(crop_run, crop
         assert record["category_ids"] == [d["category_id"] for d in found]
         torch.testing.assert_close(torch.tensor(record["boxes"]).reshape(-1, 4),
                                    torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in found)]))
+    # the same folder again without pictures: the earlier run's go (they would not match the new predictions)
+    result = aift(*args[:-1], "predict.num_workers=0", "hydra.run.dir=all", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "all" / "pictures").exists() and (tmp_path / "all" / "predictions.coco.json").is_file()
     # a bad image after the good ones: the run fails, and keeps no pictures (nor predictions)
     (field / "cam1" / "zz_broken.jpg").write_bytes(b"not a jpeg")
     result = aift(*args, "hydra.run.dir=failed", cwd=tmp_path)
