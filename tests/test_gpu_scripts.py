@@ -90,8 +90,9 @@ AIFT = [(s, c[2:]) for s, c in COMMANDS if c[:2] == ["-m", "aifactory_train.cli"
 def test_every_aift_command_parses_and_its_config_validates(script, args, tmp_path):
     from aifactory_train.cli import _parser
 
-    if args[0] in ("train", "eval", "export"):
-        cfg = compose_run([a for a in args[1:] if not a.startswith("hydra.")], tmp_path)
+    if args[0] in ("train", "eval", "export", "predict"):
+        cfg = compose_run([a for a in args[1:] if not a.startswith("hydra.")], tmp_path,
+                          root="train" if args[0] == "train" else args[0])
         validate(cfg)  # every override exists and has a valid value (the data are written by the script itself)
         return
     parsed = _parser().parse_args(args)
@@ -103,7 +104,7 @@ def test_every_aift_command_parses_and_its_config_validates(script, args, tmp_pa
 
 
 def test_the_aift_commands_were_found():
-    assert {a[0] for _, a in AIFT} >= {"train", "data", "bench"}
+    assert {a[0] for _, a in AIFT} >= {"train", "data", "bench", "predict"}
 
 
 def test_every_module_they_run_exists_and_every_inline_program_compiles():

@@ -24,4 +24,15 @@ echo "aift train exit code: $?"
 cp run/summary.json "$OUT/smoke_summary.json" 2>/dev/null && python3 -m aifactory_train.show_summary run/summary.json
 cp -r run/energy "$OUT/smoke_energy" 2>/dev/null
 python3 "$REPO/benchmarks/energy_sample.py" --meter nvml --samples 500 --out "$OUT/energy_sample.json" | tail -8
+
+# 3. `aift predict` on the GPU with that run's checkpoint: precision auto (bf16-mixed autocast on the GPU), the test
+#    images decoded in the main process, then by 4 DataLoader workers forked after CUDA started. A functional check
+#    of the GPU path; predict.json keeps the device, the precision and the wall time (start-up included).
+for WORKERS in 0 4; do
+    timeout 120 python3 -m aifactory_train.cli predict recipe=plastic_sorting ckpt_path=run/checkpoints/last.ckpt \
+        input=data/test predict.batch_size=128 predict.num_workers=$WORKERS hydra.run.dir=predict_$WORKERS \
+        > "$OUT/predict_$WORKERS.log" 2>&1
+    echo "aift predict (num_workers=$WORKERS) exit code: $?"
+    cp predict_$WORKERS/predict.json "$OUT/predict_$WORKERS.json" 2>/dev/null
+done
 cd "$REPO"
