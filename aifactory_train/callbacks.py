@@ -169,3 +169,41 @@ class EnergyMeter(L.Callback):
     def finish(self) -> None:
         for ledger in self.ledgers:
             ledger.stop()
+
+
+def best_and_last_checkpoint(**kwargs):
+    """Lightning's ModelCheckpoint (best-k by the monitor), whose ``last.ckpt`` is the state at the end of every
+    epoch and at the end of fit, whatever the monitor does.
+
+    Lightning 2.6 writes ``last.ckpt`` only in a step where it also wrote a top-k checkpoint (and at the end of fit
+    only if it never wrote one). A run whose metric stopped improving kept a ``last.ckpt`` of its best epoch, so
+    ``ckpt_path=last`` resumed from there and ``aift export .../last.ckpt`` shipped stale weights. Measured: a
+    3-epoch run whose metric stopped improving after epoch 1 left ``last.ckpt`` at step 25 of 75."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    class BestAndLastCheckpoint(ModelCheckpoint):
+        def _save_last_if_stale(self, trainer) -> None:
+            if (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+                    or not trainer.global_step or self._last_global_step_saved == trainer.global_step):
+                return  # nothing trained, or this step's state was just saved (top-k and last together)
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            super().on_train_epoch_end(trainer, pl_module)
+            if self._should_save_on_train_epoch_end(trainer):
+                self._save_last_if_stale(trainer)
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            super().on_validation_end(trainer, pl_module)
+            # at the epoch's end only: a validation inside an epoch (val_check_interval < 1) may sit in the middle
+            # of an accumulated step, which no checkpoint can hold
+            if (not self._should_save_on_train_epoch_end(trainer)
+                    and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+                self._save_last_if_stale(trainer)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            super().on_train_end(trainer, pl_module)
+            self._save_last_if_stale(trainer)  # e.g. max_steps or a stop in the middle of an epoch
+
+    return BestAndLastCheckpoint(save_last=True, **kwargs)

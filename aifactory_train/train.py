@@ -153,9 +153,9 @@ def run_training(cfg) -> dict[str, Any]:
     tracker = Tracker(resolved["tracking"], run_dir, resume=ckpt_path is not None)
 
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from aifactory_train.callbacks import EnergyMeter, TrainingThroughput
+    from aifactory_train.callbacks import EnergyMeter, TrainingThroughput, best_and_last_checkpoint
     from aifactory_train.resume import (AtomicCheckpointIO, ElasticEpochProgress, JobRequeued, JobStopped,
                                         RNGStateCallback, SignalCheckpoint, periodic_checkpoint)
     from aifactory_train.provenance import provenance_callback, training_provenance
@@ -183,13 +183,12 @@ def run_training(cfg) -> dict[str, Any]:
     )
 
     recipe = resolved["recipe"]
-    checkpoint = ModelCheckpoint(
+    checkpoint = best_and_last_checkpoint(  # last.ckpt: the state at every epoch end and at the end of fit
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="best-epoch{epoch}-step{step}",
         auto_insert_metric_name=False,
         monitor=recipe["monitor"],
         mode=recipe["monitor_mode"],
-        save_last=True,
         # last.ckpt is always the newest state, also after a resume from a moved/copied run folder
         # (with the counter Lightning would write last-v1.ckpt next to a stale last.ckpt).
         enable_version_counter=False,
