@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "predict.json"
-STAGING_DIR = ".predict.tmp"  # results until every file was read
+STAGING_PREFIX = ".predict-"  # a private folder of results until every file was read
 AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
@@ -81,14 +81,48 @@ def read_in_batches(files: list[Path], read: Callable[[Path], Any], batch_size: 
         yield files[start:start + batch_size], [item for item, _ in items]
 
 
-def earlier_outputs(run_dir: Path) -> set[str]:
-    """The recipe results an earlier `aift predict` in this folder listed in its predict.json (inside the folder)."""
-    try:
-        listed = list(json.loads((run_dir / REPORT_FILE).read_text()).get("outputs", []))
-    except (OSError, ValueError, AttributeError, TypeError):  # no earlier run, or a report that is not one
+def earlier_outputs(run_dir: Path) -> set[str] | None:
+    """What an earlier `aift predict` in this folder wrote, as its predict.json lists it (entries inside the folder
+    only); an empty set where no earlier run left a report, and None where a ``predict.json`` is there but is not
+    one of ours (a user's file of that name: neither it nor anything beside it may be replaced)."""
+    report = run_dir / REPORT_FILE
+    if not report.exists():
         return set()
+    try:
+        content = json.loads(report.read_text())
+        listed = [content["predictions"], *content.get("outputs", [])]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, UnicodeDecodeError):
+        return None
     inside = run_dir.resolve()
     return {p for p in listed if isinstance(p, str) and Path(p).parent == inside}
+
+
+def check_output_folder(run_dir: Path, input_path: Path) -> None:
+    """Refuse an output folder that is, contains or lies inside the input: results written there would sit among the
+    user's files (and replace some of them), or be read back as input by the next run."""
+    from aifactory_train.errors import ConfigError
+
+    out, source = run_dir.resolve(), input_path.resolve()
+    source_folder = source if source.is_dir() else source.parent
+    if out == source_folder or out in source.parents or source_folder in out.parents:
+        raise ConfigError(
+            f"config key 'hydra.run.dir': the output folder '{out}' is, contains or lies inside the input "
+            f"'{source}'; valid: a folder apart from the input, e.g. hydra.run.dir=predictions/{source.stem}")
+
+
+def check_replaceable(run_dir: Path, names: list[str], ours: set[str] | None) -> None:
+    """Refuse, before anything is moved, to replace an entry of the output folder that no earlier `aift predict`
+    listed as its own: the folder may hold the user's files (a ``pictures/`` folder of photos, say)."""
+    from aifactory_train.errors import ConfigError
+
+    taken = [name for name in names if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    foreign = [name for name in taken if ours is None or str((run_dir / name).resolve()) not in ours]
+    if foreign:
+        why = (f"its '{REPORT_FILE}' is not an `aift predict` report" if ours is None
+               else f"no earlier `aift predict` listed {'it' if len(foreign) == 1 else 'them'} in '{REPORT_FILE}'")
+        raise ConfigError(
+            f"config key 'hydra.run.dir': '{run_dir.resolve()}' already holds {', '.join(map(repr, foreign))}, which "
+            f"this run would replace, and {why}; valid: an empty or new folder, or one an earlier `aift predict` wrote")
 
 
 def datacard_root(path: Path) -> Path | None:
@@ -147,7 +181,12 @@ def run_prediction(cfg) -> dict[str, Any]:
     if card_root is not None:  # the owner of the new files may limit their use, as a training data owner may
         check_usage_terms(card_root, resolved["recipe"]["name"])
     run_dir = Path(cfg.paths.output_dir)
+    check_output_folder(run_dir, Path(cfg.input))
+    ours = earlier_outputs(run_dir)
+    check_replaceable(run_dir, [PREDICTIONS_FILE], ours)  # before the model is loaded; the recipe's own below
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    import tempfile
 
     import torch
 
@@ -165,9 +204,8 @@ def run_prediction(cfg) -> dict[str, Any]:
                               enabled=precision in AUTOCAST_DTYPES)
     # Everything is written to a staging folder first and moved in only when every file was read: a reader never
     # sees half the predictions, and a file that failed (named in the error) leaves no result at all.
-    staging = run_dir / STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier run's
-    staging.mkdir()
+    # A new private folder each run (never one that is there already, which might not be ours).
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=run_dir))
     input_root = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
     recipe_options = {**options, "output_dir": str(staging), "input_root": str(input_root.absolute())}
     count = 0
@@ -179,15 +217,21 @@ def run_prediction(cfg) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    entries = sorted(staging.iterdir())
+    try:
+        check_replaceable(run_dir, [entry.name for entry in entries], ours)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     outputs = []
-    for entry in sorted(staging.iterdir()):  # these results replace an earlier run's in this folder
+    for entry in entries:  # these results replace an earlier run's in this folder (checked above: only ours)
         target = run_dir / entry.name
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(entry, target)
         outputs.append(target.resolve())
     staging.rmdir()
-    for stale in map(Path, earlier_outputs(run_dir) - {str(p) for p in outputs}):  # a run with predict.draw's pictures
+    for stale in map(Path, (ours or set()) - {str(p) for p in outputs}):  # a run with predict.draw's pictures
         if stale.is_dir():
             shutil.rmtree(stale)
         else:

@@ -730,3 +730,56 @@ def test_export_of_an_unknown_format(crop_run):
     result = aift("export", "recipe=crop_detection", f"ckpt_path={crop_run['summary']['last_checkpoint']}",
                   "format=tflite", "hydra.run.dir=export_bad", cwd=crop_run["work"])
     assert result.returncode == 2 and "'format'" in result.stderr and "'onnx'" in result.stderr and "tflite" in result.stderr
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_never_replaces_or_deletes_what_it_did_not_write(crop_run, crop_data, tmp_path):
+    """The user's folder as the issue found it: photos under field/ and their own pictures/ (4 JPEGs and a README)
+    beside it. An output folder that is, contains or lies inside the input is refused; a folder holding entries
+    that no earlier `aift predict` listed as its own is refused before anything is moved; the user's files stay
+    byte for byte. A folder an earlier run wrote is still reused (its own results replaced)."""
+    from conftest import aift
+
+    checkpoint = crop_run["summary"]["last_checkpoint"]
+    home = tmp_path / "home"
+    field = home / "field"
+    field.mkdir(parents=True)
+    images = sorted((crop_data / "images" / "test").glob("*.jpg"))[:4]
+    for path in images:
+        shutil.copy(path, field / path.name)
+    (home / "pictures").mkdir()
+    for path in images:
+        shutil.copy(path, home / "pictures" / path.name)
+    (home / "pictures" / "README").write_text("our own pictures\n")
+    before = _tree(home)
+    args = ["predict", "recipe=crop_detection", f"ckpt_path={checkpoint}", f"input={field}", "predict.draw=true",
+            "predict.num_workers=0"]
+    for out in (home, field, field / "out"):  # contains / is / lies inside the input
+        result = aift(*args, f"hydra.run.dir={out}", cwd=tmp_path)
+        assert result.returncode != 0
+        assert "hydra.run.dir" in result.stderr and "input" in result.stderr and "Traceback" not in result.stderr
+        assert {k: v for k, v in _tree(home).items() if ".hydra" not in k and not k.endswith(".log")} == before
+
+    # a folder apart from the input that holds the user's pictures/ (and a predictions.jsonl of theirs)
+    other = tmp_path / "other"
+    shutil.copytree(home / "pictures", other / "pictures")
+    (other / "predictions.jsonl").write_text('{"mine": 1}\n')
+    other_before = _tree(other)
+    result = aift(*args, f"hydra.run.dir={other}", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "predictions.jsonl" in result.stderr and "valid:" in result.stderr
+    assert {k: v for k, v in _tree(other).items() if ".hydra" not in k and not k.endswith(".log")} == other_before
+    (other / "predictions.jsonl").unlink()  # only the pictures folder left: refused after the model ran, still whole
+    result = aift(*args, f"hydra.run.dir={other}", cwd=tmp_path)
+    assert result.returncode != 0 and "'pictures'" in result.stderr, result.stderr[-2000:]
+    assert _tree(other / "pictures") == _tree(home / "pictures")
+    assert not [p for p in other.iterdir() if p.name.startswith(".predict-")]  # no staging folder left behind
+
+    # a folder that an earlier `aift predict` wrote: reused, its own results replaced
+    for _ in range(2):
+        result = aift(*args, "hydra.run.dir=mine", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "mine" / "pictures").rglob("*.png"))) == len(images)
