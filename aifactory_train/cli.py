@@ -209,6 +209,28 @@ def _data_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_digest(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from aifactory_train.config import build
+
+    if args.recompute:  # read every byte once and rewrite this user's cache (aifactory_train/lineage.py)
+        os.environ["AIFT_DIGEST_CACHE"] = "refresh"
+    cfg, _ = _validated_train_config(args.overrides)
+    datamodule = build(cfg.data, _convert_="all")
+    datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
+    lineage = datamodule.lineage()
+    print(f"data {lineage.root}: digest {lineage.digest}")
+    for name, split in lineage.splits.items():
+        print(f"  {name}: {split.num_rows} rows, digest {split.digest}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(lineage.as_dict(), indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
@@ -302,6 +324,18 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("overrides", nargs="*", help="train overrides naming the data and the store, e.g. "
                                                   "recipe=plastic_sorting data.root=DIR tracking.uri=sqlite:///mlflow.db")
     runs.add_argument("--out", default=None, help="also write the data's digests and the runs as JSON here")
+    digest = data_sub.add_parser(
+        "digest",
+        prog="aift data digest",
+        help="a dataset's digests, as a training run records them",
+        description="Reads the data as the recipe does and prints the SHA-256 digest of the dataset and of each split "
+                    "(over every file's bytes, path and label). File hashes come from this user's cache while a file's "
+                    "size, times, inode and device are unchanged; --recompute reads every byte and rewrites the cache.",
+    )
+    digest.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=plastic_sorting "
+                                                    "data.root=DIR")
+    digest.add_argument("--recompute", action="store_true", help="read every file again, not the digest cache")
+    digest.add_argument("--out", default=None, help="also write the digests as JSON here")
     checkpoint = sub.add_parser("checkpoint", prog="aift checkpoint", help="checkpoint tools",
                                 description="Checkpoint tools.")
     checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
@@ -373,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recipes":
             return _recipes_list() if args.recipes_command == "list" else _recipes_copy(args)
         if args.command == "data":
-            actions = {"deidentify": _data_deidentify, "runs": _data_runs, "synth": _data_synth}
+            actions = {"deidentify": _data_deidentify, "digest": _data_digest, "runs": _data_runs,
+                       "synth": _data_synth}
             return actions[args.data_command](args)
         if args.command == "checkpoint":
             from aifactory_train.checkpoints import consolidate

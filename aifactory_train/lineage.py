@@ -9,7 +9,14 @@ wait for rank 0 (and give up past the process group's timeout). So each file's S
 ``stat`` says of it (size, mtime, ctime, inode: git's and DVC's test for "unchanged"), and only new or changed
 files are read, by several threads. The cache lives under ``$AIFT_CACHE_DIR`` (default
 ``~/.cache/aifactory_train``), one JSON file per data root, and holds hashes of the file names, never the names
-themselves. ``AIFT_DIGEST_CACHE=0`` reads every byte every time.
+themselves. ``AIFT_DIGEST_CACHE=0`` reads every byte every time; ``AIFT_DIGEST_CACHE=refresh`` (what `aift data
+digest --recompute` sets) reads every byte once and rewrites the cache.
+
+A digest is only as good as the cache it came from: a cache another user can write would let them plant a digest
+for data they changed. So the cache is per user: its folder is created 0700, and a folder or file that is not the
+user's own, or that others may write, is not read (every file is hashed, with a warning). An entry is bound to the
+file's device and inode as well as its size, mtime and ctime; ctime cannot be set back by a user, so a changed file
+is always re-read.
 
 A data root may carry a ``datacard.yaml`` (owner, license, consent, source, contact); its fields are
 logged with the run and copied into summary.json. `aift data synth` writes one. Its ``usage`` section holds
@@ -68,7 +75,18 @@ def file_sha256(path: Path) -> str:
 
 def _stat_key(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _private_to_this_user(path: Path) -> str | None:
+    """Why ``path`` (the cache folder or file) may not be trusted, or None: it must be this user's own, and no one
+    else may write it."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        return f"it belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"others may write it (mode {oct(st.st_mode & 0o777)})"
+    return None
 
 
 class DigestCache:
@@ -78,17 +96,19 @@ class DigestCache:
     once and replaced atomically, which is safe on the shared (Lustre/NFS) filesystems where sqlite locking is
     not. Two jobs writing at once cost at most a re-read of some files, never a wrong digest."""
 
-    VERSION = 1
+    VERSION = 2  # 2: entries carry the device too
     # A file changed within this long of being hashed may be changed again within the same mtime tick; such a
     # file is hashed but not cached (git's "racily clean" entries)
     RACY_NS = 2_000_000_000
     # threads that read and hash the files not in the cache (parallel reads also hide network-filesystem latency)
     MAX_THREADS = 8
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, refresh: bool = False) -> None:
         self.path = path
         self.entries: dict[str, list] = {}
-        if path is not None and path.is_file():
+        if path is not None:
+            self.path = path = self._trusted(path)
+        if path is not None and path.is_file() and not refresh:
             try:
                 data = json.loads(path.read_text())
                 if data.get("version") == self.VERSION and isinstance(data.get("files"), dict):
@@ -98,14 +118,35 @@ class DigestCache:
             except (OSError, ValueError, AttributeError) as err:
                 log.warning("digest cache '%s' is unreadable (%s); hashing every file again", path, err)
 
+    @staticmethod
+    def _trusted(path: Path) -> Path | None:
+        """``path`` if its folder is (or could be made) this user's private one and the file, if there, is theirs;
+        else None: no cache, every file is hashed."""
+        folder = path.parent
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            why = _private_to_this_user(folder)
+            if why is None and path.exists():
+                why = _private_to_this_user(path)
+                folder = path
+        except OSError as err:
+            log.warning("digest cache '%s' could not be written (%s); every file is hashed", folder, err)
+            return None
+        if why is not None:
+            log.warning("digest cache '%s' is not used: %s; every file is hashed (set AIFT_CACHE_DIR to a folder of "
+                        "your own)", folder, why)
+            return None
+        return path
+
     @classmethod
     def for_root(cls, resolved_root: Path) -> "DigestCache":
-        if os.environ.get("AIFT_DIGEST_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        mode = os.environ.get("AIFT_DIGEST_CACHE", "1").strip().lower()
+        if mode in ("0", "false", "no", "off"):
             return cls(None)
         base = Path(os.environ.get("AIFT_CACHE_DIR") or
                     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifactory_train")
         name = hashlib.sha256(str(resolved_root).encode()).hexdigest()[:32]
-        return cls(base / "digests" / f"{name}.json")
+        return cls(base / "digests" / f"{name}.json", refresh=mode == "refresh")
 
     @staticmethod
     def _key(rel: str) -> str:
@@ -121,8 +162,8 @@ class DigestCache:
         for rel, full in files.items():
             stat = _stat_key(full)  # a missing file fails here, before any hashing, with its path
             entry = self.entries.get(self._key(rel))
-            if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stat:
-                digests[rel] = entry[4]
+            if isinstance(entry, list) and len(entry) == len(stat) + 1 and entry[:-1] == stat:
+                digests[rel] = entry[-1]
             else:
                 stale[rel] = (full, stat)
         if stale:
@@ -134,6 +175,7 @@ class DigestCache:
             for rel, (full, stat) in stale.items():
                 digests[rel] = hashed[rel]
                 if _stat_key(full) == stat and now_ns - stat[1] > self.RACY_NS and now_ns - stat[2] > self.RACY_NS:
+                    # (the stat key is taken before and after the read: a file changed while it was read is not cached)
                     self.entries[self._key(rel)] = [*stat, hashed[rel]]
             nbytes = sum(stat[0] for _, stat in stale.values())
             log.info("SHA-256: hashed %d file(s), %.1f MB in %.1f s; %d unchanged file(s) from the cache",
@@ -150,6 +192,7 @@ class DigestCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # a name of its own (jobs on several nodes may share a pid) in the same folder, then an atomic rename
             handle, partial = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            # (mkstemp creates the file 0600: the cache stays this user's)
             try:
                 with os.fdopen(handle, "w") as out:
                     json.dump({"version": self.VERSION, "files": self.entries}, out)

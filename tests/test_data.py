@@ -308,3 +308,85 @@ def test_datacard_is_read_into_lineage(plastic_data):
     dm.setup("fit")
     card = dm.lineage().datacard
     assert card["license"] == "CC0-1.0" and "synthetic" in card["consent"]
+
+
+def _plant(cache_file: Path, digest: str) -> None:
+    """Replace every cached SHA-256 with ``digest``, keeping the stat keys: what a poisoner would write."""
+    data = json.loads(cache_file.read_text())
+    data["files"] = {key: [*entry[:-1], digest] for key, entry in data["files"].items()}
+    cache_file.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("exposure", ["folder others may write", "file others may write", "file of another user"])
+def test_a_digest_cache_others_can_write_is_not_trusted(data_copy, digest_cache, exposure, caplog):
+    paths, labels = split_files(data_copy)
+    expected = digest_files(data_copy, paths, labels)
+    assert (digest_cache / "digests").stat().st_mode & 0o777 == 0o700  # created private
+    (cache_file,) = (digest_cache / "digests").glob("*.json")
+    assert cache_file.stat().st_mode & 0o077 == 0
+    _plant(cache_file, "0" * 64)
+    if exposure == "folder others may write":
+        os.chmod(digest_cache / "digests", 0o777)
+    elif exposure == "file others may write":
+        os.chmod(cache_file, 0o666)
+    elif os.getuid() != 0:
+        pytest.skip("giving a file to another user needs root (as CI runs)")
+    else:
+        os.chown(cache_file, 4242, -1)
+    with caplog.at_level(logging.WARNING, logger="aifactory_train.lineage"):
+        assert digest_files(data_copy, paths, labels) == expected  # the planted digests were not used
+    assert "is not used" in caplog.text
+
+
+def test_a_cache_entry_is_bound_to_the_files_device(data_copy, digest_cache):
+    paths, labels = split_files(data_copy)
+    expected = digest_files(data_copy, paths, labels)
+    (cache_file,) = (digest_cache / "digests").glob("*.json")
+    data = json.loads(cache_file.read_text())
+    # the same size, times and inode on another device (another filesystem mounted at the same place)
+    data["files"] = {key: [*entry[:4], entry[4] + 1, "0" * 64] for key, entry in data["files"].items()}
+    cache_file.write_text(json.dumps(data))
+    assert digest_files(data_copy, paths, labels) == expected
+
+
+def test_refresh_rereads_every_file_and_rewrites_the_cache(data_copy, digest_cache, monkeypatch):
+    paths, labels = split_files(data_copy)
+    expected = digest_files(data_copy, paths, labels)
+    (cache_file,) = (digest_cache / "digests").glob("*.json")
+    _plant(cache_file, "0" * 64)
+    monkeypatch.setenv("AIFT_DIGEST_CACHE", "refresh")
+    counter = CountingHash(monkeypatch)
+    assert digest_files(data_copy, paths, labels) == expected
+    assert len(counter.read) == len(paths)
+    monkeypatch.delenv("AIFT_DIGEST_CACHE")
+    counter.read.clear()
+    assert digest_files(data_copy, paths, labels) == expected and counter.read == []  # the rewritten cache
+
+
+def test_data_digest_recompute_repairs_a_cache_that_went_wrong(data_copy, tmp_path):
+    """`aift data digest` prints the digests a training run records, from the cache; --recompute reads every byte
+    and rewrites the cache, the remedy when a cache is suspected (here: entries changed by hand)."""
+    from aifactory_train.lineage import DigestCache
+    from conftest import aift
+
+    import time
+
+    time.sleep(DigestCache.RACY_NS / 1e9 + 0.1)  # the copied files become old enough to be cached
+    env = {"AIFT_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["data", "digest", "recipe=plastic_sorting", f"data.root={data_copy}"]
+    first = aift(*args, "--recompute", "--out", "first.json", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    truth = json.loads((tmp_path / "first.json").read_text())
+    assert truth["splits"]["train"]["num_rows"] > 0
+    cache_files = list((tmp_path / "cache" / "digests").glob("*.json"))
+    if not cache_files or not json.loads(cache_files[0].read_text())["files"]:
+        pytest.skip("the synthetic files are younger than DigestCache.RACY_NS, so none was cached")
+    _plant(cache_files[0], "0" * 64)
+    poisoned = aift(*args, "--out", "poisoned.json", cwd=tmp_path, env=env)
+    assert json.loads((tmp_path / "poisoned.json").read_text())["digest"] != truth["digest"]
+    repaired = aift(*args, "--recompute", "--out", "repaired.json", cwd=tmp_path, env=env)
+    assert repaired.returncode == 0 and poisoned.returncode == 0
+    assert json.loads((tmp_path / "repaired.json").read_text())["digest"] == truth["digest"]
+    again = aift(*args, "--out", "again.json", cwd=tmp_path, env=env)
+    assert json.loads((tmp_path / "again.json").read_text())["digest"] == truth["digest"]
+    assert DigestCache.VERSION == json.loads(cache_files[0].read_text())["version"]
