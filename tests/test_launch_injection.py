@@ -134,3 +134,11 @@ def test_a_hostile_value_that_is_accepted_reaches_the_job_as_itself(args, run_na
     assert run_dir.key_or_group == "hydra.run.dir" and run_dir.value() == str(run)
     assert (record / "srun.probe").read_text() == (probe if probe is not None else "unset")
 
+
+def test_an_override_hydra_cannot_parse_is_one_line_naming_it(tmp_path):
+    for override, reason in [("trainer.max_epochs=[1", "no viable alternative at input '[1'"),
+                             ("junk", "missing EQUAL")]:
+        result = aift("launch", "--dry-run", "recipe=plastic_sorting", override, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: override {override!r} cannot be parsed ({reason}"), lines

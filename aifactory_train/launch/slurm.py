@@ -205,9 +205,18 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     """The points of a Hydra sweep (``seed=1,2 optim.lr=range(1,3)``: 4 points), with Hydra's own override
     grammar; one point when nothing sweeps. (Hydra's BasicSweeper does the same product, but privately.)"""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
+    for line in overrides:  # one at a time, to name the one that does not parse
+        try:
+            parser.parse_override(line)
+        except HydraException as err:
+            reasons = [r for r in str(err).splitlines() if r.strip() and not r.startswith(("Error parsing", "See "))]
+            raise ConfigError(f"override {line!r} cannot be parsed ({reasons[0] if reasons else 'syntax error'}); "
+                              f"overrides are KEY=VALUE in Hydra's grammar, e.g. trainer.max_epochs=5") from None
     points: list[list[str]] = [[]]
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parser.parse_overrides(overrides):
         if override.is_sweep_override():
             key = override.get_key_element()
             values = [f"{key}={value}" for value in override.sweep_string_iterator()]
