@@ -255,10 +255,16 @@ def _launch(args: argparse.Namespace) -> int:
 
         return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"],
                           use_user_recipes())
+    from hydra.errors import HydraException
+
+    from aifactory_train.errors import ConfigError
     from aifactory_train.launch.slurm import launch
 
-    return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
-                  data_check=not args.no_data_check)
+    try:
+        return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
+                      data_check=not args.no_data_check)
+    except HydraException as err:  # one line, as `aift train` reports Hydra's errors, not a traceback
+        raise ConfigError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
 
 
 def _parser() -> argparse.ArgumentParser:

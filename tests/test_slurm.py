@@ -200,3 +200,30 @@ def test_data_the_owner_keeps_to_the_clusters_nodes_trains_in_a_job_and_is_refus
     assert here.returncode == 2
     assert "usage.hosts allows the data to be used on ['node*'] only, not on 'login1'" in here.stderr
     assert not (tmp_path / "here" / "checkpoints").exists()
+
+
+def test_a_run_dir_with_spaces_quotes_and_shell_syntax_is_one_folder_to_slurm_and_the_job(tmp_path):
+    """sbatch itself reads the #SBATCH lines: the log files land in the run folder (a literal % too), the directives
+    after --output are all still there, and the job's command gets the run folder as one argument. `aift` in the job
+    is a stub that records its arguments (no training: the quoting is what is tested)."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    (bin_dir / "aift").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$RECORD/aift.argv"\n')
+    (bin_dir / "aift").chmod(0o755)
+    run = tmp_path / "it's a \"run\" $(touch marker) `touch marker`; #1 %j"
+    result = aift("launch", "cluster=local_slurm", "trainer.accelerator=cpu", "recipe=plastic_sorting", "tracking=none",
+                  "--no-data-check", "--job-name", "quoting", "--run-dir", str(run), cwd=tmp_path,
+                  env={"SLURM_CONF": SLURM_CONF, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = job_id_of(result.stdout)
+    state = wait_for(job, timeout=300)
+    assert state["JobState"] == "COMPLETED", failure(state, run)
+    assert state["JobName"] == "quoting" and state["TimeLimit"] == "00:30:00" and state["Requeue"] == "1"
+    assert (run / "slurm" / f"quoting-{job}.out").is_file() and (run / "slurm" / f"quoting-{job}.err").is_file()
+    assert not list(tmp_path.rglob("marker"))
+    argv = (record / "aift.argv").read_bytes().decode().split("\0")[:-1]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = OverridesParser.create().parse_override(argv[-1])
+    assert argv[0] == "train" and run_dir.key_or_group == "hydra.run.dir" and run_dir.value() == str(run)

@@ -4,6 +4,7 @@ fits the profile's nodes before any GPU hour is spent, and submit it (or print i
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -14,6 +15,19 @@ from typing import Any
 from aifactory_train.errors import AiftError, ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
+
+# Every value below ends up in the job script: in an #SBATCH line (which sbatch reads up to the first space, `#` or
+# line end, and stops reading at the first line that is not a comment) or in a bash command. A newline there adds a
+# command to the job and silently drops the directives after it, so values are checked against what Slurm accepts
+# before anything is written or queued, and what the script body uses is shell-quoted as well.
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # job, partition, account, QOS names
+SLURM_NAME_VALID = "letters, digits and _ . + -"
+SLURM_TIME = re.compile(r"([0-9]+-)?[0-9]{1,2}:[0-9]{2}:[0-9]{2}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# C0/C1 control characters (newline, carriage return, tab, escape, ...) and the Unicode line separators
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# a Hydra override value that needs no quoting (anything else is passed as a quoted Hydra string)
+HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.:+@%-]+")
 
 
 def template_path() -> Path:
@@ -83,6 +97,73 @@ def _job_env(profile_env: dict[str, str]) -> dict[str, str]:
     return {**profile_env, RECIPES_PATH_ENV: os.pathsep.join(str(root) for root in roots)}
 
 
+def check_job_name(job_name: str) -> None:
+    if not SLURM_NAME.fullmatch(job_name):
+        raise ConfigError(f"--job-name {job_name!r} is not valid; a Slurm job name here is {SLURM_NAME_VALID}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    # A backslash turns off Slurm's %x/%j in the log file names (and is an escape to Hydra); ${ is an interpolation
+    # that Hydra would resolve into another folder than the one the logs go to.
+    if CONTROL.search(run_dir) or "\\" in run_dir or "${" in run_dir:
+        raise ConfigError(f"--run-dir {run_dir!r} is not valid; a run folder path may not contain control characters "
+                          f"(newline, tab, ...), a backslash or '${{'")
+
+
+def _strings(value: Any, key: str):
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _strings(item, f"{key}.{name}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{key}[{index}]")
+    elif isinstance(value, str):
+        yield key, value
+
+
+def check_script_values(cluster: dict[str, Any], account: str | None, shape: tuple[int, int, int],
+                        env: dict[str, Any], overrides: list[str]) -> None:
+    """Every value that reaches the job script, against what Slurm (and bash) accept; ConfigError names the first
+    that does not."""
+    from aifactory_train.config import check
+
+    added = [(f"${name}", value) for name, value in env.items() if name not in cluster["env"]]  # $AIFT_RECIPES_PATH
+    for key, value in [*_strings(cluster, "cluster"), *added]:
+        check(not CONTROL.search(value), key, value, "no control characters (newline, tab, ...)")
+    for override in overrides:
+        if CONTROL.search(override):
+            raise ConfigError(f"override {override!r} is not valid; an override may not contain control characters "
+                              f"(newline, tab, ...)")
+    check(isinstance(cluster["name"], str) and SLURM_NAME.fullmatch(cluster["name"]) is not None, "cluster.name",
+          cluster["name"], SLURM_NAME_VALID)
+    partition = cluster["partition"]
+    check(isinstance(partition, str) and all(SLURM_NAME.fullmatch(p) for p in partition.split(",")),
+          "cluster.partition", partition, f"a Slurm partition name ({SLURM_NAME_VALID}), or several separated by ,")
+    if account is not None:
+        check(isinstance(account, str) and SLURM_NAME.fullmatch(account) is not None,
+              f"cluster.accounts.{cluster['allocation']}", account, f"a Slurm account name ({SLURM_NAME_VALID})")
+    if cluster.get("qos") is not None:
+        check(isinstance(cluster["qos"], str) and SLURM_NAME.fullmatch(cluster["qos"]) is not None, "cluster.qos",
+              cluster["qos"], f"a Slurm QOS name ({SLURM_NAME_VALID})")
+    check(isinstance(cluster["time_limit"], str) and SLURM_TIME.fullmatch(cluster["time_limit"]) is not None,
+          "cluster.time_limit", cluster["time_limit"], "Slurm's [days-]hh:mm:ss")
+    for key, value, least in [("trainer.num_nodes", shape[0], 1), ("trainer.devices", shape[1], 1),
+                              ("cluster.node.gpus", shape[2], 0), ("cluster.cpus_per_task", cluster["cpus_per_task"], 1)]:
+        check(type(value) is int and value >= least, key, value, f"a whole number >= {least}")
+    seconds = cluster["requeue_signal_seconds"]
+    check(type(seconds) is int and 0 <= seconds <= 65535, "cluster.requeue_signal_seconds", seconds,
+          "a whole number of seconds from 0 to 65535 (Slurm's --signal)")
+    for name in env:
+        check(isinstance(name, str) and ENV_NAME.fullmatch(name) is not None, f"cluster.env.{name}", name,
+              "an environment variable name: letters, digits and _, not starting with a digit")
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value that Hydra reads back unchanged: plain if it can be, else quoted (the
+    callers refuse backslashes and ${, which Hydra would read as escapes and interpolations even in quotes)."""
+    return text if HYDRA_PLAIN.fullmatch(text) else "'" + text.replace("'", "\\'") + "'"
+
+
 def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Path) -> str:
     import jinja2
 
@@ -90,20 +171,27 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
     if cluster["scheduler"] != "slurm":
         raise ConfigError(f"cluster '{cluster['name']}' has scheduler '{cluster['scheduler']}'; `aift launch` needs a "
                           f"Slurm profile (cluster=aifactory_h100, cluster=slurm, or your own copy of slurm.yaml)")
+    check_job_name(job_name)
+    check_run_dir(str(run_dir))
     nodes, tasks, gpus = job_shape(cfg)
+    account = cluster["accounts"].get(cluster["allocation"])
+    env = _job_env(cluster["env"])
+    check_script_values(cluster, account, (nodes, tasks, gpus), env, overrides)
     # the exact training command: the user's overrides, the shape they resolved to, a fixed run folder and
     # ckpt_path=auto, so that a requeued job writes into and resumes from the same place
     pinned = [o for o in overrides if not o.split("=")[0] in ("trainer.devices", "trainer.num_nodes", "hydra.run.dir")]
     resume = [] if any(o.split("=")[0] == "ckpt_path" for o in overrides) else ["ckpt_path=auto"]
     command = ["aift", "train", *pinned, *resume, f"trainer.devices={tasks}", f"trainer.num_nodes={nodes}",
-               f"hydra.run.dir={run_dir}"]
+               f"hydra.run.dir={hydra_value(str(run_dir))}"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     environment.filters["shell_quote"] = lambda value: shlex.quote(str(value))
+    # sbatch reads #SBATCH values with shell-like quotes; in --output/--error a literal % is written %%
+    environment.filters["sbatch_path"] = lambda value: shlex.quote(str(value).replace("%", "%%"))
     template = environment.from_string(template_path().read_text())
     return template.render(
-        cluster=cluster, job_name=job_name, account=cluster["accounts"].get(cluster["allocation"]),
+        cluster=cluster, job_name=job_name, account=account,
         nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus, log_dir=run_dir / "slurm",
-        env=_job_env(cluster["env"]), command=" ".join(shlex.quote(part) for part in command),
+        env=env, command=" ".join(shlex.quote(part) for part in command),
     )
 
 
@@ -117,9 +205,18 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     """The points of a Hydra sweep (``seed=1,2 optim.lr=range(1,3)``: 4 points), with Hydra's own override
     grammar; one point when nothing sweeps. (Hydra's BasicSweeper does the same product, but privately.)"""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
+    for line in overrides:  # one at a time, to name the one that does not parse
+        try:
+            parser.parse_override(line)
+        except HydraException as err:
+            reasons = [r for r in str(err).splitlines() if r.strip() and not r.startswith(("Error parsing", "See "))]
+            raise ConfigError(f"override {line!r} cannot be parsed ({reasons[0] if reasons else 'syntax error'}); "
+                              f"overrides are KEY=VALUE in Hydra's grammar, e.g. trainer.max_epochs=5") from None
     points: list[list[str]] = [[]]
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parser.parse_overrides(overrides):
         if override.is_sweep_override():
             key = override.get_key_element()
             values = [f"{key}={value}" for value in override.sweep_string_iterator()]
@@ -149,6 +246,10 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
 
     from aifactory_train.config import check_data, validate
 
+    if job_name is not None:
+        check_job_name(job_name)
+    if run_dir is not None:
+        check_run_dir(run_dir)
     points = sweep_points(overrides)
     if len(points) > 1 and not multirun:
         sweeping = [o for o in overrides if o not in points[0]]
@@ -156,7 +257,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
                         f"or give one value")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "plastic_sorting")
-    job_name = job_name or f"aift-{recipe}"
+    job_name = job_name or "aift-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", recipe)  # a recipe sweep (a,b) too
     base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
     jobs, typed_configs = [], []
     for index, point in enumerate(points):
