@@ -80,15 +80,15 @@ def _preflight(cfg, command: str) -> None:
 
     from aifactory_train.config import check_data, check_devices, require_checkpoint, validate
 
+    typed = validate(cfg)
+    if command in ("train", "eval"):
+        check_data(typed, stage="fit" if command == "train" else "eval")
     if command in ("eval", "predict", "export"):
         from aifactory_train.checkpoints import resolve_checkpoint
 
         require_checkpoint(cfg, f"aift {command}")
         resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.output_dir))
-    typed = validate(cfg)
-    check_devices(typed, command)
-    if command in ("train", "eval"):
-        check_data(typed, stage="fit" if command == "train" else "eval")
+    check_devices(typed, command)  # last: on a GPU machine it imports torch
 
 
 def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list[str] | None = None,
