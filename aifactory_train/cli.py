@@ -35,6 +35,10 @@ usage:
   aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
+  aift --verbose COMMAND ...               on a failure, also print the traceback (always in the log it names)
+
+A failure prints one line (exit 2: a mistake in the command or config, it says which; 1: anything else, with the
+log file that holds the traceback; 130: Ctrl-C; 143: stopped by SIGTERM after saving a checkpoint).
 
 Examples:
   aift data synth plastic_sorting --out data/plastic_sorting
@@ -43,24 +47,75 @@ Examples:
 """
 
 
+VERBOSE_FLAG = "--verbose"
+# Lightning warns on every Trainer when Slurm's srun is installed but the run was not started by it; a local run
+# (aift train on a laptop or login node) is not meant to be, and `aift launch` starts its jobs with srun
+SRUN_WARNING = r"The `srun` command is available on your system but is not used"
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
 
 
-def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list[str] | None = None) -> int:
+def _given_run_dirs(args: list[str]) -> dict[str, bool]:
+    """The run folders the command line names (hydra.run.dir, hydra.sweep.dir) and whether each held anything
+    before this command: a failed run never removes a folder the user gave that already had content."""
+    from pathlib import Path
+
+    given = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            path = Path(value).expanduser()
+            given[str(path.resolve())] = path.exists()
+    return given
+
+
+def _preflight(cfg, command: str) -> None:
+    """The checks that need no heavy import, before the command's module pulls in Lightning and opens the tracking
+    store: the checkpoint is there, the config is valid, the data and this machine's devices fit it. A mistake
+    then fails in a second or two, leaving nothing behind."""
+    from pathlib import Path
+
+    from aifactory_train.config import check_data, check_devices, require_checkpoint, validate
+
+    typed = validate(cfg)
+    if command in ("train", "eval"):
+        check_data(typed, stage="fit" if command == "train" else "eval")
+    if command in ("eval", "predict", "export"):
+        from aifactory_train.checkpoints import resolve_checkpoint
+
+        require_checkpoint(cfg, f"aift {command}")
+        resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.output_dir))
+    check_devices(typed, command)  # last: on a GPU machine it imports torch
+
+
+def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list[str] | None = None,
+               verbose: bool = False) -> int:
+    import warnings
+    from pathlib import Path
+
     import hydra
 
-    from aifactory_train.errors import AiftError
     from aifactory_train.resources import config_dir
 
     original_argv = list(sys.argv)
+    given = _given_run_dirs(args)
+    warnings.filterwarnings("ignore", message=SRUN_WARNING)
 
     def task(cfg) -> None:
         # Hydra has parsed its arguments; restore the real command line, because Lightning's DDP launcher
         # starts the other ranks by re-running it (plus hydra.run.dir=<this run's folder>).
         sys.argv = original_argv
+        from hydra.core.hydra_config import HydraConfig
+
+        from aifactory_train.failures import fresh_run_dir, report_job_failure
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        fresh = fresh_run_dir(run_dir, given)
         try:
+            _preflight(cfg, command)
             if command == "train":
                 from aifactory_train.train import run_training
 
@@ -79,28 +134,51 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
                 from aifactory_train.export import run_export
 
                 run_export(cfg)
-        except AiftError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        except (Exception, KeyboardInterrupt) as err:
+            # handled here, not by Hydra, which would print "Error executing job" and the traceback
+            sys.exit(report_job_failure(err, run_dir, fresh, verbose))
 
     sys.argv = [f"aift {command}", *(searchpath or []), *args]
-    hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors (composition) reach main() as exceptions
+    try:
+        hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
+    except Exception as err:
+        from aifactory_train.config import composition_error
+
+        raise composition_error(err, config_name, [*(searchpath or []), *args]) from err
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
     return 0
+
+
+RECIPES_LIST_WIDTH = 100
 
 
 def _recipes_list() -> int:
     from aifactory_train.resources import recipe_info, recipe_names
 
-    rows = [("NAME", "TASK", "DEFAULT MODEL", "DATA FORMAT", "DESCRIPTION")]
+    rows = [("NAME", "TASK", "DEFAULT MODEL", "", "")]
     sources = {}
     for name in recipe_names():
         info = recipe_info(name)
         rows.append((info.name, info.task, info.default_model, info.data_format, info.description))
         if info.source != "shipped":
             sources[name] = info.source
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
+    # fits 100 columns: name, task and default model in a table; the description and the data format, long
+    # sentences, wrapped on indented lines below each recipe
+    import textwrap
+
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for n, row in enumerate(rows):
+        print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}")
+        if n:  # not for the header
+            for line in [*textwrap.wrap(row[4], RECIPES_LIST_WIDTH - 4),
+                         *textwrap.wrap("data: " + row[3], RECIPES_LIST_WIDTH - 4, subsequent_indent="      ")]:
+                print("    " + line)
     for name, source in sources.items():
         print(f"{name}: from {source} ($AIFT_RECIPES_PATH)")
     return 0
@@ -271,6 +349,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aift", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage=argparse.SUPPRESS)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="on a failure, also print the traceback here (it always goes to the log file named)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train a recipe (Hydra app; `aift train --help`)", add_help=False)
     sub.add_parser("eval", help="score a checkpoint (Hydra app; `aift eval --help`)", add_help=False)
@@ -280,8 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     recipes = sub.add_parser("recipes", prog="aift recipes", help="list or copy the recipes",
                              description="The recipes this install knows (shipped, and those of $AIFT_RECIPES_PATH).")
     recipes_sub = recipes.add_subparsers(dest="recipes_command", metavar="ACTION", required=True)
-    recipes_sub.add_parser("list", prog="aift recipes list", help="name, task, default model, data format, description",
-                           description="List the recipes: name, task, default model, data format, description.")
+    recipes_sub.add_parser("list", prog="aift recipes list", help="name, task, default model, description, data format",
+                           description="List the recipes: name, task, default model; below each its description "
+                                       "and data format (fits 100 columns).")
     copy = recipes_sub.add_parser(
         "copy", prog="aift recipes copy", help="copy a recipe under a new name, to adapt",
         description="Copy a recipe's code (DIR/NAME/) and configs (DIR/configs/: recipe, data, experiments) into DIR, "
@@ -391,19 +472,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure ends here as one line on stderr (plus, for an unexpected one, the log file that holds its
+    traceback) and an exit code: see aifactory_train.failures."""
+    from aifactory_train.failures import report_failure
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = VERBOSE_FLAG in argv  # global: before or after the subcommand (Hydra would take it for an override)
+    argv = [a for a in argv if a != VERBOSE_FLAG]
+    try:
+        return _main(argv, verbose)
+    except SystemExit:
+        raise
+    except (Exception, KeyboardInterrupt) as err:
+        return report_failure(err, verbose)
+
+
+def _main(argv: list[str], verbose: bool) -> int:
     # Data sovereignty: MLflow 3 reports usage telemetry to an outside service unless told not to.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    argv = list(sys.argv[1:] if argv is None else argv)
     from aifactory_train.errors import AiftError
     from aifactory_train.resources import use_user_recipes
 
-    try:
-        searchpath = use_user_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
-    except AiftError as err:
-        return _fail(str(err))
+    searchpath = use_user_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
     if argv and argv[0] in ("train", "eval", "predict", "export"):
-        return _hydra_app(argv[0], argv[0], argv[1:], searchpath)
+        return _hydra_app(argv[0], argv[0], argv[1:], searchpath, verbose)
     args = _parser().parse_args(argv)
+    args.verbose = verbose
     if args.version:
         from aifactory_train import __version__
 

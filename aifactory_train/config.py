@@ -9,6 +9,9 @@ shared sections are defined here; each recipe extends :class:`RunConfig` with it
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
@@ -35,6 +38,11 @@ def check(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"config key '{key}': {value!r} is not valid; expected {expected}")
 
 
+SEED_RANGE = (0, 2**32 - 1)  # what numpy (and Lightning's seed_everything) accept
+CPU_PRECISIONS = ("auto", "32-true", "32", "64-true", "bf16-mixed", "bf16-true")
+SHARDED_PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")  # FSDP, DeepSpeed
+
+
 def _is_batch_limit(value: Any) -> bool:
     # Lightning: an int counts batches, a float in [0, 1] is a fraction of the epoch.
     if isinstance(value, bool):
@@ -42,6 +50,16 @@ def _is_batch_limit(value: Any) -> bool:
     if isinstance(value, int):
         return value >= 0
     return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float: inf and nan pass every comparison check they should fail (nan > 0 is False, but
+    inf > 0 is True), and reach torch as a learning rate or a clipping norm."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -77,12 +95,37 @@ class TrainerConfig:
             isinstance(self.devices, list) and all(isinstance(d, int) for d in self.devices)
         )
         check(devices_ok, "trainer.devices", self.devices, "'auto', a count >= 1 or a list of device indices")
+        if isinstance(self.devices, list):  # Lightning: "devices=[]" means no device, duplicates one twice
+            check(len(self.devices) >= 1 and all(d >= 0 for d in self.devices)
+                  and len(set(self.devices)) == len(self.devices), "trainer.devices", self.devices,
+                  "a non-empty list of distinct device indices >= 0, e.g. [0, 1]")
         check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
-        check(self.max_epochs >= -1, "trainer.max_epochs", self.max_epochs, "an integer >= -1 (-1: no limit)")
-        check(self.max_steps >= -1, "trainer.max_steps", self.max_steps, "an integer >= -1 (-1: no limit)")
+        # 0 epochs or steps: Lightning "trains" nothing, writes an untrained checkpoint and reports success
+        check(self.max_epochs == -1 or self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs,
+              "an integer >= 1, or -1 for no limit (then trainer.max_steps ends the run)")
+        check(self.max_steps == -1 or self.max_steps >= 1, "trainer.max_steps", self.max_steps,
+              "an integer >= 1, or -1 for no limit")
         for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches"):
             value = getattr(self, name)
             check(_is_batch_limit(value), f"trainer.{name}", value, "a batch count (int >= 0) or a fraction in [0, 1]")
+        # 0 for val/test switches that stage off; for training it leaves nothing to train on
+        check(self.limit_train_batches not in (0, 0.0), "trainer.limit_train_batches", self.limit_train_batches,
+              "a batch count >= 1 or a fraction in (0, 1]; 0 trains on nothing")
+        interval = self.val_check_interval
+        check((_is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0.0 < interval <= 1.0),
+              "trainer.val_check_interval", interval,
+              "a fraction of the training epoch in (0, 1] (a float: 0.25, 1.0) or a number of training batches >= 1 "
+              "(an int: 50)")
+        check(self.check_val_every_n_epoch is None or self.check_val_every_n_epoch >= 1,
+              "trainer.check_val_every_n_epoch", self.check_val_every_n_epoch,
+              "null (validate by trainer.val_check_interval only) or an integer >= 1")
+        check(self.gradient_clip_val is None or (_is_number(self.gradient_clip_val) and self.gradient_clip_val >= 0),
+              "trainer.gradient_clip_val", self.gradient_clip_val, "null (no clipping) or a gradient norm >= 0")
+        check(self.deterministic in (True, False, "warn"), "trainer.deterministic", self.deterministic,
+              "true, false or warn (Lightning's choices)")
+        # cudnn.benchmark picks the fastest kernels, which need not be deterministic: torch ignores one of the two
+        check(not (self.deterministic is True and self.benchmark is True), "trainer.benchmark", self.benchmark,
+              "null or false with trainer.deterministic=true (cudnn's benchmark mode is not deterministic)")
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
         check(
             self.accumulate_grad_batches >= 1,
@@ -208,7 +251,7 @@ class TrackingConfig:
         check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
         if self.backend == "mlflow":
             check(bool(self.uri), "tracking.uri", self.uri, "a tracking URI such as sqlite:///mlflow.db or http://host:5000")
-        check(self.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s", self.system_metrics_interval_s,
+        check(_is_number(self.system_metrics_interval_s) and self.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s", self.system_metrics_interval_s,
               "a number of seconds > 0")
 
 
@@ -222,7 +265,7 @@ class EnergyConfig:
 
     def check(self) -> None:
         check_choice("energy.meter", self.meter, ENERGY_METERS)
-        check(self.sample_every_s > 0, "energy.sample_every_s", self.sample_every_s, "a number of seconds > 0")
+        check(_is_number(self.sample_every_s) and self.sample_every_s > 0, "energy.sample_every_s", self.sample_every_s, "a number of seconds > 0")
 
 
 @dataclass
@@ -262,7 +305,11 @@ class OptimConfig:
 
     def check(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "sgd"))
-        check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        check(_is_number(self.lr) and self.lr > 0, "optim.lr", self.lr, "a finite number > 0, e.g. 1e-3")
+        check(_is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+              "a finite number >= 0 (0: none)")
+        check(_is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", self.momentum,
+              "a number in [0, 1) (sgd only)")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
         check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
 
@@ -277,7 +324,8 @@ class CheckpointConfig:
     def check(self) -> None:
         check(self.every_n_train_steps is None or self.every_n_train_steps >= 1, "checkpoint.every_n_train_steps",
               self.every_n_train_steps, "null or an integer >= 1")
-        check(self.every_n_minutes is None or self.every_n_minutes > 0, "checkpoint.every_n_minutes",
+        check(self.every_n_minutes is None or (_is_number(self.every_n_minutes) and self.every_n_minutes > 0),
+              "checkpoint.every_n_minutes",
               self.every_n_minutes, "null or a number of minutes > 0")
         check(self.every_n_train_steps is None or self.every_n_minutes is None, "checkpoint.every_n_minutes",
               self.every_n_minutes, "null when checkpoint.every_n_train_steps is set (one trigger)")
@@ -293,7 +341,8 @@ class EarlyStoppingConfig:
     def check(self) -> None:
         check(self.patience is None or self.patience >= 1, "early_stopping.patience", self.patience,
               "null (off) or a number of validations >= 1")
-        check(self.min_delta >= 0, "early_stopping.min_delta", self.min_delta, "a number >= 0")
+        check(_is_number(self.min_delta) and self.min_delta >= 0, "early_stopping.min_delta", self.min_delta,
+              "a finite number >= 0")
 
 
 @dataclass
@@ -373,7 +422,7 @@ def validate(cfg) -> Any:
     try:
         plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except InterpolationResolutionError as err:
-        raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': cannot be resolved: {err.msg}") from None
+        raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': cannot be resolved: {_first_line(err)}") from None
     missing = [key for key, value in plain.items() if value == "???"]
     if missing:  # `???` in a root config: what the command cannot run without (aift predict: input)
         raise ConfigError(f"config key '{missing[0]}' is required and was not given; add {missing[0]}=... to the "
@@ -390,12 +439,107 @@ def validate(cfg) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         typed = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
-        raise ConfigError(f"config key '{err.full_key}' is not known to {schema.__name__}: {_first_line(err)}") from None
+        known = flat_keys(OmegaConf.to_container(OmegaConf.structured(schema)))
+        raise ConfigError(unknown_key_message(str(err.full_key), known, f" (not in {schema.__name__})")) from None
     except ValidationError as err:
-        raise ConfigError(f"config key '{err.full_key}': {_first_line(err)}") from None
+        raise ConfigError(f"config key '{err.full_key}': {_first_line(err)}{_expected_type(err)}") from None
     _check_tree(typed)
+    _check_across_sections(typed)
     check_global_batch(typed)
     return typed
+
+
+def _check_across_sections(typed) -> None:
+    """Rules that tie keys of several sections together; each is a combination Lightning, torch or numpy refuses
+    only once the job runs (or, worse, accepts and does something else)."""
+    trainer, strategy = typed.trainer, typed.strategy
+    low, high = SEED_RANGE
+    check(low <= typed.seed <= high, "seed", typed.seed, f"an integer in [{low}, {high}] (numpy's seed range)")
+    if strategy.name == "single":
+        ranks = len(trainer.devices) if isinstance(trainer.devices, list) else trainer.devices
+        check(ranks == "auto" or ranks == 1, "trainer.devices", trainer.devices,
+              "1 (or auto): strategy=single runs one process on one device; for more devices use strategy=ddp "
+              "(or fsdp, deepspeed_zero2, ...)")
+        check(trainer.num_nodes == 1, "trainer.num_nodes", trainer.num_nodes,
+              "1: strategy=single runs one process on one device; for several nodes use strategy=ddp (or fsdp, "
+              "deepspeed_zero2, ...)")
+    if strategy.name in GPU_STRATEGIES:
+        check_choice("trainer.precision", trainer.precision, SHARDED_PRECISIONS)  # no 64-bit sharded training
+    check(not (trainer.max_epochs == -1 and trainer.max_steps == -1 and typed.early_stopping.patience is None),
+          "trainer.max_epochs", trainer.max_epochs,
+          "an integer >= 1 when trainer.max_steps is -1 too: with neither limit (nor early_stopping.patience) the "
+          "run never ends")
+    if typed.early_stopping.patience is not None:
+        check(trainer.limit_val_batches not in (0, 0.0), "early_stopping.patience", typed.early_stopping.patience,
+              "null with trainer.limit_val_batches=0: early stopping watches a validation metric, and there is no "
+              "validation")
+    if _is_int(trainer.val_check_interval) and _is_int(trainer.limit_train_batches):
+        check(trainer.val_check_interval <= trainer.limit_train_batches, "trainer.val_check_interval",
+              trainer.val_check_interval,
+              f"at most trainer.limit_train_batches ({trainer.limit_train_batches}) training batches, or a float "
+              f"fraction of the epoch in (0, 1]")
+
+
+def _gpu_driver_present() -> bool:
+    """Whether this machine could have a GPU at all, without importing torch (seconds): NVIDIA's device files, WSL's
+    GPU bridge or macOS (MPS). Where there is none, torch would see none either."""
+    import glob
+    import sys
+
+    return sys.platform == "darwin" or bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
+
+
+def check_devices(typed, command: str = "train") -> None:
+    """The trainer's accelerator, devices and precision against this machine, before anything is read or tracked
+    (Lightning checks them only when the Trainer is built, after the data was read and the tracking run opened).
+
+    Not part of :func:`validate`: `aift launch` validates on a login node for GPU nodes it does not have. torch is
+    imported only where the answer needs it (a GPU accelerator or precision), so a CPU config stays fast."""
+    from aifactory_train.errors import ConfigError
+
+    trainer = typed.trainer
+    accelerator, precision = trainer.accelerator, trainer.precision
+    needs_gpu_answer = accelerator in ("gpu", "cuda", "mps") or (accelerator == "auto" and precision not in
+                                                                  CPU_PRECISIONS)
+    on_gpu = False
+    if needs_gpu_answer and not _gpu_driver_present():
+        if accelerator in ("gpu", "cuda", "mps"):
+            raise ConfigError(f"config key 'trainer.accelerator': '{accelerator}' is not valid here: this machine has "
+                              f"no GPU driver (no /dev/nvidia*); valid here: auto, cpu (or run on a GPU node: aift "
+                              f"launch)")
+    elif needs_gpu_answer:
+        import torch
+
+        if accelerator == "mps":
+            if not torch.backends.mps.is_available():
+                raise ConfigError("config key 'trainer.accelerator': 'mps' is not valid here: this machine has no "
+                                  "Apple GPU (MPS); valid here: auto, cpu")
+            check(precision != "64-true", "trainer.precision", precision, "not 64-true on MPS (no float64)")
+            return
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if accelerator in ("gpu", "cuda") and count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            raise ConfigError(f"config key 'trainer.accelerator': '{accelerator}' is not valid here: torch sees no "
+                              f"CUDA GPU on this machine{why}; valid here: auto, cpu (or run on a GPU node: aift "
+                              f"launch)")
+        on_gpu = count > 0
+        if on_gpu and command == "train":
+            if _is_int(trainer.devices):
+                check(trainer.devices <= count, "trainer.devices", trainer.devices,
+                      f"at most {count}, the GPUs this machine has (or auto)")
+            elif isinstance(trainer.devices, list):
+                check(max(trainer.devices) < count, "trainer.devices", trainer.devices,
+                      f"indices of this machine's GPUs, 0 to {count - 1}")
+        if on_gpu and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"config key 'trainer.precision': '{precision}' is not valid here: this GPU "
+                              f"({torch.cuda.get_device_name(0)}) has no bfloat16; valid: 16-mixed, 32-true, auto")
+    if not on_gpu:
+        # fp16 has no CPU kernels worth the name: Lightning turns 16-mixed into bf16-mixed behind the user's back,
+        # and 16-true runs emulated half-precision math without loss scaling
+        if precision not in CPU_PRECISIONS:
+            raise ConfigError(f"config key 'trainer.precision': '{precision}' needs a CUDA GPU, and this run is on "
+                              f"the CPU (trainer.accelerator={accelerator}); valid on CPU: {', '.join(CPU_PRECISIONS)}")
 
 
 def gradient_accumulation(global_batch_size: int, batch_size: int, ranks: int) -> int:
@@ -418,10 +562,19 @@ def gradient_accumulation(global_batch_size: int, batch_size: int, ranks: int) -
 
 def require_checkpoint(cfg, command: str) -> None:
     """``ckpt_path`` for the commands that start from one (`???` in their root config does not override train.yaml's
-    ``null``: OmegaConf keeps a value over a later ``???``)."""
+    ``null``: OmegaConf keeps a value over a later ``???``), and a file (or DeepSpeed folder) that is there."""
     if cfg.ckpt_path in (None, "", "auto"):
         raise ConfigError(f"config key 'ckpt_path': {command} needs a checkpoint; give ckpt_path=FILE (a run's "
                           f"checkpoints/last.ckpt or best-*.ckpt)")
+    from pathlib import Path
+
+    from aifactory_train.errors import CheckpointError
+
+    path = Path(str(cfg.ckpt_path))
+    if cfg.ckpt_path != "last" and not path.exists():
+        resolved = "" if path.is_absolute() else f" (resolved against the working folder {Path.cwd()})"
+        raise CheckpointError(f"config key 'ckpt_path': checkpoint '{path}' does not exist{resolved}; give a "
+                              f"checkpoint file, e.g. outputs/<recipe>/<run>/checkpoints/last.ckpt")
 
 
 def check_global_batch(typed) -> None:
@@ -457,6 +610,24 @@ def check_data(typed, stage: str = "fit", account: str | None = None, queued: bo
     check_usage_terms(data.root, typed.recipe.name, account, queued=queued)
 
 
+def missing_data_root(root: Any, recipe: str, deidentify: bool = False) -> Exception:
+    """The error for a ``data.root`` that is not there. A relative one is resolved against the working folder, so
+    the message names that folder and the synth hint writes to the same absolute path (run from anywhere, it
+    makes the data this command looks for)."""
+    from pathlib import Path
+
+    from aifactory_train.errors import DataError
+
+    root = Path(root)
+    where = root if root.is_absolute() else Path.cwd() / root
+    how = f"aift data synth {recipe} --out {where}"
+    if deidentify:
+        how += f", then aift data deidentify recipe={recipe} data.root={where} --out DIR"
+    resolved = "" if root.is_absolute() else f" (a relative path, resolved against the working folder {Path.cwd()})"
+    return DataError(f"data.root '{root}' does not exist{resolved}; give the folder of your data as data.root=DIR, "
+                     f"or make demo data there with: {how}")
+
+
 def _check_model_task(plain: dict) -> None:
     """A model config of another task (a detector for a classifier recipe) is named as such, before its keys
     fail the recipe's schema one by one."""
@@ -468,6 +639,48 @@ def _check_model_task(plain: dict) -> None:
         valid = ", ".join("model=" + m for m in model_configs_for_task(recipe.get("task")))
         raise ConfigError(f"config key 'model': this is a {model_task} model, but recipe {recipe.get('name')} needs "
                           f"a {recipe.get('task')} model; valid: {valid}")
+
+
+def flat_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key path of a nested dict (``trainer.max_epochs``), sections included."""
+    keys = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            keys.append(path)
+            keys += flat_keys(value, path + ".")
+    return keys
+
+
+def unknown_key_message(key: str, known: list[str], where: str = "") -> str:
+    """"unknown key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?" -- the closest key by spelling, else
+    the keys of its section (a misspelt key is far more common than a missing feature)."""
+    section = key.rpartition(".")[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if not close:  # a close name in the same section (trainer.epochs -> trainer.max_epochs)
+        siblings = [k for k in known if k.rpartition(".")[0] == section]
+        leaf = key.rpartition(".")[2]
+        names = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=1, cutoff=0.6)
+        close = [f"{section}.{names[0]}" if section else names[0]] if names else []
+    if close:
+        return f"unknown key '{key}'{where}; did you mean '{close[0]}'?"
+    siblings = sorted(k for k in known if k.rpartition(".")[0] == section)
+    if section and not siblings:
+        return f"unknown key '{key}'{where}: there is no section '{section}'"
+    shown = ", ".join(siblings[:25]) + (", ..." if len(siblings) > 25 else "")
+    return f"unknown key '{key}'{where}; valid keys{f' in {section!r}' if section else ''}: {shown}"
+
+
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _expected_type(err: Exception) -> str:
+    """OmegaConf says "Value 'ten' of type 'str' could not be converted to Integer": add what would be valid."""
+    message = _first_line(err)
+    for word, expected in _TYPE_WORDS.items():
+        if message.endswith(f"converted to {word}") or f"not a valid {word}" in message:
+            return f"; valid: {expected}"
+    return ""
 
 
 def _first_line(err: Exception) -> str:
@@ -483,3 +696,47 @@ def _check_tree(node: Any) -> None:
     for item in fields(node):
         _check_tree(getattr(node, item.name))
 
+
+
+def composition_error(err: Exception, config_name: str, overrides: list[str]) -> Exception:
+    """Hydra's refusal of the command line, as one line that says what would be valid: a misspelt key gets the
+    closest real one (Hydra's own hint, to add it with `+`, would fail again at validation), an unknown group
+    option the list of options. Anything that is not a composition error comes back as it is."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if not isinstance(err, (ConfigCompositionException, MissingConfigException, OverrideParseException)):
+        return err
+    message = str(err).strip()
+    found = re.match(r"Could not override '([^']+)'", message)
+    if found:
+        key = found.group(1)
+        rest = [o for o in overrides if o.partition("=")[0].lstrip("~+") != key]
+        return ConfigError(unknown_key_message(key, _composed_keys(config_name, rest)))
+    found = re.search(r"Could not find '([^']+)/([^']+)'\s+Available options in '[^']+':\n((?:\t.*\n?)*)", message)
+    if found:
+        group, option, listed = found.groups()
+        valid = ", ".join(f"{group}={name}" for name in listed.split())
+        return ConfigError(f"config group '{group}': '{option}' is not an option; valid: {valid}")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return ConfigError("; ".join(lines))
+
+
+def _composed_keys(config_name: str, overrides: list[str]) -> list[str]:
+    """Every key of the config ``overrides`` compose to (hydra.* included), for a spelling hint; [] if they do not
+    compose either."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from aifactory_train.resources import config_dir
+
+    overrides = [o for o in overrides if "=" in o and not o.startswith("-")]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        return flat_keys(OmegaConf.to_container(cfg, resolve=False))
+    except Exception:  # noqa: BLE001 - only a hint: another bad override, and there is none
+        return []
+    finally:
+        GlobalHydra.instance().clear()

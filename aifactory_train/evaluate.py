@@ -21,13 +21,16 @@ def run_evaluation(cfg) -> dict[str, Any]:
     check_choice("split", cfg.split, ("test", "val"))
     check_data(typed, stage="eval")  # before the tracking store is opened and Lightning imported
     run_dir = Path(cfg.paths.output_dir)
+    from aifactory_train.checkpoints import resolve_checkpoint
+
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)  # a missing file: before anything is tracked
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     import lightning as L
     from hydra.utils import get_class
 
-    from aifactory_train.checkpoints import check_data_matches, load_trained_module, resolve_checkpoint
+    from aifactory_train.checkpoints import check_data_matches, load_trained_module
     from aifactory_train.errors import DataError
     from aifactory_train.strategies import resolve_precision
 
@@ -37,7 +40,6 @@ def run_evaluation(cfg) -> dict[str, Any]:
     from aifactory_train.tracking import Tracker
 
     tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     datamodule = build(cfg.data, _convert_="all")
     if hasattr(datamodule, "adopt_checkpoint"):
         datamodule.adopt_checkpoint(ckpt_path)

@@ -15,10 +15,42 @@ CLASSIFIER_FAMILIES = ("resnet", "wide_resnet", "efficientnet", "convnext", "mob
 
 
 def classifier_names() -> list[str]:
+    """torchvision's classifiers of the supported families. Config validation asks for them before a run starts;
+    importing torchvision for the list costs seconds, so the list is kept per torchvision version in the cache
+    folder ($AIFT_CACHE_DIR, default ~/.cache/aifactory_train) and a wrong config fails at once."""
+    import json
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        cache = cache_dir() / f"torchvision-{version('torchvision')}-classifiers.json"
+    except PackageNotFoundError:
+        cache = None
+    if cache is not None and cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass  # half a file or unreadable: computed (and written) again below
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(n for n in names if n.startswith(CLASSIFIER_FAMILIES))
+    names = sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+                   if n.startswith(CLASSIFIER_FAMILIES))
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(names))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home: the list is computed again next time
+    return names
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("AIFT_CACHE_DIR") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifactory_train")
 
 
 def build_torchvision_classifier(name: str, num_classes: int, in_channels: int = 3, weights_path: str | None = None):

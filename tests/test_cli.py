@@ -34,11 +34,24 @@ def test_train_help_is_hydra_help_with_groups(tmp_path):
         assert group in result.stdout
 
 
+def recipe_block(stdout: str, name: str) -> tuple[str, str]:
+    """A recipe's table line and the indented lines below it (description, data format)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(name))
+    below = []
+    for line in lines[start + 1:]:
+        if not line.startswith(" "):
+            break
+        below.append(line.strip())
+    return lines[start], " ".join(below)
+
+
 def test_recipes_list_shows_plastic_sorting(tmp_path):
     result = aift("recipes", "list", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stdout.splitlines() if l.startswith("plastic_sorting"))
-    assert "image_classification" in line and "resnet18" in line and "imagefolder" in line
+    line, below = recipe_block(result.stdout, "plastic_sorting")
+    assert "image_classification" in line and "resnet18" in line and "data: imagefolder" in below
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100  # was ~230 columns wide
 
 
 def test_data_synth_writes_png_splits_and_datacard(tmp_path):
@@ -80,8 +93,8 @@ def test_data_synth_unknown_recipe_and_variant(tmp_path):
 
 def test_recipes_list_shows_crop_detection(tmp_path):
     result = aift("recipes", "list", cwd=tmp_path)
-    line = next(l for l in result.stdout.splitlines() if l.startswith("crop_detection"))
-    assert "object_detection" in line and "fasterrcnn_mobilenet_v3_large_320_fpn" in line and "COCO" in line
+    line, below = recipe_block(result.stdout, "crop_detection")
+    assert "object_detection" in line and "fasterrcnn_mobilenet_v3_large_320_fpn" in line and "COCO" in below
 
 
 def test_data_synth_overwrite_replaces_only_the_dataset(tmp_path):

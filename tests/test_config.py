@@ -176,12 +176,12 @@ def test_bad_value_names_key_value_and_what_is_valid(override, key, expected, tm
 
 @pytest.mark.parametrize("overrides, message", [
     # 4 devices x 32 per device = 128 per round: 200 is no whole number of rounds
-    (["trainer.global_batch_size=200", "trainer.devices=4"],
+    (["trainer.global_batch_size=200", "strategy=ddp", "trainer.devices=4"],
      "config key 'trainer.global_batch_size': 200 is not a multiple of data.batch_size x ranks = 32 x 4 = 128, so no "
      "whole number of batches per rank adds up to it; valid: trainer.global_batch_size=128, "
      "trainer.global_batch_size=256, data.batch_size=10, data.batch_size=25, data.batch_size=50"),
     # fewer samples than one batch on each rank
-    (["trainer.global_batch_size=16", "trainer.devices=2", "trainer.num_nodes=2"],
+    (["trainer.global_batch_size=16", "strategy=ddp", "trainer.devices=2", "trainer.num_nodes=2"],
      "16 is not a multiple of data.batch_size x ranks = 32 x 4 = 128, so no whole number of batches per rank adds up "
      "to it; valid: trainer.global_batch_size=128, data.batch_size=1, data.batch_size=2, data.batch_size=4"),
     (["trainer.global_batch_size=0"], "'trainer.global_batch_size': 0 is not valid; expected null or a number of "

@@ -441,7 +441,7 @@ def test_sqlite_store_in_a_missing_folder_is_refused(plastic_data, tmp_path):
 def test_unknown_override_key_fails_without_training(tmp_path):
     result = aift("train", *SMOKE, "trainer.max_epoch=3", cwd=tmp_path)
     assert result.returncode != 0
-    assert "Could not override 'trainer.max_epoch'" in result.stderr
+    assert "unknown key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?" in result.stderr
     assert not (tmp_path / "outputs").exists()
 
 

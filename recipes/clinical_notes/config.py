@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
 from aifactory_train.errors import DataError
 
 DEIDENTIFY_MODES = ("none", "inline")
@@ -33,6 +33,8 @@ def check_data_files(root: str | Path, splits: Dict[str, str], deidentify: str) 
     """Every configured split file is there and the notes may be trained on (before a job starts or is queued;
     data.py checks again when it reads, record by record)."""
     root = Path(root)
+    if not root.is_dir():
+        raise missing_data_root(root, "clinical_notes", deidentify=True)
     for split, name in splits.items():
         if not (root / name).is_file():
             raise DataError(MISSING_SPLIT.format(split=split, path=root / name))

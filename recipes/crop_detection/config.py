@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
 from aifactory_train.errors import DataError
 
 FORMATS = ("coco", "hf")
@@ -15,7 +15,6 @@ DETECTORS = (  # keep in step with model.DETECTORS (no torch import here)
     "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
 )
 
-SYNTH_HINT = "make demo data with: aift data synth crop_detection --out {root}"
 REQUIRED_SPLITS = ("train", "val")
 
 
@@ -24,7 +23,7 @@ def check_data_files(root: str | Path, format: str, splits: Dict[str, Dict[str, 
     queued, and again by the DataModule); what they hold is checked when data.py reads them."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data.root '{root}' does not exist; {SYNTH_HINT.format(root=root)}")
+        raise missing_data_root(root, "crop_detection")
     for split in REQUIRED_SPLITS:
         if format == "hf":
             metadata = root / split / "metadata.jsonl"

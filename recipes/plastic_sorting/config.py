@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from aifactory_train.config import OptimConfig, RunConfig, check, check_choice
+from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
 from aifactory_train.errors import DataError
 
 FORMATS = ("imagefolder", "manifest")
 ON_CORRUPT = ("fail", "skip")
 REQUIRED_SPLITS = ("train", "val")
 OPTIONAL_SPLITS = ("test",)
-SYNTH_HINT = "make demo data with: aift data synth plastic_sorting --out {root}"
 
 
 def check_data_files(root: str | Path, format: str, manifest: Dict[str, str]) -> None:
@@ -24,7 +23,7 @@ def check_data_files(root: str | Path, format: str, manifest: Dict[str, str]) ->
     starts or is queued, and again by the DataModule); what they hold is checked when data.py reads them."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data.root '{root}' does not exist; {SYNTH_HINT.format(root=root)}")
+        raise missing_data_root(root, "plastic_sorting")
     for split in REQUIRED_SPLITS:
         if format == "manifest":
             path = root / manifest.get(split, f"<no data.manifest.{split}>")
@@ -124,3 +123,8 @@ class PlasticSortingConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def check(self) -> None:
+        if self.optim.name == "sgd":  # module.py's SGD is Nesterov's, which torch refuses without momentum
+            check(self.optim.momentum > 0, "optim.momentum", self.optim.momentum, "a number in (0, 1) with "
+                  "optim.name=sgd (Nesterov momentum)")
