@@ -378,11 +378,21 @@ def cheap_data_check(cfg, account: str | None = None, queued: bool = False) -> d
     {split: count}. ``cfg``: the resolved train config (dict or DictConfig)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from aifactory_train.lineage import DigestCache, check_usage_terms
+    from fnmatch import fnmatchcase
+
+    from aifactory_train.energy import node_name
+    from aifactory_train.lineage import DigestCache, check_usage_terms, read_usage_terms
 
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     root = Path(resolved["data"]["root"])
     check_usage_terms(root, resolved["recipe"]["name"], account or _account(resolved), queued=queued)
+    terms = read_usage_terms(root)
+    if terms is not None and terms.hosts is not None and not any(fnmatchcase(node_name(), p) for p in terms.hosts):
+        # a job queued from a login node the owner does not allow the data on: it is not read here (the job
+        # checks the terms again where it starts)
+        log.warning("data check: not reading '%s' on %s, which its owner's usage.hosts %s do not allow", root,
+                    node_name(), terms.hosts)
+        return {}
     key = json.dumps([resolved["recipe"]["name"], resolved["data"]], sort_keys=True, default=str)
     if key in _CHEAP_DONE:  # a sweep's points on the same data: read it once
         return _CHEAP_DONE[key]
