@@ -349,15 +349,14 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         prog="aift data check",
         help="a dataset's health report, without training",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Read the data as training would (the recipe's reader and digest) and report, per split: counts, "
                     "class balance, image and box sizes, text lengths (numbers only, never text), what the readers "
                     "left out or could not read, duplicates within a split and leakage across splits (the same file "
                     "or record content in two splits, from the digest's SHA-256s), the data card and whether its usage "
                     "terms allow this user, recipe, host and account. Writes data_check.json, data_check.md and "
                     "pictures (class histogram, box sizes, lengths, a contact sheet of labelled samples; none for "
-                    "sensitive text) into --out.\n\n"
-                    "exit status: 0 healthy (warnings allowed); 1 problems: the reader refuses the data, the usage "
+                    "sensitive text) into --out.",
+        epilog="exit status: 0 healthy (warnings allowed); 1 problems: the reader refuses the data, the usage "
                     "terms refuse this use, or content leaks across splits; 2 a bad config or command line.",
     )
     check.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=crop_detection "

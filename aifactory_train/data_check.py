@@ -613,13 +613,13 @@ def run_data_check(overrides: list[str], out: str | None) -> int:
         cfg = compose_train_config(overrides, run_dir)
         typed = validate(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    state = inspect(resolved, typed)
-    report, description = state["report"], state["description"]
-    folder = Path(out) if out else default_out(report["recipe"])
-    try:
+    folder = Path(out) if out else default_out(resolved["recipe"]["name"])
+    try:  # before the data is read: a folder that cannot be written should not cost a check first
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise AiftError(f"--out '{folder}' cannot be created: {err.strerror}") from None
+    state = inspect(resolved, typed)
+    report, description = state["report"], state["description"]
     if description is not None:
         unit = "box" if description.label_unit == "box" else description.label_unit
         drawn = {"class_histogram": class_histogram(report, unit, folder / "class_histogram.png"),
