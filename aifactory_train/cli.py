@@ -27,6 +27,9 @@ usage:
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
                                            de-identify sensitive text (clinical_notes: deduce) before training
+  aift data check recipe=NAME data.root=DIR [--out DIR]
+                                           a data health report (counts, classes, sizes, leakage, terms)
+                                           without training; exit 1 when training would refuse it or it leaks
   aift data runs recipe=NAME data.root=DIR [tracking.uri=URI]
                                            the runs (and checkpoints) that used this data, found by digest
   aift launch [--dry-run] [-m] KEY=VALUE ...
@@ -287,6 +290,12 @@ def _data_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from aifactory_train.data_check import run_data_check
+
+    return run_data_check(args.overrides, args.out)
+
+
 def _data_digest(args: argparse.Namespace) -> int:
     import json
     import os
@@ -423,6 +432,24 @@ def _parser() -> argparse.ArgumentParser:
                                                     "data.root=DIR")
     digest.add_argument("--recompute", action="store_true", help="read every file again, not the digest cache")
     digest.add_argument("--out", default=None, help="also write the digests as JSON here")
+    check = data_sub.add_parser(
+        "check",
+        prog="aift data check",
+        help="a dataset's health report, without training",
+        description="Read the data as training would (the recipe's reader and digest) and report, per split: counts, "
+                    "class balance, image and box sizes, text lengths (numbers only, never text), what the readers "
+                    "left out or could not read, duplicates within a split and leakage across splits (the same file "
+                    "or record content in two splits, from the digest's SHA-256s), the data card and whether its usage "
+                    "terms allow this user, recipe, host and account. Writes data_check.json, data_check.md and "
+                    "pictures (class histogram, box sizes, lengths, a contact sheet of labelled samples; none for "
+                    "sensitive text) into --out.",
+        epilog="exit status: 0 healthy (warnings allowed); 1 problems: the reader refuses the data, the usage "
+                    "terms refuse this use, or content leaks across splits; 2 a bad config or command line.",
+    )
+    check.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=crop_detection "
+                                                   "data.root=DIR")
+    check.add_argument("--out", default=None,
+                       help="output folder (default outputs/<recipe>/data_check/<date>_<time>)")
     checkpoint = sub.add_parser("checkpoint", prog="aift checkpoint", help="checkpoint tools",
                                 description="Checkpoint tools.")
     checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
@@ -507,7 +534,7 @@ def _main(argv: list[str], verbose: bool) -> int:
         if args.command == "recipes":
             return _recipes_list() if args.recipes_command == "list" else _recipes_copy(args)
         if args.command == "data":
-            actions = {"deidentify": _data_deidentify, "digest": _data_digest, "runs": _data_runs,
+            actions = {"check": _data_check, "deidentify": _data_deidentify, "digest": _data_digest, "runs": _data_runs,
                        "synth": _data_synth}
             return actions[args.data_command](args)
         if args.command == "checkpoint":

@@ -102,6 +102,10 @@ class DigestCache:
     RACY_NS = 2_000_000_000
     # threads that read and hash the files not in the cache (parallel reads also hide network-filesystem latency)
     MAX_THREADS = 8
+    # Opt-in, for this process only: a dict here collects every hash computed or looked up, keyed by the file's
+    # stat key, so a later caller (`aift data check`: duplicates and leakage across splits) gets the digest's
+    # hashes without reading any file again, also for files too new for the cache or with the cache turned off.
+    remembered: dict[tuple[int, ...], str] | None = None
 
     def __init__(self, path: Path | None, refresh: bool = False) -> None:
         self.path = path
@@ -159,10 +163,15 @@ class DigestCache:
 
         digests: dict[str, str] = {}
         stale: dict[str, tuple[Path, list[int]]] = {}
+        memo, stats = DigestCache.remembered, {}
         for rel, full in files.items():
             stat = _stat_key(full)  # a missing file fails here, before any hashing, with its path
             entry = self.entries.get(self._key(rel))
-            if isinstance(entry, list) and len(entry) == len(stat) + 1 and entry[:-1] == stat:
+            if memo is not None:
+                stats[rel] = tuple(stat)
+            if memo is not None and tuple(stat) in memo:
+                digests[rel] = memo[tuple(stat)]
+            elif isinstance(entry, list) and len(entry) == len(stat) + 1 and entry[:-1] == stat:
                 digests[rel] = entry[-1]
             else:
                 stale[rel] = (full, stat)
@@ -181,6 +190,8 @@ class DigestCache:
             log.info("SHA-256: hashed %d file(s), %.1f MB in %.1f s; %d unchanged file(s) from the cache",
                      len(stale), nbytes / 1e6, time.time() - started, len(files) - len(stale))
             self._save()
+        if memo is not None:
+            memo.update((key, digests[rel]) for rel, key in stats.items())
         return digests
 
     def _save(self) -> None:

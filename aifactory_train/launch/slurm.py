@@ -272,6 +272,10 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
             # checked against the account the job will be charged to
             cluster = resolved["cluster"]
             check_data(typed, account=cluster["accounts"].get(cluster["allocation"]), queued=True)
+        from aifactory_train.data_check import cheap_data_check
+
+        for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
+            cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
     if dry_run:
         for point, resolved, run_path, script in jobs:
             if multirun:
