@@ -378,9 +378,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Data sovereignty: MLflow 3 reports usage telemetry to an outside service unless told not to.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from aifactory_train.records import redact_log_records
+    from aifactory_train.telemetry import switch_off_telemetry
+
+    switch_off_telemetry()  # before any library is imported
 
     redact_log_records()  # a password in a URI never reaches a log line (console or the run's log file)
     argv = list(sys.argv[1:] if argv is None else argv)

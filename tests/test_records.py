@@ -1,8 +1,12 @@
-"""Credentials kept out of records (aifactory_train.records)."""
+"""Credentials kept out of records (aifactory_train.records) and the libraries' telemetry switched off."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +76,19 @@ def test_log_records_are_redacted_whatever_handler_writes_them(tmp_path):
     assert "S3cr3t-xyz" not in text and "pw2" not in text
     assert "http://alice:***@127.0.0.1:5000" in text and "postgresql://u:***@db/m" in text
 
+
+def test_aift_switches_off_the_libraries_telemetry():
+    """In the process aift runs in (its real entry point, with none of the switches in the environment): MLflow's,
+    Hugging Face's (hub, transformers, datasets) and the DO_NOT_TRACK convention, as those libraries read them."""
+    code = ("import json, os, sys; from aifactory_train.cli import main; main(['--version']);"
+            "from huggingface_hub import constants; from mlflow.telemetry.utils import is_telemetry_disabled;"
+            "print(json.dumps({'hf': constants.HF_HUB_DISABLE_TELEMETRY, 'mlflow': is_telemetry_disabled(),"
+            "'env': {k: os.environ.get(k) for k in ('MLFLOW_DISABLE_TELEMETRY', 'HF_HUB_DISABLE_TELEMETRY',"
+            "'DO_NOT_TRACK')}}))")
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY", "DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["hf"] is True and seen["mlflow"] is True
+    assert seen["env"] == {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "true"}
