@@ -10,6 +10,7 @@ exit status is 1 when a check fails). Every run writes ``<suite>_<hardware>_<dat
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -371,6 +372,10 @@ def run_bench(suite: str, profile_name: str | None, quick: bool, out: str | None
 def _log_to_mlflow(uri: str, report: dict, files: list[Path]) -> None:
     from mlflow.tracking import MlflowClient
 
+    from aifactory_train.records import has_credentials
+
+    if has_credentials(uri):  # MLflow prints the run's link, built from the URI with its password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("aift-bench")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("aift-bench")

@@ -57,7 +57,9 @@ SRUN_WARNING = r"The `srun` command is available on your system but is not used"
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    from aifactory_train.records import redact_text
+
+    print(f"error: {redact_text(message)}", file=sys.stderr)
     return 2
 
 
@@ -94,6 +96,26 @@ def _preflight(cfg, command: str) -> None:
     check_devices(typed, command)  # last: on a GPU machine it imports torch
 
 
+def _redact_hydra_files() -> None:
+    """Hydra writes the command line's overrides (``tracking.uri=http://user:pw@...``) and the config into the run
+    folder's ``.hydra/`` (and a sweep's ``multirun.yaml``) before the task starts: rewrite them with the passwords
+    masked, before anything else happens in the run."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from aifactory_train.records import redact_yaml_file
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            redact_yaml_file(folder / name)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+
+
 def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list[str] | None = None,
                verbose: bool = False) -> int:
     import warnings
@@ -111,6 +133,7 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
         # Hydra has parsed its arguments; restore the real command line, because Lightning's DDP launcher
         # starts the other ranks by re-running it (plus hydra.run.dir=<this run's folder>).
         sys.argv = original_argv
+        _redact_hydra_files()  # before anything else reads or copies the run folder
         from hydra.core.hydra_config import HydraConfig
 
         from aifactory_train.failures import fresh_run_dir, report_job_failure
@@ -267,13 +290,16 @@ def _data_runs(args: argparse.Namespace) -> int:
     datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
     lineage = datamodule.lineage()
     runs = runs_trained_on(tracking["uri"], lineage)
+    from aifactory_train.records import redact_uri
+
+    shown = redact_uri(tracking["uri"])  # printed and written: no password
     print(f"data {lineage.root}: digest {lineage.digest}")
     for name, split in lineage.splits.items():
         print(f"  {name}: {split.num_rows} rows, digest {split.digest}")
     if not runs:
-        print(f"no run in {tracking['uri']} used this data")
+        print(f"no run in {shown} used this data")
     else:
-        print(f"{len(runs)} run(s) in {tracking['uri']} used this data:")
+        print(f"{len(runs)} run(s) in {shown} used this data:")
         for run in runs:
             shared = "all splits" if run["all_data"] else "splits " + ", ".join(run["splits"])
             print(f"  {run['start_time']}  {run['run_id']}  {run['kind']:5s}  {run['experiment']}/{run['run_name']}  "
@@ -284,7 +310,7 @@ def _data_runs(args: argparse.Namespace) -> int:
             for version in run["registered"]:
                 print(f"      registered: {version}")
     if args.out:
-        report = {"data": lineage.as_dict(), "tracking_uri": tracking["uri"], "runs": runs}
+        report = {"data": lineage.as_dict(), "tracking_uri": shown, "runs": runs}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
@@ -324,7 +350,9 @@ def _bench(args: argparse.Namespace) -> int:
     from aifactory_train.bench import run_bench
 
     tracking_uri = None if args.no_tracking else (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-    command = "aift " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from aifactory_train.records import redact_text
+
+    command = redact_text("aift " + " ".join(shlex.quote(a) for a in sys.argv[1:]))  # goes into the report
     return run_bench(args.suite, args.profile, args.quick, args.out, tracking_uri, command)
 
 
@@ -515,8 +543,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], verbose: bool) -> int:
-    # Data sovereignty: MLflow 3 reports usage telemetry to an outside service unless told not to.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from aifactory_train.records import redact_log_records
+    from aifactory_train.telemetry import switch_off_telemetry
+
+    switch_off_telemetry()  # data sovereignty: before any library that reports usage is imported
+    redact_log_records()  # a password in a URI never reaches a log line (console or the run's log file)
     from aifactory_train.errors import AiftError
     from aifactory_train.resources import use_user_recipes
 

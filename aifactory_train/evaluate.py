@@ -79,7 +79,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "trained_mlflow_run_id": trained_run_id,
         # the data the model was trained on (digests, owner, consent), next to the data it is scored on
         "trained_on": trained_on,
-        "tracking_uri": tracker.uri,
+        "tracking_uri": tracker.recorded_uri,
         "mlflow_run_id": None,
     }
     path = run_dir / EVAL_FILE
@@ -87,8 +87,11 @@ def run_evaluation(cfg) -> dict[str, Any]:
         # one MLflow run per evaluation, next to the training runs, linked to the one that made the checkpoint
         tracker.lightning_logger()
         config_yaml = run_dir / "config.yaml"
-        config_yaml.write_text(OmegaConf.to_yaml(resolved))
-        tracker.log_run_start(resolved, config_yaml, lineage)
+        from aifactory_train.records import redacted
+
+        record = redacted(resolved)  # no passwords in the file or the params
+        config_yaml.write_text(OmegaConf.to_yaml(record))
+        tracker.log_run_start(record, config_yaml, lineage)
         tracker.logger.log_metrics(report["metrics"])
         tracker.set_tags({"aift.run_kind": "eval", "aift.eval.checkpoint": report["checkpoint"], "aift.eval.split": cfg.split,
                           "aift.eval.trained_run_id": trained_run_id or ""})

@@ -32,11 +32,14 @@ def run_export(cfg) -> dict[str, Any]:
     from aifactory_train.provenance import PROVENANCE_FILE, write_export_provenance
 
     register = resolved["export"].get("register")
-    training_run = registry_target(ckpt_path) if register else None  # refused before anything is written
+    # the checkpoint's record names its store without the password; this config's tracking.uri may hold it
+    tracking = resolved.get("tracking") or {}
+    live_uri = tracking.get("uri") if tracking.get("backend") == "mlflow" else None
+    training_run = registry_target(ckpt_path, live_uri) if register else None  # refused before anything is written
     module = load_trained_module(module_class, ckpt_path)
     files = module.export_model(cfg.format, run_dir, resolved["export"])
     # which data and run made this model, beside it, in its folder and in an ONNX file's metadata
-    document = write_export_provenance(ckpt_path, cfg.format, files, run_dir)
+    document = write_export_provenance(ckpt_path, cfg.format, files, run_dir, live_uri)
     files = [*files, run_dir / PROVENANCE_FILE]
     report = {"checkpoint": str(Path(ckpt_path).resolve()), "recipe": resolved["recipe"]["name"], "format": cfg.format,
               "files": [str(Path(f).resolve()) for f in files]}
@@ -51,11 +54,14 @@ def run_export(cfg) -> dict[str, Any]:
     return report
 
 
-def registry_target(ckpt_path: str) -> dict[str, str]:
+def registry_target(ckpt_path: str, live_uri: str | None = None) -> dict[str, str]:
     """The tracked training run of a checkpoint (from its provenance record), whose store the export is registered
-    in: checked before exporting, so ``export.register`` fails before any file is written."""
+    in: checked before exporting, so ``export.register`` fails before any file is written. The record's URI has no
+    password: ``live_uri`` (this command's tracking.uri) is used when it is the same store, else MLflow's
+    credential environment variables are."""
     from aifactory_train.errors import ConfigError, TrackingError
     from aifactory_train.provenance import read_provenance
+    from aifactory_train.records import connectable
     from aifactory_train.tracking import check_tracking_uri
 
     record = read_provenance(ckpt_path) or {}
@@ -69,10 +75,11 @@ def registry_target(ckpt_path: str) -> dict[str, str]:
         raise ConfigError(f"config key 'export.register': the training run's store {uri} is not on this machine; "
                           f"export where it is, or without export.register")
     try:
-        check_tracking_uri(uri)
+        check_tracking_uri(connectable(uri, live_uri))
     except TrackingError as err:
         raise ConfigError(f"config key 'export.register': {err}") from None
-    return {"tracking_uri": uri, "run_id": run_id}
+    # tracking_uri is written down (export.json) and printed; connect_uri only connects
+    return {"tracking_uri": uri, "run_id": run_id, "connect_uri": connectable(uri, live_uri)}
 
 
 def register_export(training_run: dict[str, str], name: str, document: dict[str, Any], files: list[Path],
@@ -89,7 +96,7 @@ def register_export(training_run: dict[str, str], name: str, document: dict[str,
 
     from aifactory_train.provenance import onnx_metadata
 
-    client = MlflowClient(tracking_uri=training_run["tracking_uri"])
+    client = MlflowClient(tracking_uri=training_run.get("connect_uri", training_run["tracking_uri"]))
     run_id = training_run["run_id"]
     artifact_path = f"exports/{document['export']['format']}-{time.strftime('%Y%m%dT%H%M%S')}"
     out_dir = Path(out_dir).resolve()

@@ -65,7 +65,11 @@ def training_provenance(resolved: dict[str, Any], lineage, tracker, run_dir: Pat
     model = resolved["model"]
     weights = {key: {"path": str(Path(model[key]).resolve()), "sha256": path_sha256(model[key])}
                for key in STARTING_WEIGHTS_KEYS if model.get(key)}
-    run = {"output_dir": str(Path(run_dir).resolve()), "tracking_uri": _absolute(tracker.uri) if tracker.enabled else None,
+    from aifactory_train.records import redact_uri
+
+    # the record travels with every checkpoint and export: the store's URI without its password
+    uri = redact_uri(_absolute(tracker.uri)) if tracker.enabled else None
+    run = {"output_dir": str(Path(run_dir).resolve()), "tracking_uri": uri,
            "mlflow_run_id": tracker.run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {"schema_version": SCHEMA_VERSION, "recipe": resolved["recipe"]["name"], "model": model["name"],
             "datasets": [lineage.as_dict()], "starting_weights": weights, "runs": [run],
@@ -116,7 +120,11 @@ def provenance_callback():
             return merged(self.loaded, self.record)
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            self.loaded = state_dict or None  # the resumed weights' history, kept in the next checkpoints
+            from aifactory_train.records import redacted
+
+            # the resumed weights' history, kept in the next checkpoints (a record written before passwords were
+            # masked is masked now)
+            self.loaded = redacted(state_dict) or None
 
     return ProvenanceRecord()
 
@@ -142,11 +150,16 @@ def training_origin(ckpt_path: str) -> tuple[str | None, list[dict[str, Any]] | 
     return run_id, record.get("datasets") if record else None
 
 
-def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir: Path) -> dict[str, Any]:
+def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir: Path,
+                            live_uri: str | None = None) -> dict[str, Any]:
     """``provenance.json`` for an export: the checkpoint's record plus which checkpoint and files. Written beside
     the exported files (``out_dir / PROVENANCE_FILE``), copied into each exported folder and embedded in each ONNX
-    file. Returns the document."""
-    record = read_provenance(ckpt_path)
+    file. Returns the document. ``live_uri``: this command's tracking.uri, to reach the training run's store when
+    it is the same one (the record's URI has no password)."""
+    from aifactory_train.records import redacted
+
+    # a checkpoint written before passwords were masked still holds one: it must not reach the exported model
+    record = redacted(read_provenance(ckpt_path))
     if record is None:
         log.warning("%s holds no provenance record (written before aift kept one, or by another tool): the export's "
                     "%s says so; which data trained this model is only in its training run, if that still exists",
@@ -168,18 +181,19 @@ def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir
         if file.suffix == ".onnx":
             embed_in_onnx(file, document)
     if record is not None:
-        log.info("export: %s", record_export_in_training_run(document, out_dir))
+        log.info("export: %s", record_export_in_training_run(document, out_dir, live_uri))
     return document
 
 
 EXPORT_TAG_PREFIX = "aift.export."
 
 
-def record_export_in_training_run(document: dict[str, Any], out_dir: Path) -> str:
+def record_export_in_training_run(document: dict[str, Any], out_dir: Path, live_uri: str | None = None) -> str:
     """Tag the training run the record names with this export (``aift.export.<folder hash>`` = ``<format>
     <folder> <time>``), so `aift data runs` tells a data owner where the models trained on their data went.
     Returns what was done, for the log; a store that is not here or not reachable is said, not an error (exports
     are often made elsewhere)."""
+    from aifactory_train.records import connectable, redact_text
     from aifactory_train.tracking import check_tracking_uri
 
     run = (document.get("runs") or [{}])[-1]
@@ -189,15 +203,17 @@ def record_export_in_training_run(document: dict[str, Any], out_dir: Path) -> st
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return f"the training run's store {uri} is not on this machine; the export is not recorded in MLflow"
     try:
-        check_tracking_uri(uri)
+        live = connectable(uri, live_uri)  # the record's URI has no password
+        check_tracking_uri(live)
         from mlflow.tracking import MlflowClient
 
         folder = Path(out_dir).resolve()
         key = EXPORT_TAG_PREFIX + hashlib.sha256(str(folder).encode()).hexdigest()[:12]  # one per export folder
         export = document["export"]
-        MlflowClient(tracking_uri=uri).set_tag(run_id, key, f"{export['format']} {folder} {export['exported']}")
+        MlflowClient(tracking_uri=live).set_tag(run_id, key, f"{export['format']} {folder} {export['exported']}")
     except Exception as err:  # noqa: BLE001 - the export itself is done; say why it is not recorded
-        return f"the export could not be recorded in the training run {run_id} ({type(err).__name__}: {err})"
+        return (f"the export could not be recorded in the training run {run_id} "
+                f"({type(err).__name__}: {redact_text(str(err))})")
     return f"recorded in the training run {run_id} ({uri}) as tag {key}"
 
 

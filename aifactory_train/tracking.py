@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_train.errors import TrackingError
+from aifactory_train.records import connectable, has_credentials, redact_text, redact_uri, redacted
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +40,51 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <server>/health, with the credentials MLflow would send: urllib takes no user:password from a URL (it
+    would look the whole ``user:pw@host`` up as a host name), so they go into the Authorization header."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri.rstrip("/"))
+    host = parts.netloc.rpartition("@")[2]
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=host)) + "/health")
+    user, password = parts.username, parts.password
+    if user is None:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"])
+    elif user is not None and password is not None:
+        basic = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        request.add_header("Authorization", "Basic " + basic)
+    return request
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail now, with the URI and a way out, if the tracking store cannot be used."""
+    """Fail now, with the URI (its password masked) and a way out, if the tracking store cannot be used."""
     hint = "start the server, point tracking.uri at a reachable store, or pass tracking=none"
+    shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as response:
                 if response.status != 200:
-                    raise TrackingError(f"tracking.uri '{uri}': server answered HTTP {response.status}; {hint}")
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise TrackingError(f"tracking.uri '{uri}': the MLflow server cannot be reached ({reason}); {hint}") from None
+                    raise TrackingError(f"tracking.uri '{shown}': server answered HTTP {response.status}; {hint}")
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = redact_text(str(getattr(err, "reason", err)))
+            raise TrackingError(f"tracking.uri '{shown}': the MLflow server cannot be reached ({reason}); {hint}") from None
         return
     if uri.startswith("sqlite:///"):
         db_path = Path(uri[len("sqlite:///"):])
         if not db_path.parent.is_dir():
-            raise TrackingError(f"tracking.uri '{uri}': folder '{db_path.parent}' does not exist; {hint}")
+            raise TrackingError(f"tracking.uri '{shown}': folder '{db_path.parent}' does not exist; {hint}")
     try:
         from mlflow.tracking import MlflowClient
 
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
-        raise TrackingError(f"tracking.uri '{uri}': the store cannot be used ({type(err).__name__}: {err}); {hint}") from None
+        # a database driver's message may quote the URI it was given
+        raise TrackingError(f"tracking.uri '{shown}': the store cannot be used "
+                            f"({type(err).__name__}: {redact_text(str(err))}); {hint}") from None
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -167,7 +191,7 @@ def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise TrackingError(f"tracking.uri '{uri}': there is no MLflow store at that path (no run has used it yet); "
+        raise TrackingError(f"tracking.uri '{redact_uri(uri)}': there is no MLflow store at that path (no run has used it yet); "
                             "point tracking.uri at the store the training runs logged to")
     check_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
@@ -219,7 +243,8 @@ class Tracker:
         self.cfg = tracking_cfg
         self.run_dir = run_dir
         self.enabled = tracking_cfg["backend"] == "mlflow"
-        self.uri = tracking_cfg.get("uri")
+        self.uri = tracking_cfg.get("uri")  # the live URI, to connect with; never written down
+        self.recorded_uri = redact_uri(self.uri)  # what summaries, records and tracking.json say
         self._resume_run_id = None
         self.logger = None
         self._system_metrics = None
@@ -232,7 +257,7 @@ class Tracker:
         state_file = run_dir / TRACKING_STATE_FILE
         if resume and state_file.is_file():
             state = json.loads(state_file.read_text())
-            if state.get("tracking_uri") == self.uri:
+            if state.get("tracking_uri") == self.recorded_uri:
                 self._resume_run_id = state.get("run_id")
 
     def lightning_logger(self):
@@ -241,6 +266,10 @@ class Tracker:
         if not self.enabled or not is_global_zero():
             return None
         from lightning.pytorch.loggers import MLFlowLogger
+
+        if has_credentials(self.uri):
+            # MLflow prints "View run ... at: <URI>" with the password in it when a run ends; finish() logs the link
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
         ensure_experiment(self.uri, self.cfg["experiment"])  # before Lightning's get-or-create, which races
         self.logger = MLFlowLogger(
@@ -269,7 +298,8 @@ class Tracker:
             return
         run_id = self.logger.run_id
         (self.run_dir / TRACKING_STATE_FILE).write_text(
-            json.dumps({"run_id": run_id, "tracking_uri": self.uri, "experiment": self.cfg["experiment"]}, indent=2)
+            json.dumps({"run_id": run_id, "tracking_uri": self.recorded_uri, "experiment": self.cfg["experiment"]},
+                       indent=2)
         )
         if self._resume_run_id:
             log.info("resuming MLflow run %s", run_id)
@@ -277,6 +307,7 @@ class Tracker:
             # resumed for more epochs showed FINISHED while it trained, and the system-metrics sampler stopped)
             self.client.update_run(run_id, status="RUNNING")
             return  # params, inputs and environment were logged when the run started
+        resolved_cfg = redacted(resolved_cfg)  # callers pass the redacted config; a password must not reach a param
         self.logger.log_hyperparams({k: v for k, v in flatten(resolved_cfg).items() if not k.startswith("hydra.")})
         client = self.client
         client.log_artifact(run_id, str(config_yaml))
@@ -368,3 +399,7 @@ class Tracker:
         self.stop_system_metrics()
         if self.logger is not None and is_global_zero():
             self.logger.finalize(status)
+            if has_credentials(self.uri) and self.uri.startswith(("http://", "https://")):
+                experiment_id = self.client.get_run(self.logger.run_id).info.experiment_id
+                base = connectable(redact_uri(self.uri), None).rstrip("/")  # the server's address, no user
+                log.info("MLflow run: %s/#/experiments/%s/runs/%s", base, experiment_id, self.logger.run_id)

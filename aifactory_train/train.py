@@ -253,10 +253,13 @@ def run_training(cfg) -> dict[str, Any]:
 
     config_yaml = run_dir / "config.yaml"
     if is_global_zero():
-        config_yaml.write_text(OmegaConf.to_yaml(resolved))
+        from aifactory_train.records import redacted
+
+        record = redacted(resolved)  # the config as written down and logged: no passwords (tracking.uri's)
+        config_yaml.write_text(OmegaConf.to_yaml(record))
         lineage = datamodule.lineage()
-        tracker.log_run_start(resolved, config_yaml, lineage)
-        provenance.begin(training_provenance(resolved, lineage, tracker, run_dir))
+        tracker.log_run_start(record, config_yaml, lineage)
+        provenance.begin(training_provenance(record, lineage, tracker, run_dir))
         # tags, not params: a job resumed on another rank count has another accumulation (and, without
         # trainer.global_batch_size, another global batch)
         tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
@@ -310,7 +313,7 @@ def run_training(cfg) -> dict[str, Any]:
         "task": recipe["task"],
         "model": resolved["model"]["name"],
         "output_dir": str(run_dir.resolve()),
-        "tracking_uri": tracker.uri,
+        "tracking_uri": tracker.recorded_uri,
         "mlflow_run_id": tracker.run_id,
         "mlflow_experiment": resolved["tracking"]["experiment"] if tracker.enabled else None,
         "metrics": metrics,

@@ -98,9 +98,10 @@ class PlasticSorting:
 
     def onnx_latency(self) -> dict:
         """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
-        import onnxruntime
-
         from aifactory_train.recipes.plastic_sorting.export import DeployableClassifier, export_onnx
+        from aifactory_train.telemetry import import_onnxruntime
+
+        onnxruntime = import_onnxruntime()
 
         module, _ = self.module()
         out = Path(tempfile.mkdtemp())

@@ -277,11 +277,13 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
             cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
     if dry_run:
-        for point, resolved, run_path, script in jobs:
+        from aifactory_train.records import redact_text, redacted
+
+        for point, resolved, run_path, script in jobs:  # shown, not run: passwords masked
             if multirun:
-                print(f"# point {run_path.name}: {' '.join(point)}")
-            print(OmegaConf.to_yaml(resolved))
-            print(script)
+                print(redact_text(f"# point {run_path.name}: {' '.join(point)}"))
+            print(OmegaConf.to_yaml(redacted(resolved)))
+            print(redact_text(script))
         return 0
     sbatch = shutil.which("sbatch")
     if sbatch is None:

@@ -1,0 +1,30 @@
+"""Data sovereignty: the libraries' usage telemetry to outside services is off in every aift process.
+
+Each library has its own switch. The environment variables are set (unless the user set them otherwise) before the
+libraries are imported, as huggingface_hub reads them at import; child processes (DDP ranks, DataLoader workers)
+inherit them. onnxruntime has no environment switch: its telemetry events (with a device id) are switched off
+where aift imports it, through :func:`import_onnxruntime`. Lightning, torch and DeepSpeed send none.
+"""
+
+from __future__ import annotations
+
+import os
+
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 reports usage to an outside service unless told not to
+    "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub, and through it transformers and datasets
+    "DO_NOT_TRACK": "true",  # the cross-tool convention (https://consoledonottrack.com); MLflow and HF read it too
+}
+
+
+def switch_off_telemetry() -> None:
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
+
+
+def import_onnxruntime():
+    """``onnxruntime``, with its telemetry events switched off."""
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
+    return onnxruntime
