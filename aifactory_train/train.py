@@ -157,7 +157,8 @@ def run_training(cfg) -> dict[str, Any]:
 
     from aifactory_train.callbacks import EnergyMeter, TrainingThroughput
     from aifactory_train.resume import (AtomicCheckpointIO, ElasticEpochProgress, JobRequeued, JobStopped,
-                                        RNGStateCallback, SignalCheckpoint, periodic_checkpoint)
+                                        RNGStateCallback, SignalCheckpoint, best_and_last_checkpoint,
+                                        periodic_checkpoint)
     from aifactory_train.provenance import provenance_callback, training_provenance
     from aifactory_train.strategies import strategy_callbacks, trainer_kwargs
 
@@ -183,13 +184,12 @@ def run_training(cfg) -> dict[str, Any]:
     )
 
     recipe = resolved["recipe"]
-    checkpoint = ModelCheckpoint(
+    checkpoint = best_and_last_checkpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="best-epoch{epoch}-step{step}",
         auto_insert_metric_name=False,
         monitor=recipe["monitor"],
         mode=recipe["monitor_mode"],
-        save_last=True,
         # last.ckpt is always the newest state, also after a resume from a moved/copied run folder
         # (with the counter Lightning would write last-v1.ckpt next to a stale last.ckpt).
         enable_version_counter=False,
