@@ -183,6 +183,10 @@ def best_and_last_checkpoint(**kwargs):
     from lightning.pytorch.trainer.states import TrainerFn
 
     class BestAndLastCheckpoint(ModelCheckpoint):
+        @property
+        def state_key(self) -> str:  # ModelCheckpoint's, so checkpoints written before this class still resume
+            return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
         def _save_last_if_stale(self, trainer) -> None:
             if (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
                     or not trainer.global_step or self._last_global_step_saved == trainer.global_step):
