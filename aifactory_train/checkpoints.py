@@ -75,11 +75,17 @@ def load_trained_module(module_class, path: str):
     ``model.backbone_weights_path`` (the weights training started from) again, only to overwrite them: an eval
     on another machine, or after the pretrained file moved, failed on a file it does not need. Those keys are
     cleared; every key that shapes the model is kept."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"ckpt_path: '{path}' is a DeepSpeed checkpoint folder; gather it into one file first "
+                              f"with `aift checkpoint consolidate {path}` and pass that file")
     model = read_hyperparameters(path).get("model")
     overrides = {}
     if isinstance(model, dict) and any(model.get(k) for k in STARTING_WEIGHTS_KEYS):
         overrides["model"] = {**model, **{k: None for k in STARTING_WEIGHTS_KEYS if k in model}}
-    return module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    try:
+        return module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    except CheckpointError as err:  # a module's on_load_checkpoint refused what the file holds: name the file
+        raise CheckpointError(f"ckpt_path '{path}': {err}") from None
 
 
 def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
