@@ -1,18 +1,41 @@
 """A checkpoint is data: loading one (eval, predict, export, resume, consolidate) may neither write files outside
 the run nor run code, whoever crafted it. The crafted checkpoints here start from real ones written by short CPU
-runs with one entry changed."""
+runs (a clinical_notes Lightning file, a DeepSpeed ZeRO-2 folder) with one entry changed."""
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import aift
 
 SMOKE = ["recipe=clinical_notes", "debug=smoke", "trainer.accelerator=cpu", "run_test=false",
          "trainer.limit_val_batches=1", "recipe.module.rouge_max_batches=0", "trainer.limit_train_batches=2"]
+ZERO2 = [*SMOKE, "trainer.devices=1", "strategy=deepspeed_zero2", "strategy.cpu_smoke=true"]
+
+# A pickle payload that, when unpickled with weights_only=False, creates the marker file (the attack).
+CRAFT = """
+import sys, torch
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open(%r, 'w').write('ran')" % sys.argv[2],))
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+state["payload"] = Payload()
+torch.save(state, sys.argv[1])
+"""
+
+
+def craft_shard(shard: Path, marker: Path) -> None:
+    """Add the payload to a real shard, in another process (this one must not hold the payload's class)."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", CRAFT, str(shard), str(marker)], check=True, capture_output=True)
+    assert not marker.exists()
 
 
 def one_line_error(result) -> str:
@@ -85,3 +108,91 @@ def test_a_tokenizer_config_may_not_point_outside_its_folder(key, notes_checkpoi
     del files["tokenizer.json"]  # so the only tokenizer.json is the outside one
     with pytest.raises(AiftError, match=f"tokenizer_config.json sets {key}="):
         tokenizer_from_files(files)
+
+
+# -- item 2: no code runs from a DeepSpeed checkpoint ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def zero2_run(clinical_data, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("zero2")
+    result = aift("train", *ZERO2, f"data.root={clinical_data}", "tracking=none", "hydra.run.dir=run", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (work / "run" / "checkpoints" / "last.ckpt").is_dir()
+    return work / "run"
+
+
+@pytest.mark.parametrize("shard", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_consolidate_refuses_a_shard_that_would_run_code(shard, zero2_run, tmp_path):
+    folder = Path(shutil.copytree(zero2_run / "checkpoints" / "last.ckpt", tmp_path / "last.ckpt"))
+    marker = tmp_path / "MARKER"
+    craft_shard(folder / "checkpoint" / shard, marker)
+    out = tmp_path / "out.ckpt"
+    result = aift("checkpoint", "consolidate", str(folder), "--out", str(out), cwd=tmp_path)
+    error = one_line_error(result)
+    assert f"checkpoint/{shard}" in error and "global exec" in error and "--trust-checkpoint" in error, error
+    assert not marker.exists() and not out.exists() and not list(tmp_path.glob("out.ckpt*"))
+    # the flag says what it does: the file is loaded as it is (so its code runs), and the output names it
+    result = aift("checkpoint", "consolidate", str(folder), "--out", str(out), "--trust-checkpoint", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--trust-checkpoint: loaded unverified" in result.stderr and shard in result.stderr
+    assert marker.exists() and out.exists()
+
+
+def test_a_genuine_deepspeed_checkpoint_passes_the_check(zero2_run, tmp_path):
+    """ZeRO-2's own shards need only the allowlisted DeepSpeed types: it consolidates without --trust-checkpoint."""
+    from aifactory_train.checkpoints import TRUST_CONSOLIDATE, verify_deepspeed_checkpoint
+
+    assert verify_deepspeed_checkpoint(str(zero2_run / "checkpoints" / "last.ckpt"), False, TRUST_CONSOLIDATE) == []
+    out = tmp_path / "out.ckpt"
+    result = aift("checkpoint", "consolidate", str(zero2_run / "checkpoints" / "last.ckpt"), "--out", str(out),
+                  cwd=tmp_path)
+    assert result.returncode == 0 and "unverified" not in result.stderr, result.stderr[-3000:]
+    assert "state_dict" in torch.load(out, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("case", ["junk shard", "no latest", "tag outside", "no optimizer shards"])
+def test_consolidate_on_a_folder_that_is_not_a_deepspeed_checkpoint(case, zero2_run, tmp_path):
+    """One clear line, no traceback, nothing written, for folders that are not (whole) DeepSpeed checkpoints."""
+    folder = Path(shutil.copytree(zero2_run / "checkpoints" / "last.ckpt", tmp_path / "last.ckpt"))
+    if case == "junk shard":
+        (folder / "checkpoint" / "mp_rank_00_model_states.pt").write_text("not a checkpoint\n")
+        expected = "mp_rank_00_model_states.pt' did not pass the weights-only check"
+    elif case == "no latest":
+        (folder / "latest").unlink()
+        expected = "is not a DeepSpeed checkpoint folder: it has no 'latest' file"
+    elif case == "tag outside":
+        (folder / "latest").write_text("../../elsewhere")
+        expected = "its 'latest' file names the tag '../../elsewhere'"
+    else:
+        for shard in (folder / "checkpoint").glob("*optim_states.pt"):
+            shard.unlink()
+        expected = "could not be consolidated as a DeepSpeed ZeRO checkpoint"
+    out = tmp_path / "out.ckpt"
+    result = aift("checkpoint", "consolidate", str(folder), "--out", str(out), cwd=tmp_path)
+    assert expected in one_line_error(result)
+    assert not list(tmp_path.glob("out.ckpt*"))
+
+
+def test_resume_refuses_a_shard_that_would_run_code(zero2_run, clinical_data, tmp_path):
+    """Resuming a crafted DeepSpeed folder stops before DeepSpeed loads it (the marker never appears, the folder is
+    untouched); with checkpoint.trust=true it resumes and the run's MLflow tags say which file was unverified."""
+    run = Path(shutil.copytree(zero2_run, tmp_path / "run"))
+    marker = tmp_path / "MARKER"
+    shard = run / "checkpoints" / "last.ckpt" / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    craft_shard(shard, marker)
+    before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    resume = ["train", *ZERO2, f"data.root={clinical_data}", "trainer.max_epochs=2", "ckpt_path=last",
+              f"hydra.run.dir={run}"]
+    result = aift(*resume, "tracking=none", cwd=tmp_path)
+    error = one_line_error(result)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in error and "checkpoint.trust=true" in error, error
+    assert not marker.exists()
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
+
+    result = aift(*resume, "checkpoint.trust=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists()
+    import json
+
+    run_id = json.loads((run / "summary.json").read_text())["mlflow_run_id"]
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in tags["aift.checkpoint.trusted_unverified"]
