@@ -75,11 +75,17 @@ def load_trained_module(module_class, path: str):
     ``model.backbone_weights_path`` (the weights training started from) again, only to overwrite them: an eval
     on another machine, or after the pretrained file moved, failed on a file it does not need. Those keys are
     cleared; every key that shapes the model is kept."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"ckpt_path: '{path}' is a DeepSpeed checkpoint folder; gather it into one file first "
+                              f"with `aift checkpoint consolidate {path}` and pass that file")
     model = read_hyperparameters(path).get("model")
     overrides = {}
     if isinstance(model, dict) and any(model.get(k) for k in STARTING_WEIGHTS_KEYS):
         overrides["model"] = {**model, **{k: None for k in STARTING_WEIGHTS_KEYS if k in model}}
-    return module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    try:
+        return module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    except CheckpointError as err:  # a module's on_load_checkpoint refused what the file holds: name the file
+        raise CheckpointError(f"ckpt_path '{path}': {err}") from None
 
 
 def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
@@ -144,22 +150,129 @@ def check_classes_match(path: str, class_names: list[str]) -> None:
         )
 
 
-def consolidate(checkpoint_dir: str, output: str | None = None) -> Path:
+# -- DeepSpeed folders: nothing in them may run code ----------------------------------------------------------
+# DeepSpeed and Lightning unpickle a ZeRO folder's shards with torch.load(weights_only=False), which runs whatever a
+# crafted pickle asks for. Before they touch a folder, every file they would unpickle must load with
+# weights_only=True, whose unpickler builds only tensors, builtin containers and the globals allowed here (so a file
+# that passes cannot run code). The allowlist is what real ZeRO-1/2/3 checkpoints (fp32, bf16) hold besides those,
+# found by saving them on CPU and seeing what the weights_only unpickler refused; each is plain data:
+def deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [
+        ZeroStageEnum,  # optimizer_state_dict["zero_stage"], an int Enum (consolidation reads it)
+        LossScaler,  # optimizer_state_dict["loss_scaler"] of fp32/bf16 runs: the static scale, numbers only
+        DynamicLossScaler,  # its place in precision=16-mixed runs (GPU only, so not seen on CPU): numbers only
+        fragment_address,  # ZeRO-1/2 param_slice_mappings: a dataclass of two ints (numel, start) per parameter
+    ]
+
+
+TRUST_CONSOLIDATE = "--trust-checkpoint"
+TRUST_RESUME = "checkpoint.trust=true"
+MAX_TAG_BYTES = 256  # `latest` holds one tag name, e.g. "checkpoint" or "global_step120"
+
+
+def _deepspeed_tag_folder(folder: Path, shown: str) -> Path:
+    """The tag folder that ``latest`` names (what DeepSpeed loads), refused unless it is a folder inside ``folder``:
+    a tag such as ``../../elsewhere`` would make DeepSpeed read shards from outside the checkpoint."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"'{shown}' is not a DeepSpeed checkpoint folder: it has no 'latest' file naming its "
+                              f"tag folder")
+    raw = latest.read_bytes()[: MAX_TAG_BYTES + 1]
+    tag = raw.decode("utf-8", errors="replace").strip()
+    if len(raw) > MAX_TAG_BYTES or not tag or tag in (".", "..") or "/" in tag or "\\" in tag:
+        raise CheckpointError(f"'{shown}': its 'latest' file names the tag {tag[:80]!r}; valid: the name of a folder "
+                              f"inside the checkpoint (e.g. 'checkpoint')")
+    tag_folder = (folder / tag).resolve()
+    if not tag_folder.is_relative_to(folder.resolve()) or not tag_folder.is_dir():
+        raise CheckpointError(f"'{shown}': its 'latest' file names the tag {tag!r}, which is not a folder inside the "
+                              f"checkpoint")
+    return tag_folder
+
+
+def _refusal(err: Exception) -> str:
+    """Why a file did not load with weights_only=True, in one line: the global it needs, else torch's reason."""
+    import re
+
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"it needs the global {found.group(1)}, which is not on the allowlist of DeepSpeed's data types; "
+                f"unpickled with weights_only=False, as DeepSpeed does, it could run code")
+    if "Weights only load failed" in text:
+        after = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        return (f"the weights-only unpickler refused it ({(after or ['?'])[0][:200]}): it is damaged, or holds more "
+                f"than data")
+    first = ([line for line in text.splitlines() if line.strip()] or [type(err).__name__])[0].strip()[:200]
+    return f"it is not a readable torch file ({type(err).__name__}: {first})"
+
+
+def verify_deepspeed_checkpoint(path: str, trust: bool, trust_option: str) -> list[str]:
+    """Check a DeepSpeed checkpoint folder before DeepSpeed or Lightning unpickle it (see the allowlist above).
+
+    A file that does not pass is refused with a CheckpointError naming it, the global and ``trust_option``; with
+    ``trust`` the folder is let through and the returned lines say which files were loaded unverified (the caller
+    records them). The tag folder must be inside the checkpoint, with or without ``trust``."""
+    import torch
+
+    folder = Path(path)
+    tag_folder = _deepspeed_tag_folder(folder, path)
+    root = folder.resolve()
+    files = sorted(p for p in tag_folder.rglob("*.pt") if p.is_file())
+    if not files:
+        raise CheckpointError(f"'{path}' is not a DeepSpeed checkpoint folder: its tag folder '{tag_folder.name}' "
+                              f"holds no .pt shards")
+    unverified = []
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for file in files:
+            shown = f"{path}/{file.relative_to(root) if file.is_relative_to(root) else file}"
+            if not file.resolve().is_relative_to(root):
+                raise CheckpointError(f"'{shown}' links to '{file.resolve()}', outside the checkpoint folder; refused")
+            try:
+                try:  # mmap: the check reads the pickle, not the tensors' bytes
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+            except Exception as err:  # noqa: BLE001 - any failure means: not provably data only
+                reason = f"'{shown}' did not pass the weights-only check: {_refusal(err)}"
+                if not trust:
+                    raise CheckpointError(f"refused to load DeepSpeed checkpoint '{path}': {reason}. Only if you made "
+                                          f"this checkpoint or trust who did, pass {trust_option}") from None
+                unverified.append(reason)
+    return unverified
+
+
+def consolidate(checkpoint_dir: str, output: str | None = None, trust: bool = False) -> tuple[Path, list[str]]:
     """A DeepSpeed (ZeRO) checkpoint folder -> one fp32 Lightning checkpoint file that `aift eval`, `aift export`
-    and ``load_from_checkpoint`` read on any number of devices. The folder is left as it is."""
+    and ``load_from_checkpoint`` read on any number of devices. The folder is left as it is. Returns the file and
+    the files loaded unverified (``trust``; see ``verify_deepspeed_checkpoint``)."""
     source = Path(checkpoint_dir)
     if source.is_file():
         raise CheckpointError(f"'{source}' is already a single checkpoint file; only DeepSpeed checkpoint folders "
                               f"need consolidating")
+    if not source.is_dir():
+        raise CheckpointError(f"'{source}' does not exist; give a DeepSpeed checkpoint folder, e.g. "
+                              f"outputs/<run>/checkpoints/last.ckpt")
     if deepspeed_state(source) is None:
         raise CheckpointError(f"'{source}' is not a DeepSpeed checkpoint folder (no {' or '.join(DEEPSPEED_STATES)} "
                               f"in it)")
     target = Path(output) if output else source.with_name(source.name.removesuffix(".ckpt") + "-consolidated.ckpt")
     if target.exists():
         raise CheckpointError(f"--out '{target}' exists; choose another path (nothing was overwritten)")
+    unverified = verify_deepspeed_checkpoint(str(source), trust, TRUST_CONSOLIDATE)
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     partial = target.with_name(target.name + ".partial")
-    convert_zero_checkpoint_to_fp32_state_dict(str(source), str(partial))
+    try:
+        convert_zero_checkpoint_to_fp32_state_dict(str(source), str(partial))
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:  # incomplete or foreign
+        partial.unlink(missing_ok=True)
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"'{source}' could not be consolidated as a DeepSpeed ZeRO checkpoint: {first}") from None
     partial.replace(target)  # a reader never sees half a file
-    return target
+    return target, unverified

@@ -487,6 +487,9 @@ def _parser() -> argparse.ArgumentParser:
                     "that aift eval / aift export read on any number of devices. The folder is kept.")
     consolidate.add_argument("checkpoint", help="the DeepSpeed checkpoint folder, e.g. outputs/<run>/checkpoints/last.ckpt")
     consolidate.add_argument("--out", default=None, help="output file (default <name>-consolidated.ckpt beside it)")
+    consolidate.add_argument("--trust-checkpoint", action="store_true",
+                             help="load shards that fail the weights-only check (they can run code when unpickled): "
+                                  "only for a checkpoint you made or trust; each such file is named on stderr")
     launch = sub.add_parser(
         "launch",
         prog="aift launch",
@@ -571,7 +574,10 @@ def _main(argv: list[str], verbose: bool) -> int:
         if args.command == "checkpoint":
             from aifactory_train.checkpoints import consolidate
 
-            print(f"wrote {consolidate(args.checkpoint, args.out)}")
+            target, unverified = consolidate(args.checkpoint, args.out, trust=args.trust_checkpoint)
+            for line in unverified:  # on record: what --trust-checkpoint let through
+                print(f"warning: --trust-checkpoint: loaded unverified: {line}", file=sys.stderr)
+            print(f"wrote {target}")
             return 0
         if args.command == "bench":
             return _bench(args)

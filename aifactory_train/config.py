@@ -320,6 +320,8 @@ class CheckpointConfig:
 
     every_n_train_steps: Optional[int] = None
     every_n_minutes: Optional[float] = None
+    # resume a DeepSpeed folder whose shards fail the weights-only check (they can run code when unpickled)
+    trust: bool = False
 
     def check(self) -> None:
         check(self.every_n_train_steps is None or self.every_n_train_steps >= 1, "checkpoint.every_n_train_steps",

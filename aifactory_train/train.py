@@ -150,6 +150,11 @@ def run_training(cfg) -> dict[str, Any]:
     from aifactory_train.tracking import Tracker
 
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)  # ckpt_path=auto: None on a first start
+    unverified = []
+    if ckpt_path and Path(ckpt_path).is_dir():  # DeepSpeed unpickles its shards with weights_only=False
+        from aifactory_train.checkpoints import TRUST_RESUME, verify_deepspeed_checkpoint
+
+        unverified = verify_deepspeed_checkpoint(ckpt_path, resolved["checkpoint"]["trust"], TRUST_RESUME)
     tracker = Tracker(resolved["tracking"], run_dir, resume=ckpt_path is not None)
 
     import lightning as L
@@ -263,6 +268,10 @@ def run_training(cfg) -> dict[str, Any]:
         # tags, not params: a job resumed on another rank count has another accumulation (and, without
         # trainer.global_batch_size, another global batch)
         tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
+        for line in unverified:
+            log.warning("checkpoint.trust=true: loading unverified: %s", line)
+        if unverified:  # on record in the run: what checkpoint.trust let through
+            tracker.set_tags({"aift.checkpoint.trusted_unverified": "; ".join(unverified)[:5000]})
         log.info("global batch %s = %s per device x %d accumulated x %d rank(s)%s", batch["global"],
                  batch["per_device"], batch["accumulate_grad_batches"], batch["ranks"],
                  " (trainer.global_batch_size)" if batch["global_fixed"] else "")

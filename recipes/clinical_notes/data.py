@@ -130,11 +130,50 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def tokenizer_from_files(files: dict[str, str]):
-    with tempfile.TemporaryDirectory() as tmp:
+# The only file names a checkpoint's tokenizer may have: what save_pretrained writes for a fast tokenizer (ours:
+# tokenizer.json and tokenizer_config.json; a pretrained one may add the others). The names come from the
+# checkpoint, which anyone can craft: any other name (``../../x``, ``/tmp/x``) would be a file written elsewhere.
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json")
+
+
+def check_tokenizer_files(files: Any, source: str) -> dict[str, str]:
+    """The {file name: text} a checkpoint's tokenizer holds, refused (CheckpointError naming ``source`` and the
+    entry) unless every name is a known tokenizer file and tokenizer_config.json points at no file and no code."""
+    from aifactory_train.errors import CheckpointError
+
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{source}: its '{TOKENIZER_CHECKPOINT_KEY}' entry is not a tokenizer (a "
+                              f"{type(files).__name__}); it was not written by the clinical_notes recipe")
+    for name, text in files.items():
+        if name not in TOKENIZER_FILE_NAMES or not isinstance(text, str):
+            raise CheckpointError(f"{source}: its tokenizer has an entry {name!r} ({type(text).__name__}); a "
+                                  f"checkpoint's tokenizer may hold only text files named {', '.join(TOKENIZER_FILE_NAMES)}; "
+                                  f"refused, nothing was written")
+    try:
+        config = json.loads(files.get("tokenizer_config.json", "{}"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{source}: its tokenizer's tokenizer_config.json is not valid JSON ({err.msg})") from None
+    for key, value in (config.items() if isinstance(config, dict) else ()):
+        # transformers reads a *_file key as a path (absolute, or relative to the folder) and auto_map as code to
+        # import; save_pretrained writes neither, so a checkpoint that has them was made to reach outside
+        if key == "auto_map" or (key.endswith("_file") and value is not None):
+            raise CheckpointError(f"{source}: its tokenizer's tokenizer_config.json sets {key}={value!r}; a "
+                                  f"checkpoint's tokenizer may not name files or code; refused")
+    return files
+
+
+def tokenizer_from_files(files: dict[str, str], source: str = "the checkpoint"):
+    files = check_tokenizer_files(files, source)
+    # TemporaryDirectory is a private mkdtemp folder (0700), removed after loading
+    with tempfile.TemporaryDirectory(prefix="aift-tokenizer-") as tmp:
+        folder = Path(tmp).resolve()
         for name, text in files.items():
-            (Path(tmp) / name).write_text(text, encoding="utf-8")
-        return load_tokenizer(tmp)
+            path = (folder / name).resolve()
+            if path.parent != folder:  # the names are checked above; a path that leaves the folder is a bug
+                raise RuntimeError(f"tokenizer file {name!r} resolves outside {folder}")
+            path.write_text(text, encoding="utf-8")
+        return load_tokenizer(folder)
 
 
 def tokenizer_digest(files: dict[str, str]) -> str:
@@ -294,7 +333,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
         files = load_checkpoint_state(ckpt_path).get(TOKENIZER_CHECKPOINT_KEY)
         if not files:
             raise DataError(f"ckpt_path '{ckpt_path}' holds no tokenizer; it was not written by the clinical_notes recipe")
-        self.tokenizer = tokenizer_from_files(files)
+        self.tokenizer = tokenizer_from_files(files, f"ckpt_path '{ckpt_path}'")
         self.tokenizer_source = f"checkpoint {ckpt_path}"
 
     def has_split(self, name: str) -> bool:

@@ -21,7 +21,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore
 
 from aifactory_train.errors import ConfigError
-from aifactory_train.recipes.clinical_notes.data import TOKENIZER_CHECKPOINT_KEY, tokenizer_files, tokenizer_from_files
+from aifactory_train.recipes.clinical_notes.data import (TOKENIZER_CHECKPOINT_KEY, check_tokenizer_files, tokenizer_files,
+                                                           tokenizer_from_files)
 from aifactory_train.recipes.clinical_notes.model import build_model
 from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
 
@@ -80,7 +81,9 @@ class ClinicalNotesModule(L.LightningModule):
         checkpoint[TOKENIZER_CHECKPOINT_KEY] = self.tokenizer_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokenizer_files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
+        files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
+        # checked on load, before predict or export would write the files (load_trained_module names the file)
+        self.tokenizer_files = check_tokenizer_files(files, "the checkpoint") if files else None
 
     # -- steps -----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
