@@ -464,15 +464,16 @@ class InvalidRecords:
         return {f"skipped_{reason}": str(entry["count"]) for reason, entry in sorted(self.by_reason.items())}
 
 
-def inside_root(root: str | Path, path: str | Path, where: str) -> Path:
+def inside_root(root: str | Path, path: str | Path, where: str, base: str | Path | None = None) -> Path:
     """``path`` (relative to ``root`` or absolute) resolved, symlinks and ``..`` included, if it lies inside the
     data root; else a DataError naming ``where`` (file and row) and the path. A dataset is what lies under its
     root: a manifest row ``../other_owner/img.png``, an absolute path or a symlink out of it would read data that
-    its data card, usage terms and digest do not cover."""
+    its data card, usage terms and digest do not cover. ``base``: the folder ``path`` is relative to (default
+    ``root``), e.g. a COCO image folder."""
     from aifactory_train.errors import DataError
 
     resolved_root = Path(root).resolve()
-    resolved = (Path(root) / path).resolve()
+    resolved = (Path(base if base is not None else root) / path).resolve()
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise DataError(f"{where}: path '{path}' resolves to '{resolved}', outside data.root '{resolved_root}'; "
                         f"every file of a dataset must lie inside its root (no '..', absolute paths or symlinks "
