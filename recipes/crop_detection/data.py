@@ -74,7 +74,7 @@ def box_problem(bbox: Any, where: str) -> tuple[str, str] | None:
     return None
 
 
-def _clip_boxes(boxes_xywh, width: int, height: int, counts: Counter, where: str) -> tuple[list, tuple | None]:
+def _clip_boxes(boxes_xywh, width: int, height: int, counts: Counter, names: list[str]) -> tuple[list, tuple | None]:
     """xywh → xyxy inside the image (boxes reaching outside it are clipped and counted); (boxes, problem) where
     problem is (reason, message) for a box with no pixel inside the image."""
     kept = []
@@ -82,8 +82,8 @@ def _clip_boxes(boxes_xywh, width: int, height: int, counts: Counter, where: str
         x0, y0, x1, y1 = x, y, x + w, y + h
         cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
         if cx1 - cx0 < 1 or cy1 - cy0 < 1:
-            return kept, ("box_outside_image", f"{where}: box {i} {[x, y, w, h]!r} lies outside the {width}x{height} "
-                                               f"image; expected a box with pixels inside it")
+            return kept, ("box_outside_image", f"{names[i]}: 'bbox' {[x, y, w, h]!r} lies outside the "
+                                               f"{width}x{height} image; expected a box with pixels inside it")
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
             counts["clipped_outside_image"] += 1
         kept.append([cx0, cy0, cx1, cy1])
@@ -108,6 +108,7 @@ class _Image:
         self.where, self.file_name = where, file_name
         self.size: tuple | None = None  # (width, height) the annotations give, checked against the file
         self.boxes: list = []
+        self.box_names: list[str] = []  # what names each box in an error: its annotation, or "line N box i"
         self.category_ids: list[int] = []
         self.bad = False
 
@@ -149,7 +150,7 @@ def _finish_images(root: Path, base: Path, images: list[_Image], counts: Counter
                                           f"annotations say {image.size[0]}x{image.size[1]}; fix them (or re-export) "
                                           f"so boxes line up")
             continue
-        boxes, problem = _clip_boxes(image.boxes, width, height, counts, image.where)
+        boxes, problem = _clip_boxes(image.boxes, width, height, counts, image.box_names)
         if problem is not None:
             invalid(problem[0], rel, problem[1])
             continue
@@ -250,6 +251,7 @@ def read_coco_split(root: Path, split: str, annotations: str, images: str, count
             invalid(problem[0], image.file_name if isinstance(image.file_name, str) else image.where, problem[1])
             continue
         image.boxes.append([float(v) for v in ann["bbox"]])
+        image.box_names.append(f"{where} of image {ann['image_id']} '{image.file_name}'")
         image.category_ids.append(ann["category_id"])
     return _finish_images(root, image_dir, order, counts, invalid, "file_name"), categories
 
@@ -310,6 +312,7 @@ def read_hf_split(root: Path, split: str, class_names: list[str], counts: Counte
             invalid(problem[0], record_path, problem[1])
             continue
         image.boxes = [[float(v) for v in b] for b in objects["bbox"]]
+        image.box_names = [f"{where} box {i}" for i in range(len(image.boxes))]
         image.category_ids = list(categories)
         total += len(categories)
     records = _finish_images(root, folder, images, counts, invalid, "file_name")
