@@ -259,3 +259,25 @@ def test_cli_refuses_a_manifest_row_outside_the_root_and_writes_nothing(data_cop
     written = [p.relative_to(work / "out").as_posix() for p in (work / "out").rglob("*") if p.is_file()]
     # Hydra's own record of the command and the log only: no checkpoint, no summary, no provenance
     assert [p for p in written if not p.startswith(".hydra/") and not p.endswith(".log")] == [], written
+
+
+def test_skips_reach_summary_and_mlflow(data_copy, tmp_path):
+    """A skipped file is counted per reason in summary.json's dataset section and in the MLflow run's tags."""
+    undecodable_png(data_copy)
+    val_file_identical_to_train_file(data_copy)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = aift("train", "recipe=plastic_sorting", f"data.root={data_copy}", "data.on_invalid=skip", "debug=smoke",
+                  "hydra.run.dir=out", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dataset = json.loads((work / "out" / "summary.json").read_text())["dataset"]
+    assert dataset["skipped_files"] == 2
+    assert {r: e["count"] for r, e in dataset["invalid_records"].items()} == {"undecodable": 1,
+                                                                              "shared_across_splits": 1}
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("plastic_sorting").experiment_id])
+    assert run.data.tags["aift.data.skipped_files"] == "2"
+    assert run.data.tags["aift.data.skipped_undecodable"] == "1"
+    assert run.data.tags["aift.data.skipped_shared_across_splits"] == "1"
