@@ -43,22 +43,45 @@ DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "
                    "deidentification")
 
 
-def digest_files(root: str | Path, paths: Iterable[str], labels: Iterable[Any]) -> str:
-    """SHA-256 over (relative path, label, SHA-256 of the file's bytes) of every record, in the given order."""
+def _digest_names(root: Path, resolved_root: Path, path: str) -> tuple[str, Path]:
+    """(the name a file is hashed and cached under, its path) for ``path`` relative to ``root``."""
+    rel = posixpath.normpath(str(path))
+    full = root / rel
+    if os.path.isabs(rel) or rel.startswith("../"):
+        # resolving costs a syscall per path component: only for paths that may lie outside the root
+        try:
+            rel = full.resolve().relative_to(resolved_root).as_posix()
+        except ValueError:
+            rel = full.resolve().as_posix()
+    return rel, full
+
+
+def file_digests(root: str | Path, paths: Iterable[str]) -> dict[str, str]:
+    """``{path: SHA-256 of its bytes}`` for files relative to ``root``, through the digest cache: the same hashes
+    the split digests are made of, so checks on content (a validation file identical to a training file) read no
+    file twice. Pass the result to ``digest_files(digests=...)``."""
+    root = Path(root)
+    resolved_root = root.resolve()
+    names = {str(p): _digest_names(root, resolved_root, str(p)) for p in paths}
+    by_rel = DigestCache.for_root(resolved_root).file_digests(dict(names.values()))
+    return {p: by_rel[rel] for p, (rel, _) in names.items()}
+
+
+def digest_files(root: str | Path, paths: Iterable[str], labels: Iterable[Any],
+                 digests: dict[str, str] | None = None) -> str:
+    """SHA-256 over (relative path, label, SHA-256 of the file's bytes) of every record, in the given order.
+    ``digests``: the files' SHA-256s from ``file_digests`` (taken when the data were checked), used as they are."""
     root = Path(root)
     resolved_root = root.resolve()
     records = []
+    known = {}
     for path, label in zip(paths, labels):
-        rel = posixpath.normpath(str(path))
-        full = root / rel
-        if os.path.isabs(rel) or rel.startswith("../"):
-            # resolving costs a syscall per path component: only for paths that may lie outside the root
-            try:
-                rel = full.resolve().relative_to(resolved_root).as_posix()
-            except ValueError:
-                rel = full.resolve().as_posix()
+        rel, full = _digest_names(root, resolved_root, str(path))
         records.append((rel, label, full))
-    file_digests = DigestCache.for_root(resolved_root).file_digests({rel: full for rel, _, full in records})
+        if digests is not None and str(path) in digests:
+            known[rel] = digests[str(path)]
+    missing = {rel: full for rel, _, full in records if rel not in known}
+    file_digests = {**known, **(DigestCache.for_root(resolved_root).file_digests(missing) if missing else {})}
     sha = hashlib.sha256()
     for rel, label, _ in records:
         sha.update(f"{rel}\0{label}\0{file_digests[rel]}\n".encode())
@@ -379,7 +402,8 @@ class DatasetLineage:
     root: str
     splits: dict[str, SplitLineage] = field(default_factory=dict)
     datacard: dict[str, str] = field(default_factory=dict)
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # every record data.on_invalid=skip left out
+    invalid_records: dict[str, dict[str, Any]] = field(default_factory=dict)  # InvalidRecords.by_reason
 
     @property
     def digest(self) -> str:
@@ -396,4 +420,108 @@ class DatasetLineage:
             "splits": {n: {"num_rows": s.num_rows, "digest": s.digest} for n, s in self.splits.items()},
             "datacard": self.datacard,
             "skipped_files": len(self.skipped_files),
+            "invalid_records": self.invalid_records,
         }
+
+
+# -- records that fail a check --------------------------------------------------------------------------------
+ON_INVALID = ("error", "skip")
+FIRST_PATHS = 5  # paths kept (and logged) per reason: enough to find the pattern, not a copy of the file list
+SKIP_HINT = "data.on_invalid=skip leaves such records out and counts them"
+
+
+class InvalidRecords:
+    """What ``data.on_invalid`` does with a record that fails a check when it is first read.
+
+    ``error`` (the default) raises the check's DataError: one line naming the file, the record, the field, the bad
+    value and what is expected. ``skip`` leaves the record out and counts it per reason, keeping the first paths.
+    ``by_reason`` (``{reason: {"count": n, "first_paths": [...]}}``) is plain data: the DataModules expose it as
+    ``invalid_records``; the lineage carries it into summary.json and, with ``skipped_files``, into MLflow."""
+
+    def __init__(self, policy: str = "error", hint: str | None = SKIP_HINT) -> None:
+        from aifactory_train.errors import ConfigError
+
+        if policy not in ON_INVALID:
+            raise ConfigError(f"config key 'data.on_invalid': '{policy}' is not valid; valid values: "
+                              f"{', '.join(ON_INVALID)}")
+        self.policy = policy
+        self.hint = hint
+        self.by_reason: dict[str, dict[str, Any]] = {}
+        self.paths: list[str] = []
+
+    def __call__(self, reason: str, path: str, message: str) -> None:
+        """Record ``path`` (a file, or ``file:line``) as invalid for ``reason``; raises under policy ``error``."""
+        from aifactory_train.errors import DataError
+
+        if self.policy == "error":
+            raise DataError(f"{message} ({self.hint})" if self.hint else message)
+        entry = self.by_reason.setdefault(reason, {"count": 0, "first_paths": [], "first_message": message})
+        entry["count"] += 1
+        if len(entry["first_paths"]) < FIRST_PATHS:
+            entry["first_paths"].append(str(path))
+        self.paths.append(str(path))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def log(self, logger: logging.Logger, root: str | Path) -> None:
+        for reason, entry in sorted(self.by_reason.items()):
+            logger.warning("data.on_invalid=skip: left out %d record(s) of data.root '%s' (%s), e.g. %s; first: %s",
+                           entry["count"], root, reason.replace("_", " "), ", ".join(entry["first_paths"]),
+                           entry["first_message"])
+
+    def lineage_fields(self) -> dict[str, str]:
+        """Counts per reason for the lineage's tags (MLflow ``aift.data.skipped_<reason>``)."""
+        return {f"skipped_{reason}": str(entry["count"]) for reason, entry in sorted(self.by_reason.items())}
+
+
+def inside_root(root: str | Path, path: str | Path, where: str, base: str | Path | None = None) -> Path:
+    """``path`` (relative to ``root`` or absolute) resolved, symlinks and ``..`` included, if it lies inside the
+    data root; else a DataError naming ``where`` (file and row) and the path. A dataset is what lies under its
+    root: a manifest row ``../other_owner/img.png``, an absolute path or a symlink out of it would read data that
+    its data card, usage terms and digest do not cover. ``base``: the folder ``path`` is relative to (default
+    ``root``), e.g. a COCO image folder."""
+    from aifactory_train.errors import DataError
+
+    resolved_root = Path(root).resolve()
+    resolved = (Path(base if base is not None else root) / path).resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise DataError(f"{where}: path '{path}' resolves to '{resolved}', outside data.root '{resolved_root}'; "
+                        f"every file of a dataset must lie inside its root (no '..', absolute paths or symlinks "
+                        f"out of it)")
+    return resolved
+
+
+class SameBytes:
+    """Whether two files under ``root`` hold the same bytes, read now. A match found through the digest cache is
+    confirmed by reading both files (rare in valid data, so cheap): a wrong cache entry must not make valid data
+    fail a check."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.read: dict[str, str] = {}
+
+    def _sha(self, path: str) -> str:
+        if path not in self.read:
+            self.read[path] = file_sha256(self.root / path)
+        return self.read[path]
+
+    def __call__(self, a: str, b: str) -> bool:
+        return self._sha(a) == self._sha(b)
+
+
+def shared_across_splits(digests: dict[str, dict[str, str]], same=None) -> list[tuple[str, str, str, str]]:
+    """(split, path, earlier split, its path) for each file whose bytes (SHA-256) are also in an earlier split
+    (``digests``: ``{split: {path: sha256}}`` in order, train first): validation or test data that the model
+    trained on measures memory, not generalisation. ``same(path, other)``: confirms a match (``SameBytes``)."""
+    seen: dict[str, tuple[str, str]] = {}
+    shared = []
+    for split, files in digests.items():
+        here = {}
+        for path, sha in files.items():
+            if sha in seen and seen[sha][0] != split and (same is None or same(path, seen[sha][1])):
+                shared.append((split, path, *seen[sha]))
+            here.setdefault(sha, (split, path))
+        for sha, where in here.items():
+            seen.setdefault(sha, where)
+    return shared

@@ -118,17 +118,20 @@ def test_category_id_not_in_categories(crop_copy):
     assert "category_id 5" in str(err.value) and "valid ids: [3, 7]" in str(err.value)
 
 
-def test_boxes_without_area_are_dropped_and_counted(crop_copy, caplog):
+def test_boxes_without_area_are_refused_or_their_images_skipped_and_counted(crop_copy, caplog):
     data = coco(crop_copy)
     data["annotations"][0]["bbox"][2] = 0
     data["annotations"][1]["bbox"][3] = -4
     save(crop_copy, data)
-    dm = datamodule(crop_copy)
+    with pytest.raises(DataError, match=r"annotation \d+ \(annotations\[0\]\): 'bbox' .* has width 0"):
+        datamodule(crop_copy).setup("fit")
+    dm = datamodule(crop_copy, on_invalid="skip")
     dm.setup("fit")
-    assert dm.box_counts["dropped_no_area"] == 2
-    assert sum(len(b) for b in dm.splits["train"]["boxes"]) == len(data["annotations"]) - 2
-    assert "2 box(es) dropped no area" in caplog.text
-    assert dm.lineage().datacard["boxes_dropped_no_area"] == "2"
+    bad_images = {data["annotations"][0]["image_id"], data["annotations"][1]["image_id"]}
+    assert len(dm.splits["train"]) == len(data["images"]) - len(bad_images)  # each image goes with all its boxes
+    assert dm.invalid_records["impossible_box"]["count"] == len(bad_images)
+    assert "left out" in caplog.text and "impossible box" in caplog.text
+    assert dm.lineage().datacard["skipped_impossible_box"] == str(len(bad_images))
 
 
 def test_boxes_outside_the_image_are_clipped_and_counted(crop_copy):

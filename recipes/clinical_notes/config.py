@@ -10,6 +10,7 @@ from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, 
 from aifactory_train.errors import DataError
 
 DEIDENTIFY_MODES = ("none", "inline")
+ON_INVALID = ("error", "skip")  # as aifactory_train.lineage.ON_INVALID (not imported: keeps this module light)
 FINETUNE_MODES = ("full", "lora")
 MISSING_SPLIT = ("data.splits.{split}: '{path}' does not exist; make demo data with "
                  "`aift data synth clinical_notes --out DIR` or point data.root at your JSONL files")
@@ -57,8 +58,13 @@ class DataConfig:
     tokenizer_vocab_size: int = 1024
     batch_size: int = 8
     num_workers: int = 0
+    on_invalid: str = "error"
+    max_record_bytes: int = 1 << 20
 
     def check(self) -> None:
+        check_choice("data.on_invalid", self.on_invalid, ON_INVALID)
+        check(self.max_record_bytes >= 1024, "data.max_record_bytes", self.max_record_bytes,
+              "an integer >= 1024 (bytes of one JSONL line)")
         check({"train", "val"} <= set(self.splits), "data.splits", dict(self.splits),
               "a mapping with at least 'train' and 'val' JSONL files, relative to data.root")
         check(self.text_field != self.target_field, "data.target_field", self.target_field,

@@ -2,8 +2,10 @@
 
 Reading order, top to bottom:
 
-1. ``read_jsonl`` reads one split, checking every record (a missing or empty field names the file and line,
-   never the text).
+1. ``read_jsonl`` reads one split, checking every record (not UTF-8, not JSON, a missing or empty field, longer
+   than ``data.max_record_bytes``: the error names the file and line, never the text), and a note that is also in
+   an earlier split is found. ``data.on_invalid=error`` (default) stops the run; ``skip`` leaves the record out
+   and counts it per reason (``invalid_records``, the lineage, summary.json, MLflow).
 2. The data must be de-identified: its data card says ``deidentified: true`` (written by
    `aift data deidentify`), or ``data.deidentify=inline`` runs deduce here, before anything else sees the text.
 3. The tokenizer: the pretrained model's (``data.tokenizer_path``), or a byte-level BPE trained here on the
@@ -34,7 +36,7 @@ import torch
 from aifactory_train.errors import DataError
 from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.resume import shuffled
-from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files, read_datacard
+from aifactory_train.lineage import DatasetLineage, InvalidRecords, SplitLineage, digest_files, read_datacard
 from aifactory_train.recipes.clinical_notes.config import MISSING_SPLIT, check_deidentified
 
 log = logging.getLogger(__name__)
@@ -45,47 +47,99 @@ IGNORE_INDEX = -100
 
 
 # -- 1. reading ---------------------------------------------------------------------------------------
-def read_records(path: Path, fields: dict[str, str]) -> list[tuple[int, list[str]]]:
+DEFAULT_MAX_RECORD_BYTES = 1 << 20  # 1 MiB: long discharge letters are tens of kB; a 24 MB "note" is an export error
+
+
+def _lines(path: Path, max_record_bytes: int):
+    """(line number, its bytes, or None when longer than ``max_record_bytes``, its size). A longer line is never
+    held whole: it is read past in chunks, so one 24 MB record costs no 24 MB string."""
+    with open(path, "rb") as handle:
+        line_number = 0
+        while True:
+            raw = handle.readline(max_record_bytes + 1)
+            if not raw:
+                return
+            line_number += 1
+            if len(raw) == max_record_bytes + 1 and not raw.endswith(b"\n"):
+                size = len(raw)
+                while chunk := handle.readline(1 << 20):
+                    size += len(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+                yield line_number, None, size
+            else:
+                yield line_number, raw, len(raw)
+
+
+def read_records(path: Path, fields: dict[str, str], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                 invalid: InvalidRecords | None = None) -> list[tuple[int, list[str]]]:
     """(line number, [the value of each field]) of every record of a JSONL file; ``fields`` maps the config key
     that names a field to the field (``{"data.text_field": "note"}``). Errors name the file, line and field, never
-    the text."""
+    the text. ``invalid``: what to do with a bad record (default: stop, with no data.on_invalid hint)."""
+    invalid = invalid if invalid is not None else InvalidRecords("error", hint=None)
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {line_number}: not valid JSON ({err.msg} at column {err.colno}); "
-                                f"each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {line_number}: a {type(record).__name__}, not a JSON object")
-            values = []
-            for key, name in fields.items():
-                if name not in record:
-                    raise DataError(f"{path} line {line_number}: the record has no field '{name}' ({key}); "
-                                    f"its fields are {sorted(record)}; set {key} to the right one")
-                value = record[name]
-                if not isinstance(value, str):
-                    raise DataError(f"{path} line {line_number}: field '{name}' ({key}) must be a string, "
-                                    f"not {type(value).__name__}")
-                if not value.strip():
-                    what = " and summary" if len(fields) > 1 else ""
-                    raise DataError(f"{path} line {line_number}: field '{name}' ({key}) is empty; every record "
-                                    f"needs a non-empty note{what} (remove or complete this record)")
-                values.append(value)
-            records.append((line_number, values))
+    for line_number, raw, size in _lines(path, max_record_bytes):
+        where = f"{path}:{line_number}"
+        if raw is None:
+            invalid("oversize", where, f"{path} line {line_number}: the record is {size} bytes, more than "
+                                       f"data.max_record_bytes={max_record_bytes}; expected one note per line (raise "
+                                       f"data.max_record_bytes if notes this long are real)")
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            invalid("not_utf8", where, f"{path} line {line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                       f"byte {err.start + 1} of the line); save the file as UTF-8")
+            continue
+        if line_number == 1:
+            line = line.removeprefix("\ufeff")  # a BOM, as some editors write it, is not part of the record
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            invalid("bad_json", where, f"{path} line {line_number}: not valid JSON ({err.msg} at column "
+                                       f"{err.colno}); each line must be one JSON object")
+            continue
+        if not isinstance(record, dict):
+            invalid("bad_json", where, f"{path} line {line_number}: a {type(record).__name__}, not a JSON object")
+            continue
+        values, problem = [], None
+        for key, name in fields.items():
+            if name not in record:
+                problem = "missing_field", (f"{path} line {line_number}: the record has no field '{name}' ({key}); "
+                                            f"its fields are {sorted(record)}; set {key} to the right one")
+                break
+            value = record[name]
+            if not isinstance(value, str):
+                problem = "missing_field", (f"{path} line {line_number}: field '{name}' ({key}) must be a string, "
+                                            f"not {type(value).__name__}")
+                break
+            if not value.strip():
+                what = " and summary" if len(fields) > 1 else ""
+                problem = "empty_field", (f"{path} line {line_number}: field '{name}' ({key}) is empty; every "
+                                          f"record needs a non-empty note{what} (remove or complete this record)")
+                break
+            values.append(value)
+        if problem is not None:
+            invalid(problem[0], where, problem[1])
+            continue
+        records.append((line_number, values))
     return records
 
 
-def read_jsonl(path: Path, split: str, text_field: str, target_field: str) -> list[tuple[int, str, str]]:
+def read_jsonl(path: Path, split: str, text_field: str, target_field: str,
+               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+               invalid: InvalidRecords | None = None) -> list[tuple[int, str, str]]:
     """(line number, note, summary) of every record of one split."""
     if not path.is_file():
         raise DataError(MISSING_SPLIT.format(split=split, path=path))
-    records = read_records(path, {"data.text_field": text_field, "data.target_field": target_field})
+    records = read_records(path, {"data.text_field": text_field, "data.target_field": target_field},
+                           max_record_bytes, invalid)
     if not records:
-        raise DataError(f"data.splits.{split}: '{path}' has no records")
+        raise DataError(f"data.splits.{split}: '{path}' has no records"
+                        + (f" left after data.on_invalid=skip left out {len(invalid)} record(s)"
+                           if invalid is not None and len(invalid) else ""))
     return [(line, note, summary) for line, (note, summary) in records]
 
 
@@ -306,7 +360,8 @@ class ClinicalNotesDataModule(L.LightningDataModule):
                  prompt_template: str = "Notitie:\n{text}\n\nSamenvatting:\n", max_length: int = 256,
                  max_target_length: int = 64, packing: bool = False, deidentify: str = "none",
                  tokenizer_path: str | None = None, tokenizer_vocab_size: int = 1024, batch_size: int = 8,
-                 num_workers: int = 0):
+                 num_workers: int = 0, on_invalid: str = "error",
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
         super().__init__()
         self.root = Path(root)
         self.split_files = dict(splits)
@@ -318,6 +373,9 @@ class ClinicalNotesDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer_path
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.on_invalid = on_invalid
+        self.invalid = InvalidRecords(on_invalid)
+        self.max_record_bytes = max_record_bytes
         self.tokenizer = None
         self.tokenizer_source = None
         self.records: dict[str, list[tuple[int, str, str]]] = {}
@@ -341,7 +399,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
 
     def _read(self, split: str) -> list[tuple[int, str, str]]:
         path = self.root / self.split_files[split]
-        records = read_jsonl(path, split, self.text_field, self.target_field)
+        records = read_jsonl(path, split, self.text_field, self.target_field, self.max_record_bytes, self.invalid)
         self._digests[split] = digest_files(self.root, [self.split_files[split]], [split])
         return records
 
@@ -352,6 +410,8 @@ class ClinicalNotesDataModule(L.LightningDataModule):
         wanted = list(self.split_files) if stage in (None, "fit") else [s for s in self.split_files if s != "train"]
         for split in wanted:
             self.records[split] = self._read(split)
+        self._check_shared_notes()
+        self.invalid.log(log, self.root)
         if self.deidentify == "inline":
             from aifactory_train.recipes.clinical_notes.deidentify import Deidentifier
 
@@ -378,6 +438,36 @@ class ClinicalNotesDataModule(L.LightningDataModule):
                 log.warning("%s: %d of %d notes were longer than data.max_length=%d tokens allows and were truncated "
                             "(kept, not dropped)", split, self.counts[split]["note_truncated"], len(records),
                             self.max_length)
+
+    def _check_shared_notes(self) -> None:
+        """A note (by the SHA-256 of its text, held in memory: nothing is read again) that is also in an earlier
+        split: the score on it measures memory. Left out of the later split under data.on_invalid=skip."""
+        seen: dict[str, tuple[str, int]] = {}
+        for split, records in self.records.items():
+            here, kept = {}, []
+            for line, note, summary in records:
+                sha = hashlib.sha256(note.encode()).hexdigest()
+                if sha in seen and seen[sha][0] != split:
+                    earlier, earlier_line = seen[sha]
+                    self.invalid("shared_across_splits", f"{self.root / self.split_files[split]}:{line}",
+                                 f"{self.root / self.split_files[split]} line {line} (split '{split}'): the same note "
+                                 f"as {self.root / self.split_files[earlier]} line {earlier_line} (split '{earlier}'); "
+                                 f"expected each note in one split only")
+                    continue
+                here.setdefault(sha, (split, line))
+                kept.append((line, note, summary))
+            for sha, where in here.items():
+                seen.setdefault(sha, where)
+            if not kept:
+                raise DataError(f"data.splits.{split}: no records left after data.on_invalid=skip left out "
+                                f"{len(self.invalid)}: {self.invalid_records}")
+            self.records[split] = kept
+
+    @property
+    def invalid_records(self) -> dict[str, dict[str, Any]]:
+        """``{reason: {count, first_paths, first_message}}`` of the records data.on_invalid=skip left out (paths
+        are ``file:line``; never the text)."""
+        return self.invalid.by_reason
 
     def _encode(self, encoder: PromptEncoder, records) -> tuple[list[dict[str, Any]], Counter]:
         from datasets import Dataset, disable_progress_bars
@@ -410,7 +500,8 @@ class ClinicalNotesDataModule(L.LightningDataModule):
     def lineage(self) -> DatasetLineage:
         from datasets import Dataset
 
-        lineage = DatasetLineage(name="clinical_notes", root=str(self.root), datacard=read_datacard(self.root))
+        lineage = DatasetLineage(name="clinical_notes", root=str(self.root), datacard=read_datacard(self.root),
+                                 skipped_files=list(self.invalid.paths), invalid_records=self.invalid_records)
         extra = {}
         for split, rows in self.encoded.items():
             # MLflow's dataset input gets a schema and row count only: line numbers and token counts, no text
@@ -421,6 +512,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
             extra.update({f"{key}_{split}": str(value) for key, value in self.counts[split].items()})
         extra.update({f"deidentified_inline_{tag}": str(n) for tag, n in sorted(self.tag_counts.items())})
         extra["tokenizer"] = self.tokenizer_source or ""
+        extra.update(self.invalid.lineage_fields())
         lineage.datacard = {**lineage.datacard, **extra}
         return lineage
 

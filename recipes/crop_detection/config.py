@@ -10,6 +10,7 @@ from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, 
 from aifactory_train.errors import DataError
 
 FORMATS = ("coco", "hf")
+ON_INVALID = ("error", "skip")  # as aifactory_train.lineage.ON_INVALID (not imported: keeps this module light)
 DETECTORS = (  # keep in step with model.DETECTORS (no torch import here)
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
     "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
@@ -64,9 +65,11 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    on_invalid: str = "error"
 
     def check(self) -> None:
         check_choice("data.format", self.format, FORMATS)
+        check_choice("data.on_invalid", self.on_invalid, ON_INVALID)
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         if self.format == "coco":

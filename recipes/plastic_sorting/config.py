@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
-from aifactory_train.errors import DataError
+from aifactory_train.errors import ConfigError, DataError
 
 FORMATS = ("imagefolder", "manifest")
-ON_CORRUPT = ("fail", "skip")
+ON_INVALID = ("error", "skip")  # as aifactory_train.lineage.ON_INVALID (not imported: keeps this module light)
 REQUIRED_SPLITS = ("train", "val")
 OPTIONAL_SPLITS = ("test",)
 
@@ -31,6 +31,16 @@ def check_data_files(root: str | Path, format: str, manifest: Dict[str, str]) ->
                 raise DataError(f"data.manifest.{split}: manifest file '{path}' does not exist")
         elif not (root / split).is_dir():
             raise DataError(f"data.root '{root}': missing split folder '{split}/' (need {'/, '.join(REQUIRED_SPLITS)}/)")
+
+
+def check_on_corrupt(value: Optional[str]) -> None:
+    """data.on_corrupt was folded into data.on_invalid, which covers unreadable files and every other invalid
+    record; an old command that sets it is told the new spelling rather than silently getting the default."""
+    if value is not None:
+        new = {"fail": "error"}.get(str(value), str(value))
+        raise ConfigError(f"config key 'data.on_corrupt' ({value!r}) was replaced by data.on_invalid (error | skip), "
+                          f"which covers unreadable files and every other invalid record; set "
+                          f"data.on_invalid={new if new in ON_INVALID else 'error|skip'} and drop data.on_corrupt")
 
 
 @dataclass
@@ -58,15 +68,17 @@ class DataConfig:
     std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     batch_size: int = 32
     num_workers: int = 2
-    on_corrupt: str = "fail"
+    on_invalid: str = "error"
     verify_files: bool = True
+    on_corrupt: Optional[str] = None  # replaced by on_invalid; set, it is an error that says so
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
 
     def check(self) -> None:
         check_choice("data.format", self.format, FORMATS)
-        check_choice("data.on_corrupt", self.on_corrupt, ON_CORRUPT)
+        check_on_corrupt(self.on_corrupt)
+        check_choice("data.on_invalid", self.on_invalid, ON_INVALID)
         check(len(self.channels) >= 1, "data.channels", self.channels, "a list of at least one band name")
         for key in ("mean", "std"):
             values = getattr(self, key)
