@@ -139,9 +139,10 @@ def run_training(cfg) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from aifactory_train.config import build, check_data, validate
+    from aifactory_train.usage_terms import usage_tags
 
     typed = validate(cfg)  # types and names, before any data is read or tracking run created
-    check_data(typed)  # the data files are there: a wrong data.root fails here, in a second
+    usage = check_data(typed)  # the data files are there and the owner's terms allow this run: fails in a second
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -260,6 +261,8 @@ def run_training(cfg) -> dict[str, Any]:
         # tags, not params: a job resumed on another rank count has another accumulation (and, without
         # trainer.global_batch_size, another global batch)
         tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
+        if usage is not None:  # who used the data, where, for which recipe, under which terms (usage_terms.py)
+            tracker.set_tags(usage_tags(usage))
         log.info("global batch %s = %s per device x %d accumulated x %d rank(s)%s", batch["global"],
                  batch["per_device"], batch["accumulate_grad_batches"], batch["ranks"],
                  " (trainer.global_batch_size)" if batch["global_fixed"] else "")
@@ -335,6 +338,7 @@ def run_training(cfg) -> dict[str, Any]:
         "batch": batch,
         "peak_device_memory_gib": _peak_device_memory_gib(trainer),
         "dataset": lineage.as_dict() if lineage is not None else None,
+        "usage_check": usage,  # what the owner's terms were checked against (usage_terms.check_usage)
     }
     if not is_global_zero():
         return summary
