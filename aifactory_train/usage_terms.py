@@ -281,12 +281,13 @@ def _slurm_client(name: str) -> tuple[str, dict[str, str]] | None:
     return found, env
 
 
-def _slurm(name: str, *args: str) -> str | None:
+def _slurm(name: str, *args: str, env: dict[str, str] | None = None) -> str | None:
     client = _slurm_client(name)
     if client is None:
         return None
     try:
-        result = subprocess.run([client[0], *args], capture_output=True, text=True, env=client[1], timeout=20)
+        result = subprocess.run([client[0], *args], capture_output=True, text=True, env={**client[1], **(env or {})},
+                                timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout if result.returncode == 0 else None
@@ -327,8 +328,12 @@ class SlurmJob:
 def verified_slurm_job() -> SlurmJob | None:
     """The job this process belongs to, or None. slurmd is asked which job this pid belongs to (`scontrol pidinfo`,
     so ``$SLURM_JOB_ID`` counts for nothing); slurmctld then must say it is RUNNING and this uid's; its node is
-    one of the job's nodes whose address is this machine's (``$SLURMD_NODENAME`` only picks among those)."""
-    out = _slurm("scontrol", "pidinfo", str(os.getpid()))
+    one of the job's nodes whose address is this machine's."""
+    # Where several slurmd run on one host (emulated nodes), $SLURMD_NODENAME picks the one scontrol asks. It cannot
+    # make a job up: that slurmd answers for this pid only, and the node must turn out to be this machine (below).
+    asked = os.environ.get("SLURMD_NODENAME", "")
+    asked = asked if re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", asked) else ""
+    out = _slurm("scontrol", "pidinfo", str(os.getpid()), env={"SLURMD_NODENAME": asked} if asked else None)
     match = re.search(r"JobId=(\d+)", out or "")
     if match is None:
         return None
@@ -344,10 +349,9 @@ def verified_slurm_job() -> SlurmJob | None:
         fields = info[0].split("|") if info else []
         if len(fields) == 3 and fields[0] == node and _is_this_machine(fields[1:]):
             here.append(node)
-    if not here:
+    if not here or (asked and asked not in here):
         return None
-    claimed = os.environ.get("SLURMD_NODENAME")
-    node = claimed if claimed in here else here[0]
+    node = asked or here[0]
     account = row[3] if row[3] not in ("", "(null)") else None
     return SlurmJob(job_id, node, account)
 

@@ -224,3 +224,49 @@ def test_launch_checks_the_terms_against_the_account_the_job_is_charged_to(plast
     assert "sbatch" not in result.stderr and not (tmp_path / "outputs").exists()  # refused before queueing
     result = aift(*job, "cluster.allocation=regional", cwd=tmp_path, env=no_sbatch)
     assert result.returncode == 2 and "sbatch was not found" in result.stderr  # allowed: on to the queue
+
+
+def small_notes(clinical_raw: Path, where: Path, usage) -> Path:
+    """A few of the raw notes (deduce is slow on two shared cores), with the owner's terms on their card."""
+    where.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        lines = (clinical_raw / f"{split}.jsonl").read_text().splitlines(keepends=True)
+        (where / f"{split}.jsonl").write_text("".join(lines[:3]))
+    content = yaml.safe_load((clinical_raw / DATACARD_FILE).read_text())
+    (where / DATACARD_FILE).write_text(yaml.safe_dump({**content, "usage": usage}))
+    return where
+
+
+def test_deidentify_is_a_use_checked_like_training_and_its_output_carries_the_source_terms(clinical_raw, tmp_path):
+    # `aift data deidentify` read data whose terms forbade it, and wrote a card without them
+    forbidden = small_notes(clinical_raw, tmp_path / "forbidden", {"users": ["alice"]})
+    result = aift("data", "deidentify", "recipe=clinical_notes", f"data.root={forbidden}", "--out", "clean",
+                  cwd=tmp_path)
+    one_line_refusal(result, f"data card '{forbidden / DATACARD_FILE}': usage.users allows ['alice'], not user "
+                             f"'{OS_USER}'")
+    assert not (tmp_path / "clean").exists()
+
+    until = (datetime.date.today() + datetime.timedelta(days=30)).isoformat()
+    usage = {"recipes": ["clinical_notes"], "users": [OS_USER], "until": until}
+    allowed = small_notes(clinical_raw, tmp_path / "allowed", usage)
+    result = aift("data", "deidentify", "recipe=clinical_notes", f"data.root={allowed}", "--out", "clean",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    derived = yaml.safe_load((tmp_path / "clean" / DATACARD_FILE).read_text())["derived_from"]
+    from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files
+
+    source = DatasetLineage("clinical_notes", str(allowed), splits={
+        s: SplitLineage(s, 0, digest_files(allowed, [f"{s}.jsonl"], [s])) for s in ("train", "val", "test")})
+    assert derived["source"] == str(allowed) and derived["digest"] == source.digest  # the link to the source data
+    assert derived["cards"][0]["path"] == str(allowed / DATACARD_FILE)
+    assert derived["cards"][0]["card"]["usage"]["users"] == [OS_USER]  # structured, as the owner wrote them
+    # ... and they apply to the derived data wherever it was written: past `until`, it is refused too
+    from aifactory_train.usage_terms import check_usage
+
+    recipe = {"name": "clinical_notes", "module": {"_target_": "aifactory_train.recipes.clinical_notes.module.M"}}
+    with pytest.raises(DataError) as refused:
+        check_usage(tmp_path / "clean", recipe, today=datetime.date(2100, 1, 1))
+    assert (f"data card '{tmp_path / 'clean' / DATACARD_FILE}': derived_from '{allowed / DATACARD_FILE}' usage.until "
+            f"is {until}") in str(refused.value)
+    assert read_datacard(tmp_path / "clean")["usage"] == (f"recipes=clinical_notes; users={OS_USER}; until={until} "
+                                                          f"(from {allowed / DATACARD_FILE})")
