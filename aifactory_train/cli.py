@@ -266,6 +266,10 @@ def _data_deidentify(args: argparse.Namespace) -> int:
     recipe = resolved["recipe"]
     if not recipe.get("deidentify"):
         raise ConfigError(f"recipe '{recipe['name']}' has no de-identification step (recipe.deidentify is empty)")
+    from aifactory_train.usage_terms import check_usage, data_paths
+
+    # a step on the data is a use of it: the source's terms are checked as a training run's are, before it is read
+    check_usage(data_paths(resolved["data"]), recipe)
     deidentify = load_object(recipe["deidentify"])
     report = deidentify(resolved["data"], out=args.out, overwrite=args.overwrite)
     print(json.dumps({"records": report["records"], "tags": report["tags"], "notes_per_s": report["notes_per_s"]}))

@@ -593,23 +593,23 @@ def check_global_batch(typed) -> None:
         gradient_accumulation(global_batch_size, batch_size, ranks)
 
 
-def check_data(typed, stage: str = "fit", account: str | None = None, queued: bool = False) -> None:
+def check_data(typed, stage: str = "fit", account: str | None = None, queued: bool = False) -> dict | None:
     """The quick half of the data checks, run before a job starts or is queued: the files the config points
     at for ``stage`` ("fit": training, "eval": ``aift eval``) are there (the recipe's ``DataConfig.check_files``:
     data root, split files, what the recipe requires of the data card), the data card is readable, and this use
-    is inside the owner's usage terms (recipe, user, node, Slurm ``account``: the job's own by default, the one
-    it will be charged to when `aift launch` asks for a ``queued`` job). A wrong ``data.root`` then fails in about
-    a second, before Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue.
+    is inside the owner's usage terms (aifactory_train/usage_terms.py: recipe, user, node, Slurm account: the
+    verified job's, or ``account``, the one a ``queued`` job will be charged to). A wrong ``data.root`` then fails
+    in about a second, before Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue.
     What the files hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
-    from aifactory_train.lineage import check_usage_terms, read_datacard
+    from aifactory_train.usage_terms import check_usage, data_paths
 
     data = getattr(typed, "data", None)
     check_files = getattr(data, "check_files", None)
-    if check_files is None:
-        return
-    check_files(stage)
-    read_datacard(data.root)
-    check_usage_terms(data.root, typed.recipe.name, account, queued=queued)
+    if check_files is not None:
+        check_files(stage)
+    # the owner's terms of every card at or above data.root, for the recipe whose code runs (returns the record)
+    recipe = {"name": typed.recipe.name, "module": dict(typed.recipe.module)}
+    return check_usage(data_paths(data), recipe, account, queued=queued) if data is not None else None
 
 
 def missing_data_root(root: Any, recipe: str, deidentify: bool = False) -> Exception:

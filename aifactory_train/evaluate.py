@@ -19,7 +19,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     typed = validate(cfg)
     require_checkpoint(cfg, "aift eval")
     check_choice("split", cfg.split, ("test", "val"))
-    check_data(typed, stage="eval")  # before the tracking store is opened and Lightning imported
+    usage = check_data(typed, stage="eval")  # the owner's terms: scoring is a use too; before the tracking store is opened and Lightning imported
     run_dir = Path(cfg.paths.output_dir)
     from aifactory_train.checkpoints import resolve_checkpoint
 
@@ -81,6 +81,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "trained_on": trained_on,
         "tracking_uri": tracker.recorded_uri,
         "mlflow_run_id": None,
+        "usage_check": usage,  # what the owner's terms were checked against (usage_terms.check_usage)
     }
     path = run_dir / EVAL_FILE
     if tracker.enabled:
@@ -95,6 +96,10 @@ def run_evaluation(cfg) -> dict[str, Any]:
         tracker.logger.log_metrics(report["metrics"])
         tracker.set_tags({"aift.run_kind": "eval", "aift.eval.checkpoint": report["checkpoint"], "aift.eval.split": cfg.split,
                           "aift.eval.trained_run_id": trained_run_id or ""})
+        if usage is not None:
+            from aifactory_train.usage_terms import usage_tags
+
+            tracker.set_tags(usage_tags(usage))
         report["mlflow_run_id"] = tracker.run_id
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     tracker.log_artifacts([run_dir / "reports", path])

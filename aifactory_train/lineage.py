@@ -20,8 +20,8 @@ is always re-read.
 
 A data root may carry a ``datacard.yaml`` (owner, license, consent, source, contact); its fields are
 logged with the run and copied into summary.json. `aift data synth` writes one. Its ``usage`` section holds
-the owner's terms (recipes, users, Slurm accounts, an end date), checked before a run uses the data
-(``UsageTerms``).
+the owner's terms (recipes, users, Slurm accounts, hosts, an end date), checked before a run uses the data, with
+those of every card above it (aifactory_train/usage_terms.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
-DATACARD_FILE = "datacard.yaml"
+# The owner's terms live in aifactory_train/usage_terms.py; these names stay importable from here.
+from aifactory_train.usage_terms import (DATACARD_FILE, USAGE_KEYS, UsageTerms, check_usage,  # noqa: E402,F401
+                                         datacards_for, describe_cards, load_datacard, read_usage_terms)
+
 DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "description", "deidentified",
                    "deidentification")
 
@@ -239,153 +242,25 @@ class DigestCache:
                         self.path, err)
 
 
-def _load_datacard(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    import yaml
-
-    from aifactory_train.errors import DataError
-
-    path = Path(root) / DATACARD_FILE
-    if not path.is_file():
-        return None
-    try:
-        card = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DataError(f"data card '{path}' is not valid YAML: {err}") from None
-    if not isinstance(card, dict):
-        raise DataError(f"data card '{path}' must be a mapping of {', '.join(DATACARD_FIELDS)}")
-    return path, card
-
-
 def read_datacard(root: str | Path) -> dict[str, str]:
-    """The data root's datacard.yaml (known fields only, as text), or {} when there is none. The owner's usage
-    terms, when set, are included as one line (``usage``)."""
-    loaded = _load_datacard(root)
-    if loaded is None:
+    """What the data card of the data at ``root`` says (known fields, as text), for the run's record: the fields of
+    the nearest card at or above the resolved ``root`` and, as ``usage``, the terms of every card that covers it
+    (what ``check_usage`` enforces); ``terms`` says so when no card states consent or terms. {} without a card."""
+    cards = datacards_for(root)
+    if not cards:
         return {}
-    _, card = loaded
+    card = load_datacard(cards[0])
     fields = {k: str(v) for k, v in card.items() if k in DATACARD_FIELDS}
-    terms = read_usage_terms(root)
-    if terms is not None:
-        fields["usage"] = terms.describe()
+    derived = card.get("derived_from")
+    if isinstance(derived, dict):
+        fields["derived_from"] = f"{derived.get('source')} (digest {derived.get('digest')})"
+    described = describe_cards(cards)
+    terms = [t for c in described["cards"] for t in c["terms"]]
+    if terms:
+        fields["usage"] = "; ".join(terms) if len(terms) > 1 else terms[0]
+    elif not described["consent_stated"]:
+        fields["terms"] = "none stated: no card states consent or usage terms"
     return fields
-
-
-# -- the data owner's usage terms -----------------------------------------------------------------------------
-USAGE_KEYS = ("recipes", "users", "accounts", "hosts", "until")
-
-
-@dataclass
-class UsageTerms:
-    """What the data owner allows, from the data card's ``usage`` section; a key left out allows everything.
-
-    ``recipes``: the purposes (recipe names) the data may be used for; ``users``: the login names that may use
-    it; ``accounts``: the Slurm accounts (projects) whose jobs may use it; ``hosts``: where it may be used
-    (node-name patterns, ``gcn*``: a copy on a laptop is refused); ``until``: the last day it may be used (the
-    end of the agreement or consent).
-
-    aift checks them before a run reads the data, opens a tracking store or queues a job, and refuses a run
-    outside them. That keeps honest people inside an owner's terms; it is not access control, which is the
-    file system's (who can read the data root at all)."""
-
-    path: Path
-    recipes: list[str] | None = None
-    users: list[str] | None = None
-    accounts: list[str] | None = None
-    hosts: list[str] | None = None  # fnmatch patterns
-    until: Any = None  # datetime.date
-
-    def describe(self) -> str:
-        parts = [f"{key}={','.join(getattr(self, key))}" for key in ("recipes", "users", "accounts", "hosts")
-                 if getattr(self, key) is not None]
-        if self.until is not None:
-            parts.append(f"until={self.until.isoformat()}")
-        return "; ".join(parts) or "no restrictions"
-
-    def check(self, recipe: str, user: str, account: str | None, today, host: str | None = None) -> None:
-        """Raise DataError naming the card, the term and the value when this use is outside the terms. ``host``
-        None: not known yet (a job being queued), checked when the job starts."""
-        from fnmatch import fnmatchcase
-
-        from aifactory_train.errors import DataError
-
-        where = f"data card '{self.path}': usage"
-        if self.until is not None and today > self.until:
-            raise DataError(f"{where}.until is {self.until.isoformat()}: the owner's terms for this data ended on "
-                            f"that day (today is {today.isoformat()}); nothing may be trained or scored on it now. "
-                            f"Ask the data owner to renew them")
-        if self.recipes is not None and recipe not in self.recipes:
-            raise DataError(f"{where}.recipes allows {self.recipes}, not recipe '{recipe}': the owner allows this "
-                            f"data for those purposes only")
-        if self.users is not None and user not in self.users:
-            raise DataError(f"{where}.users allows {self.users}, not user '{user}'")
-        if self.accounts is not None and account not in self.accounts:
-            got = (f"account '{account}'" if account else
-                   "no Slurm account named (not in a Slurm job, or a cluster profile that leaves it to Slurm)")
-            raise DataError(f"{where}.accounts allows the jobs of Slurm accounts {self.accounts}, and this has "
-                            f"{got}: run it as a job of one of them (aift launch with a cluster.allocation whose "
-                            f"account is listed)")
-        if self.hosts is not None and host is not None and not any(fnmatchcase(host, p) for p in self.hosts):
-            raise DataError(f"{where}.hosts allows the data to be used on {self.hosts} only, not on '{host}': run "
-                            f"it where the owner allows")
-
-
-def read_usage_terms(root: str | Path) -> UsageTerms | None:
-    """The data card's ``usage`` section, checked: an unknown key or a value of the wrong kind is an error, never
-    a term silently dropped (a mistyped ``untill`` must not lift a restriction). None without a card or section."""
-    import datetime
-
-    from aifactory_train.errors import DataError
-
-    loaded = _load_datacard(root)
-    if loaded is None or loaded[1].get("usage") is None:
-        return None
-    path, card = loaded
-    usage = card["usage"]
-    if not isinstance(usage, dict):
-        raise DataError(f"data card '{path}': usage must be a mapping of {', '.join(USAGE_KEYS)}, not {usage!r}")
-    unknown = sorted(set(usage) - set(USAGE_KEYS))
-    if unknown:
-        raise DataError(f"data card '{path}': usage has unknown key(s) {unknown}; valid: {', '.join(USAGE_KEYS)}")
-    terms = UsageTerms(path)
-    for key in ("recipes", "users", "accounts", "hosts"):
-        value = usage.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise DataError(f"data card '{path}': usage.{key} must be a non-empty list of names, not {value!r}")
-        setattr(terms, key, value)
-    until = usage.get("until")
-    if until is not None:
-        if isinstance(until, datetime.datetime):
-            until = until.date()
-        elif isinstance(until, str):
-            try:
-                until = datetime.date.fromisoformat(until)
-            except ValueError:
-                until = None
-        if not isinstance(until, datetime.date):
-            raise DataError(f"data card '{path}': usage.until must be a date (YYYY-MM-DD), not {usage['until']!r}")
-        terms.until = until
-    return terms
-
-
-def check_usage_terms(root: str | Path, recipe: str, account: str | None = None, queued: bool = False) -> None:
-    """Refuse a use of the data at ``root`` that its owner's terms do not allow. ``account``: the Slurm account
-    the work is charged to (default: this job's, ``SLURM_JOB_ACCOUNT``; none outside a Slurm job). ``queued``: a
-    job about to be queued, whose node is not known yet (``hosts`` is checked when it starts)."""
-    import datetime
-    import getpass
-
-    from aifactory_train.energy import node_name
-
-    terms = read_usage_terms(root)
-    if terms is None:
-        return
-    if account is None:
-        account = os.environ.get("SLURM_JOB_ACCOUNT")
-    terms.check(recipe, getpass.getuser(), account, datetime.date.today(), host=None if queued else node_name())
 
 
 @dataclass

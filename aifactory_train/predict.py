@@ -126,14 +126,12 @@ def check_replaceable(run_dir: Path, names: list[str], ours: set[str] | None) ->
 
 
 def datacard_root(path: Path) -> Path | None:
-    """The nearest folder at or above ``path`` with a data card: the root whose owner's terms cover these files."""
-    from aifactory_train.lineage import DATACARD_FILE
+    """The folder of the nearest data card at or above ``path`` (resolved), whose fields describe these files; the
+    owner's terms of it and of every card above it apply (usage_terms.datacards_for)."""
+    from aifactory_train.usage_terms import datacards_for
 
-    folder = path.resolve() if path.is_dir() else path.resolve().parent
-    for candidate in (folder, *folder.parents):
-        if (candidate / DATACARD_FILE).is_file():
-            return candidate
-    return None
+    cards = datacards_for(path)
+    return cards[0].parent if cards else None
 
 
 def run_prediction(cfg) -> dict[str, Any]:
@@ -175,11 +173,12 @@ def run_prediction(cfg) -> dict[str, Any]:
         raise ConfigError(f"config key 'predict.draw': recipe '{resolved['recipe']['name']}' draws no pictures of its "
                           f"predictions; valid: predict.draw=false (crop_detection draws its boxes)")
     files = input_files(cfg.input, module_class.PREDICT_EXTENSIONS)  # before the checkpoint is read
-    from aifactory_train.lineage import check_usage_terms, read_datacard
+    from aifactory_train.lineage import read_datacard
+    from aifactory_train.usage_terms import check_usage
 
-    card_root = datacard_root(Path(cfg.input))
-    if card_root is not None:  # the owner of the new files may limit their use, as a training data owner may
-        check_usage_terms(card_root, resolved["recipe"]["name"])
+    # the owner of the new files may limit their use, as a training data owner may: every card at or above the
+    # input and each file (resolved: a symlink into other data is covered by that data's cards)
+    usage = check_usage([Path(cfg.input), *files], resolved["recipe"])
     run_dir = Path(cfg.paths.output_dir)
     check_output_folder(run_dir, Path(cfg.input))
     ours = earlier_outputs(run_dir)
@@ -251,7 +250,8 @@ def run_prediction(cfg) -> dict[str, Any]:
         "precision": precision,
         "trained_mlflow_run_id": trained_run_id,
         "trained_on": trained_on,  # the data the model learned from (digests, owner, consent)
-        "input_datacard": read_datacard(card_root) if card_root is not None else None,
+        "input_datacard": read_datacard(Path(cfg.input)) or None,
+        "usage_check": usage,
         "output_dir": str(run_dir.resolve()),
         "wall_time_s": round(time.time() - started, 3),
     }

@@ -139,9 +139,10 @@ def run_training(cfg) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from aifactory_train.config import build, check_data, validate
+    from aifactory_train.usage_terms import usage_tags
 
     typed = validate(cfg)  # types and names, before any data is read or tracking run created
-    check_data(typed)  # the data files are there: a wrong data.root fails here, in a second
+    usage = check_data(typed)  # the data files are there and the owner's terms allow this run: fails in a second
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -272,6 +273,8 @@ def run_training(cfg) -> dict[str, Any]:
             log.warning("checkpoint.trust=true: loading unverified: %s", line)
         if unverified:  # on record in the run: what checkpoint.trust let through
             tracker.set_tags({"aift.checkpoint.trusted_unverified": "; ".join(unverified)[:5000]})
+        if usage is not None:  # who used the data, where, for which recipe, under which terms (usage_terms.py)
+            tracker.set_tags(usage_tags(usage))
         log.info("global batch %s = %s per device x %d accumulated x %d rank(s)%s", batch["global"],
                  batch["per_device"], batch["accumulate_grad_batches"], batch["ranks"],
                  " (trainer.global_batch_size)" if batch["global_fixed"] else "")
@@ -347,6 +350,7 @@ def run_training(cfg) -> dict[str, Any]:
         "batch": batch,
         "peak_device_memory_gib": _peak_device_memory_gib(trainer),
         "dataset": lineage.as_dict() if lineage is not None else None,
+        "usage_check": usage,  # what the owner's terms were checked against (usage_terms.check_usage)
     }
     if not is_global_zero():
         return summary

@@ -181,24 +181,50 @@ def test_an_unusable_tracking_store_is_refused_before_any_job_is_queued(clinical
     assert "submitted job" not in result.stdout and not (tmp_path / "sweep").exists()
 
 
-def test_data_the_owner_keeps_to_the_clusters_nodes_trains_in_a_job_and_is_refused_elsewhere(clinical_data, tmp_path):
-    """The data card's usage.hosts: these notes may be used on the cluster's nodes (node1, node2) only. `aift launch`
-    queues the job (its node is not known yet); the job checks again where it starts, on a node, and trains; the
-    same command on this machine (not a node) is refused before anything is written."""
+def test_data_the_owner_keeps_to_the_clusters_nodes_and_an_account_trains_in_a_job_and_is_refused_elsewhere(
+        clinical_data, tmp_path):
+    """The data card's usage: these notes may be used on the cluster's nodes (node1, node2) only, by jobs of the
+    account aif-regional. `aift launch` queues the job under that account (its node is not known yet); the job
+    checks again where it starts, with the node and account slurmctld confirms for it, and trains. The same command
+    on this machine outside a job is refused, whatever Slurm variables it sets: SLURMD_NODENAME, SLURM_JOB_ID and
+    SLURM_JOB_ACCOUNT of that very job say nothing about this process."""
+    import socket
+
     import yaml
 
-    data = Path(shutil.copytree(clinical_data, tmp_path / "notes"))
-    card = yaml.safe_load((data / "datacard.yaml").read_text())
-    (data / "datacard.yaml").write_text(yaml.safe_dump({**card, "usage": {"hosts": ["node*"]}}))
-    job_id, run = launch(tmp_path, *SMOKE, f"data.root={data}", "tracking=none", name="hosts")
+    def copy_with(name: str, usage: dict) -> Path:
+        data = Path(shutil.copytree(clinical_data, tmp_path / name))
+        card = yaml.safe_load((data / "datacard.yaml").read_text())
+        (data / "datacard.yaml").write_text(yaml.safe_dump({**card, "usage": usage}))
+        return data
+
+    data = copy_with("notes", {"hosts": ["node*"], "accounts": ["aif-regional"]})
+    job_id, run = launch(tmp_path, *SMOKE, f"data.root={data}", "tracking=none", "cluster.accounts.default=aif-regional",
+                         name="hosts")
     state = wait_for(job_id)
     assert state["JobState"] == "COMPLETED", failure(state, run)
+    # no accounting in the local cluster: slurmctld keeps the account sbatch was given, which is what is checked
+    assert state["Account"] == "aif-regional"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["dataset"]["datacard"]["usage"] == "hosts=node*"
+    assert summary["dataset"]["datacard"]["usage"] == "accounts=aif-regional; hosts=node*"
+    check = summary["usage_check"]
+    assert (check["slurm_job"], check["account"], check["host"]) == (job_id, "aif-regional", state["NodeList"])
+    assert check["host_from"].startswith(f"slurm job {job_id} (node confirmed by slurmctld")
+
+    claimed = {"SLURM_CONF": SLURM_CONF, "SLURMD_NODENAME": state["NodeList"], "SLURM_JOB_ID": job_id,
+               "SLURM_JOBID": job_id, "SLURM_JOB_ACCOUNT": "aif-regional"}
     here = aift("train", *SMOKE, f"data.root={data}", "tracking=none", f"hydra.run.dir={tmp_path}/here",
-                cwd=tmp_path, env={"SLURMD_NODENAME": "login1"})  # as on a login node, not a compute node
-    assert here.returncode == 2
-    assert "usage.hosts allows the data to be used on ['node*'] only, not on 'login1'" in here.stderr
+                cwd=tmp_path, env=claimed)
+    assert here.returncode == 2 and "Traceback" not in here.stderr, here.stderr[-3000:]
+    assert "usage.accounts allows the jobs of Slurm accounts ['aif-regional'], and this has no Slurm account named" \
+        in here.stderr
+    hosts_only = copy_with("notes_hosts", {"hosts": ["node*"]})
+    for job in (job_id, "999999"):  # the finished real job, and one that never was
+        here = aift("train", *SMOKE, f"data.root={hosts_only}", "tracking=none", f"hydra.run.dir={tmp_path}/here",
+                    cwd=tmp_path, env={**claimed, "SLURM_JOB_ID": job, "SLURM_JOBID": job})
+        assert here.returncode == 2 and "Traceback" not in here.stderr, here.stderr[-3000:]
+        assert (f"usage.hosts allows the data to be used on ['node*'] only, not on '{socket.gethostname()}'"
+                in here.stderr)
     assert not (tmp_path / "here" / "checkpoints").exists()
 
 

@@ -114,7 +114,27 @@ def deidentify_dataset(data: dict[str, Any], out: str | Path, overwrite: bool = 
     report["notes_per_s"] = round(notes / seconds, 1) if seconds > 0 else None
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     card = read_datacard(root)
+    card.pop("usage", None)  # (as text; the terms themselves are carried below, as the owner wrote them)
+    card.pop("terms", None)
+    card.pop("derived_from", None)
     card.update({"deidentified": "true", "deidentification": f"{report['tool']} on fields {text_field}, {target_field}",
                  "source": f"{card.get('source', root)} -> aift data deidentify"})
+    card["derived_from"] = derived_from(root, data["splits"], report["tool"])
     write_datacard(out, card)
     return report
+
+
+def derived_from(root: Path, splits: dict[str, str], tool: str) -> dict[str, Any]:
+    """What a derived dataset's card carries of its source: the source root and its digest (as `aift data digest`
+    prints it for the source), and every data card that covered the source, whole (owner, consent, ``usage``), so
+    that the source owner's terms keep applying to the derived data wherever it is written (usage_terms.py)."""
+    from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files
+    from aifactory_train.usage_terms import datacards_for, load_datacard
+
+    lineage = DatasetLineage(name="clinical_notes", root=str(root))
+    for split, file in splits.items():
+        lineage.splits[split] = SplitLineage(split, 0, digest_files(root, [file], [split]))
+    cards = datacards_for([root, *(root / file for file in splits.values())])
+    return {"source": str(root.resolve()), "digest": lineage.digest,
+            "splits": {split: s.digest for split, s in lineage.splits.items()}, "step": f"aift data deidentify ({tool})",
+            "cards": [{"path": str(path), "card": load_datacard(path)} for path in cards]}
