@@ -434,9 +434,14 @@ def check_usage(paths: str | Path | Iterable[str | Path], recipe_cfg: dict[str, 
         where = (f"data card(s) {', '.join(repr(str(c)) for c in cards)} state" if cards else
                  f"no {DATACARD_FILE} at or above {', '.join(repr(str(Path(p).resolve())) for p in paths[:3])}: "
                  f"nothing states")
-        log.warning("%s no consent and no usage terms: what the data's owner allows is unknown; the run records "
-                    "that none were stated", where)
+        if where not in _WARNED:  # once per process: the CLI's preflight and the run both check
+            _WARNED.add(where)
+            log.warning("%s no consent and no usage terms: what the data's owner allows is unknown; the run records "
+                        "that none were stated", where)
     return record
+
+
+_WARNED: set[str] = set()
 
 
 def terms_summary(record: dict[str, Any]) -> str:
