@@ -14,7 +14,8 @@ when a recipe provides one, the function ``describe(datamodule, cheap)`` of the 
 DataModule's module (``<recipe package>.check``), which returns a :class:`DataDescription`. Without it a generic
 description comes from ``datamodule.splits`` (``datasets.Dataset`` per split with a path and a label column) or,
 failing that, from the lineage's row counts. Readers may expose ``invalid_records`` (reason -> count, paths, or
-``{"count", "examples"}``; optionally per split), which is reported as is.
+``{"count", "examples" | "first_paths"}``, as lineage.InvalidRecords keeps them; optionally per split), which is
+reported as is.
 
 Leakage between file-based splits uses the SHA-256 of every file that the recipe's own digest computed
 (``DigestCache.file_digests``, remembered in this process): no file is read a second time. Records that are not
@@ -119,7 +120,7 @@ def generic_description(datamodule, lineage) -> DataDescription:
 
 def _invalid_entries(raw: Any) -> dict[str, dict[str, Any]]:
     """reason -> {"count": n, "examples": [...]} from the shapes readers use (count, list of paths, a dict with
-    count/examples/paths, or any of them per split, which are summed)."""
+    count/examples/paths/first_paths, or any of them per split, which are summed)."""
     out: dict[str, dict[str, Any]] = {}
 
     def add(reason: str, count: int, examples: list) -> None:
@@ -137,7 +138,7 @@ def _invalid_entries(raw: Any) -> dict[str, dict[str, Any]]:
         elif isinstance(value, (list, tuple, set)):
             add(reason, len(value), list(value)[:EXAMPLES])
         elif isinstance(value, dict) and ("count" in value or "examples" in value or "paths" in value):
-            examples = list(value.get("examples") or value.get("paths") or [])
+            examples = list(value.get("examples") or value.get("paths") or value.get("first_paths") or [])
             add(reason, value.get("count", len(examples)), examples[:EXAMPLES])
         elif isinstance(value, dict):  # per split: {split: {reason: ...}}
             for inner, entry in _invalid_entries(value).items():
@@ -238,21 +239,17 @@ def duplicates_and_leakage(root: Path, splits: dict[str, SplitDescription]):
 
 
 # -- the owner's terms ------------------------------------------------------------------------------------------
-def usage_terms(root: Path, recipe: str, account: str | None) -> dict[str, Any]:
-    """Whether this user, recipe, host and account may use the data at ``root``, by the existing check."""
-    import getpass
-    import os
+def usage_terms(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Whether this user, recipe, host and account may use the data, by the one check every command uses
+    (aifactory_train.usage_terms): its record, plus ``allowed`` and the ``refusal``."""
+    from aifactory_train.usage_terms import check_usage, data_paths, datacards_for, describe_cards, os_user
 
-    from aifactory_train.energy import node_name
-    from aifactory_train.lineage import check_usage_terms, read_usage_terms
-
-    account = os.environ.get("SLURM_JOB_ACCOUNT") or account
-    result = {"terms": None, "allowed": True, "refusal": None, "user": getpass.getuser(), "recipe": recipe,
-              "host": node_name(), "account": account}
+    paths = data_paths(resolved["data"])
+    cards = describe_cards(datacards_for(paths))
+    result = {"allowed": True, "refusal": None, "user": os_user(), "recipe": resolved["recipe"].get("name"),
+              "terms": "; ".join(t for card in cards["cards"] for t in card["terms"]) or None}
     try:
-        terms = read_usage_terms(root)
-        result["terms"] = terms.describe() if terms is not None else None
-        check_usage_terms(root, recipe, account)
+        result.update(check_usage(paths, resolved["recipe"]))
     except DataError as err:
         result.update(allowed=False, refusal=str(err))
     return result
@@ -297,7 +294,7 @@ def inspect(resolved: dict[str, Any], typed=None, cheap: bool = False) -> dict[s
         report["datacard"] = read_datacard(root) if root.is_dir() else {}
     except DataError as err:
         problems.append({"check": "datacard", "message": str(err)})
-    report["usage_terms"] = terms = usage_terms(root, recipe, _account(resolved))
+    report["usage_terms"] = terms = usage_terms(resolved)
     if not terms["allowed"]:
         problems.append({"check": "usage_terms", "message": terms["refusal"]})
         report["notes"].append("the owner's terms do not allow this use, so the data was not read")
@@ -378,20 +375,21 @@ def cheap_data_check(cfg, account: str | None = None, queued: bool = False) -> d
     {split: count}. ``cfg``: the resolved train config (dict or DictConfig)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from fnmatch import fnmatchcase
+    from aifactory_train.lineage import DigestCache
+    from aifactory_train.usage_terms import card_terms, check_usage, data_paths, datacards_for, kernel_host
 
-    from aifactory_train.energy import node_name
-    from aifactory_train.lineage import DigestCache, check_usage_terms, read_usage_terms
+    from fnmatch import fnmatchcase
 
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     root = Path(resolved["data"]["root"])
-    check_usage_terms(root, resolved["recipe"]["name"], account or _account(resolved), queued=queued)
-    terms = read_usage_terms(root)
-    if terms is not None and terms.hosts is not None and not any(fnmatchcase(node_name(), p) for p in terms.hosts):
+    paths = data_paths(resolved["data"])
+    check_usage(paths, resolved["recipe"], account or _account(resolved), queued=queued)
+    hosts = [t.hosts for card in datacards_for(paths) for t in card_terms(card) if t.hosts is not None]
+    if any(not any(fnmatchcase(kernel_host(), p) for p in patterns) for patterns in hosts):
         # a job queued from a login node the owner does not allow the data on: it is not read here (the job
         # checks the terms again where it starts)
         log.warning("data check: not reading '%s' on %s, which its owner's usage.hosts %s do not allow", root,
-                    node_name(), terms.hosts)
+                    kernel_host(), hosts)
         return {}
     key = json.dumps([resolved["recipe"]["name"], resolved["data"]], sort_keys=True, default=str)
     if key in _CHEAP_DONE:  # a sweep's points on the same data: read it once

@@ -77,6 +77,12 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         db_path = Path(uri[len("sqlite:///"):])
         if not db_path.parent.is_dir():
             raise TrackingError(f"tracking.uri '{shown}': folder '{db_path.parent}' does not exist; {hint}")
+        if not db_path.exists():
+            # a new store: opening it would create it, and a run refused later (bad data, the owner's terms) would
+            # leave an mlflow.db behind; MLflow creates it when the run starts
+            if not os.access(db_path.parent, os.W_OK | os.X_OK):
+                raise TrackingError(f"tracking.uri '{shown}': folder '{db_path.parent}' is not writable; {hint}")
+            return
     try:
         from mlflow.tracking import MlflowClient
 

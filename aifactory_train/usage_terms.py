@@ -88,9 +88,14 @@ def data_paths(data: Any) -> list[Path]:
         values = section.values() if isinstance(section, dict) else []
         for value in values:
             for item in (value.values() if isinstance(value, dict) else [value]):
-                if isinstance(item, str) and item:
+                # a file inside the root is covered by the root's cards; only one elsewhere adds cards
+                if isinstance(item, str) and item and not _is_within((root / item).resolve(), root.resolve()):
                     paths.append(root / item)
     return paths
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 @dataclass
@@ -431,13 +436,13 @@ def check_usage(paths: str | Path | Iterable[str | Path], recipe_cfg: dict[str, 
               "slurm_job": job.job_id if job is not None else None,
               "paths": [str(Path(p).resolve()) for p in paths][:20], **describe_cards(cards)}
     if not record["consent_stated"] and not record["terms_stated"]:
-        where = (f"data card(s) {', '.join(repr(str(c)) for c in cards)} state" if cards else
-                 f"no {DATACARD_FILE} at or above {', '.join(repr(str(Path(p).resolve())) for p in paths[:3])}: "
-                 f"nothing states")
+        where = (f"data card(s) {', '.join(repr(str(c)) for c in cards)} state no consent and no usage terms"
+                 if cards else f"no {DATACARD_FILE} at or above "
+                 f"{', '.join(repr(str(Path(p).resolve())) for p in paths[:3])}: no consent or usage terms are stated")
         if where not in _WARNED:  # once per process: the CLI's preflight and the run both check
             _WARNED.add(where)
-            log.warning("%s no consent and no usage terms: what the data's owner allows is unknown; the run records "
-                        "that none were stated", where)
+            log.warning("%s; what the data's owner allows is unknown, and the run records that none were stated",
+                        where)
     return record
 
 
