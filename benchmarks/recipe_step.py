@@ -444,7 +444,8 @@ def paired_summary(recipe_seconds: list[float], plain_seconds: list[float], samp
     }
 
 
-def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds: float, meter=None) -> dict:
+def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds: float, meter=None,
+                  clock: str = "wall") -> dict:
     """The recipe's Lightning step and the plain loop in alternating blocks of the same number of steps.
 
     One Trainer and one plain loop, each built once: the Trainer's callback runs the plain loop's blocks between
@@ -453,6 +454,10 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
     median of the paired ratios then outvotes the pairs that met another process's burst.
     Returns ``paired_summary`` plus the block size, the recipe's peak GPU memory (measured before the plain loop
     exists) and its FLOPs per sample. ``meter`` (an EnergyMeter) adds up the recipe's blocks.
+
+    ``clock``: "wall" (perf_counter; what a GPU run must use) or "cpu": this process's CPU time
+    (``time.process_time``), for CPU devices on a shared machine, where wall time also counts the time the
+    scheduler gave to other processes. The summary is of the chosen clock; ``wall`` holds the wall-clock one.
     """
     import math
 
@@ -472,7 +477,8 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
 
     class Pairs(L.Callback):
         def __init__(self):
-            self.recipe_seconds, self.plain_seconds = [], []
+            self.recipe_seconds, self.plain_seconds = [], []  # wall
+            self.recipe_cpu, self.plain_cpu = [], []
             self.position = 0  # in order
             self.block_end = args.warmup + 1  # steps done when the current recipe stretch ends
             self.started = None
@@ -483,7 +489,7 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == args.warmup:  # the recipe's calibration step
                 device_sync(device)
-                self.started = time.perf_counter()
+                self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             done = batch_idx + 1
@@ -491,6 +497,7 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
                 return
             device_sync(device)
             seconds = time.perf_counter() - self.started
+            cpu_seconds = time.process_time() - self.started_cpu
             if self.steps is None:
                 recipe_step = seconds
                 if device.type == "cuda":
@@ -502,13 +509,16 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
                 self.steps = max(1, math.ceil(block_seconds / min(recipe_step, plain_step)))
             else:
                 self.recipe_seconds.append(seconds)
+                self.recipe_cpu.append(cpu_seconds)
                 if meter:
                     meter.stop()
                     self.joules += meter.joules or 0.0
                     self.energy_seconds += meter.seconds or 0.0
                 self.position += 1
             while self.position < len(order) and order[self.position] == "P":
+                cpu_start = time.process_time()
                 self.plain_seconds.append(self.plain.run(self.steps))
+                self.plain_cpu.append(time.process_time() - cpu_start)
                 self.position += 1
             if self.position == len(order):
                 trainer.should_stop = True
@@ -520,7 +530,7 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
             if meter:
                 meter.start()
             device_sync(device)
-            self.started = time.perf_counter()
+            self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
     torch.manual_seed(0)
     module, clip = spec.module()
@@ -537,8 +547,10 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
         meter.flops_per_sample = callback.flops_per_sample
         if meter.available:
             meter.joules, meter.seconds = callback.joules, callback.energy_seconds
-    result = paired_summary(callback.recipe_seconds, callback.plain_seconds, callback.steps * args.batch_size)
-    return {**result, "steps_per_block": callback.steps, "pairs": pairs, "order": order,
+    samples = callback.steps * args.batch_size
+    wall = paired_summary(callback.recipe_seconds, callback.plain_seconds, samples)
+    result = paired_summary(callback.recipe_cpu, callback.plain_cpu, samples) if clock == "cpu" else wall
+    return {**result, "clock": clock, "wall": wall, "steps_per_block": callback.steps, "pairs": pairs, "order": order,
             "block_seconds": block_seconds, "peak_memory_bytes": callback.peak_memory,
             "flops_per_sample": callback.flops_per_sample}
 

@@ -1,4 +1,5 @@
-"""`aift bench`: the CPU acceptance run CI can afford, its report files and MLflow run, and pass/fail logic."""
+"""`aift bench`: the CPU acceptance run CI can afford, its report files and MLflow run, the paired-ratio arithmetic
+and the pass / fail / inconclusive logic."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_cpu_acceptance_reports_every_measurement_and_a_verdict_that_follows_the
         ratio = next(r for r in report["rows"] if r["metric"] == f"{name}_ratio")
         p = ratio["params"]
         assert len(p["pair_ratios"]) == len(p["plain_runs"]) == len(p["recipe_runs"]) == p["pairs"] == 7  # quick, CPU
-        assert p["order"] == "RPPRRPPRRPPRRP" and p["steps"] >= 1
+        assert p["order"] == "RPPRRPPRRPPRRP" and p["steps"] >= 1 and p["clock"] == "cpu" and len(p["wall_pair_ratios"]) == 7
         assert p["pair_ratios"] == pytest.approx([r / q for r, q in zip(p["recipe_runs"], p["plain_runs"])], rel=1e-2)
         assert ratio["value"] == pytest.approx(sorted(p["pair_ratios"])[3], rel=1e-3)  # the median of 7
         assert p["min"] <= p["iqr"][0] <= ratio["value"] <= p["iqr"][1] <= p["max"]
