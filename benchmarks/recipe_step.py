@@ -449,8 +449,8 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
     """The recipe's Lightning step and the plain loop in alternating blocks of the same number of steps.
 
     One Trainer and one plain loop, each built once: the Trainer's callback runs the plain loop's blocks between
-    the recipe's (``pair_order``). After ``args.warmup`` steps of each, one timed step of each sets the block
-    size: enough steps that a block lasts >= ``block_seconds``, so a block outlasts a scheduler hiccup; the
+    the recipe's (``pair_order``). The last of the ``args.warmup`` (>= 1) steps of each side is timed and sets the
+    block size: enough steps that a block lasts >= ``block_seconds``, so a block outlasts a scheduler hiccup; the
     median of the paired ratios then outvotes the pairs that met another process's burst.
     Returns ``paired_summary`` plus the block size, the recipe's peak GPU memory (measured before the plain loop
     exists) and its FLOPs per sample. ``meter`` (an EnergyMeter) adds up the recipe's blocks.
@@ -466,6 +466,8 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
 
     from aifactory_train.callbacks import TrainingThroughput
 
+    if args.warmup < 1:
+        raise ValueError("paired_blocks needs warmup >= 1: the last warm-up step sizes the blocks")
     order = pair_order(pairs)
 
     class Endless(Dataset):
@@ -480,14 +482,14 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
             self.recipe_seconds, self.plain_seconds = [], []  # wall
             self.recipe_cpu, self.plain_cpu = [], []
             self.position = 0  # in order
-            self.block_end = args.warmup + 1  # steps done when the current recipe stretch ends
+            self.block_end = args.warmup  # steps done when the current recipe stretch ends
             self.started = None
             self.steps = None
             self.peak_memory = None
             self.joules = self.energy_seconds = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == args.warmup:  # the recipe's calibration step
+            if batch_idx == args.warmup - 1:  # the recipe's last warm-up step, timed to size the blocks
                 device_sync(device)
                 self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
@@ -502,9 +504,9 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
                 recipe_step = seconds
                 if device.type == "cuda":
                     self.peak_memory = torch.cuda.max_memory_allocated()
-                # the plain loop's warm-up and calibration step; the scheduler spans as many steps as the recipe's
-                self.plain = PlainLoop(spec, device, precision, args.warmup + 1 + pairs * 10**6)
-                self.plain.run(args.warmup)
+                # the plain loop's warm-up, its last step timed; its schedule is long enough for every block
+                self.plain = PlainLoop(spec, device, precision, args.warmup + pairs * 10**6)
+                self.plain.run(args.warmup - 1)
                 plain_step = self.plain.run(1)
                 self.steps = max(1, math.ceil(block_seconds / min(recipe_step, plain_step)))
             else:
