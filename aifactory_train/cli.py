@@ -519,8 +519,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         prog="aift bench",
         help="benchmarks and hardware acceptance",
-        description="Measure the hardware and the recipes; `acceptance` checks a profile of thresholds and exits 1 on "
-                    "failure. Writes JSON, Markdown and plots into --out and logs them to MLflow as one run.",
+        description="Measure the hardware and the recipes; `acceptance` checks a profile of thresholds: exit 0 "
+                    "passed, 1 failed, 3 inconclusive (a ratio's spread straddles its threshold: rerun on a quieter "
+                    "machine). Writes JSON, Markdown and plots into --out and logs them to MLflow as one run.",
     )
     bench.add_argument("suite", choices=["micro", "recipes", "acceptance"],
                        help="micro: GEMM, memory, host-device, all-reduce, data loading; recipes: each recipe vs a "
