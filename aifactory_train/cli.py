@@ -278,6 +278,12 @@ def _data_deidentify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_digests(lineage) -> None:
+    print(f"data {lineage.root}: digest {lineage.digest}")
+    for name, split in lineage.splits.items():
+        print(f"  {name}: {split.num_rows} rows, digest {split.digest}")
+
+
 def _data_runs(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -297,9 +303,7 @@ def _data_runs(args: argparse.Namespace) -> int:
     from aifactory_train.records import redact_uri
 
     shown = redact_uri(tracking["uri"])  # printed and written: no password
-    print(f"data {lineage.root}: digest {lineage.digest}")
-    for name, split in lineage.splits.items():
-        print(f"  {name}: {split.num_rows} rows, digest {split.digest}")
+    _print_digests(lineage)
     if not runs:
         print(f"no run in {shown} used this data")
     else:
@@ -339,9 +343,7 @@ def _data_digest(args: argparse.Namespace) -> int:
     datamodule = build(cfg.data, _convert_="all")
     datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
     lineage = datamodule.lineage()
-    print(f"data {lineage.root}: digest {lineage.digest}")
-    for name, split in lineage.splits.items():
-        print(f"  {name}: {split.num_rows} rows, digest {split.digest}")
+    _print_digests(lineage)
     if args.out:
         Path(args.out).write_text(json.dumps(lineage.as_dict(), indent=2) + "\n")
         print(f"wrote {args.out}")
