@@ -45,9 +45,16 @@ def load_datacard(path: str | Path) -> dict[str, Any]:
     """The mapping in the card file ``path``; DataError naming the file when it is not one."""
     import yaml
 
+    class CardLoader(yaml.SafeLoader):
+        """Dates stay text: PyYAML turns ``2027-02-30`` into a ValueError with no key or file; as text it reaches
+        parse_usage, which names the card, the key and the value."""
+
+    CardLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
     path = Path(path)
     try:
-        card = yaml.safe_load(path.read_text()) or {}
+        card = yaml.load(path.read_text(), Loader=CardLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as err:
+        raise DataError(f"data card '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise DataError(f"data card '{path}' is not valid YAML: {err}") from None
     except OSError as err:

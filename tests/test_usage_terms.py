@@ -270,3 +270,22 @@ def test_deidentify_is_a_use_checked_like_training_and_its_output_carries_the_so
             f"is {until}") in str(refused.value)
     assert read_datacard(tmp_path / "clean")["usage"] == (f"recipes=clinical_notes; users={OS_USER}; until={until} "
                                                           f"(from {allowed / DATACARD_FILE})")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("usage:\n  until: 2027-02-30\n", "usage.until must be a date (YYYY-MM-DD), not '2027-02-30'"),  # unquoted
+    ("usage:\n  until: 2027-13-01\n", "usage.until must be a date (YYYY-MM-DD), not '2027-13-01'"),
+])
+def test_an_impossible_date_names_the_card_key_and_value(tmp_path, text, message):
+    # PyYAML itself raised a bare ValueError ("day is out of range for month") for an unquoted impossible date
+    (tmp_path / DATACARD_FILE).write_text(text)
+    with pytest.raises(DataError) as refused:
+        read_usage_terms(tmp_path)
+    assert f"data card '{tmp_path / DATACARD_FILE}': {message}" in str(refused.value)
+
+
+def test_a_card_that_is_not_utf8_names_the_card(tmp_path):
+    (tmp_path / DATACARD_FILE).write_bytes(b"owner: \xff\xfe\n")
+    with pytest.raises(DataError) as refused:
+        read_usage_terms(tmp_path)
+    assert f"data card '{tmp_path / DATACARD_FILE}' is not UTF-8" in str(refused.value)
