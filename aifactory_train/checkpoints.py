@@ -64,6 +64,20 @@ def read_hyperparameters(path: str) -> dict[str, Any]:
     return load_checkpoint_state(path).get("hyper_parameters", {})
 
 
+def check_checkpoint_task(path: str, recipe: dict[str, Any]) -> None:
+    """A checkpoint of another task (a classifier given to the detection recipe) is refused by name, before the
+    recipe's module fails on keys it does not know. What made it: the model's ``task`` in its hyperparameters and
+    the recipe in its provenance record (mmap: the tensors are not read)."""
+    state = load_checkpoint_state(path)
+    task = (state.get("hyper_parameters", {}).get("model") or {}).get("task")
+    made_by = ((state.get("callbacks") or {}).get("aift_provenance") or {}).get("recipe")
+    if task is not None and recipe.get("task") not in (None, task):
+        raise CheckpointError(
+            f"ckpt_path '{path}' holds a model of task {task}" + (f" (made by recipe {made_by})" if made_by else "") +
+            f"; recipe {recipe.get('name')} needs one of task {recipe.get('task')}: pass one of its own runs' "
+            f"checkpoints" + (f", or use recipe={made_by}" if made_by else ""))
+
+
 # model keys that only say where a fresh model's first weights come from; they shape nothing
 STARTING_WEIGHTS_KEYS = ("weights_path", "backbone_weights_path")
 

@@ -30,7 +30,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import get_class
 
-    from aifactory_train.checkpoints import check_data_matches, load_trained_module
+    from aifactory_train.checkpoints import check_checkpoint_task, check_data_matches, load_trained_module
     from aifactory_train.errors import DataError
     from aifactory_train.strategies import resolve_precision
 
@@ -39,6 +39,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     use_hydra_logging()
     from aifactory_train.tracking import Tracker
 
+    check_checkpoint_task(ckpt_path, resolved["recipe"])  # before the tracking store is opened
     tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
     datamodule = build(cfg.data, _convert_="all")
     if hasattr(datamodule, "adopt_checkpoint"):

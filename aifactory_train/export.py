@@ -20,7 +20,7 @@ def run_export(cfg) -> dict[str, Any]:
 
     from hydra.utils import get_class
 
-    from aifactory_train.checkpoints import load_trained_module, resolve_checkpoint
+    from aifactory_train.checkpoints import check_checkpoint_task, load_trained_module, resolve_checkpoint
     from aifactory_train.errors import ConfigError
     from aifactory_train.train import use_hydra_logging
 
@@ -36,6 +36,7 @@ def run_export(cfg) -> dict[str, Any]:
     tracking = resolved.get("tracking") or {}
     live_uri = tracking.get("uri") if tracking.get("backend") == "mlflow" else None
     training_run = registry_target(ckpt_path, live_uri) if register else None  # refused before anything is written
+    check_checkpoint_task(ckpt_path, resolved["recipe"])
     module = load_trained_module(module_class, ckpt_path)
     files = module.export_model(cfg.format, run_dir, resolved["export"])
     # which data and run made this model, beside it, in its folder and in an ONNX file's metadata

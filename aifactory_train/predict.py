@@ -189,13 +189,14 @@ def run_prediction(cfg) -> dict[str, Any]:
 
     import torch
 
-    from aifactory_train.checkpoints import load_trained_module, resolve_checkpoint
+    from aifactory_train.checkpoints import check_checkpoint_task, load_trained_module, resolve_checkpoint
     from aifactory_train.provenance import training_origin
     from aifactory_train.strategies import gpu_available
     from aifactory_train.train import use_hydra_logging
 
     use_hydra_logging()
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    check_checkpoint_task(ckpt_path, resolved["recipe"])
     module = load_trained_module(module_class, ckpt_path)
     device = torch.device("cuda" if gpu_available(trainer["accelerator"]) else "cpu")
     module = module.to(device).eval()

@@ -196,3 +196,18 @@ def test_resume_refuses_a_shard_that_would_run_code(zero2_run, clinical_data, tm
     run_id = json.loads((run / "summary.json").read_text())["mlflow_run_id"]
     tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in tags["aift.checkpoint.trusted_unverified"]
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export"])
+def test_a_checkpoint_of_another_task_is_refused_by_name(command, crop_data, tmp_path):
+    """`aift export recipe=crop_detection` with a plastic_sorting checkpoint failed on a key of the detector's
+    config ('weed' is not a class of the data); it is now refused as what it is, before anything is built."""
+    crafted = tmp_path / "classifier.ckpt"
+    torch.save({"hyper_parameters": {"model": {"name": "resnet18", "task": "image_classification"}},
+                "callbacks": {"aift_provenance": {"recipe": "plastic_sorting"}}, "state_dict": {}}, crafted)
+    extra = {"eval": [f"data.root={crop_data}", "tracking=none"], "predict": [f"input={crop_data / 'images' / 'test'}"],
+             "export": ["format=onnx"]}[command]
+    result = aift(command, "recipe=crop_detection", f"ckpt_path={crafted}", *extra, "hydra.run.dir=out", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (f"ckpt_path '{crafted}' holds a model of task image_classification (made by recipe plastic_sorting); "
+            "recipe crop_detection needs one of task object_detection") in result.stderr
