@@ -32,6 +32,8 @@ usage:
                                            without training; exit 1 when training would refuse it or it leaks
   aift data runs recipe=NAME data.root=DIR [tracking.uri=URI]
                                            the runs (and checkpoints) that used this data, found by digest
+  aift data digest recipe=NAME data.root=DIR [--recompute]
+                                           the data's digests as a run records them (--recompute: every byte)
   aift launch [--dry-run] [-m] KEY=VALUE ...
                                            render + submit an sbatch job (-m: one job per sweep point)
   aift launch --local N KEY=VALUE ...      the same job as N processes on this machine (smoke test)
@@ -242,6 +244,13 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_use_allowed(resolved: dict) -> None:
+    """Reading a dataset to digest it is a use too: the owner's terms are checked as for training."""
+    from aifactory_train.usage_terms import check_usage, data_paths
+
+    check_usage(data_paths(resolved["data"]), resolved["recipe"])
+
+
 def _validated_train_config(overrides: list[str]):
     """The `aift train` config for ``overrides`` (validated) and its resolved dict, for the data tools."""
     import tempfile
@@ -293,6 +302,7 @@ def _data_runs(args: argparse.Namespace) -> int:
     from aifactory_train.tracking import runs_trained_on
 
     cfg, resolved = _validated_train_config(args.overrides)
+    _data_use_allowed(resolved)
     tracking = resolved["tracking"]
     if tracking["backend"] != "mlflow":
         raise ConfigError("aift data runs searches an MLflow store: give tracking.uri=... (tracking=none has none)")
@@ -339,7 +349,8 @@ def _data_digest(args: argparse.Namespace) -> int:
 
     if args.recompute:  # read every byte once and rewrite this user's cache (aifactory_train/lineage.py)
         os.environ["AIFT_DIGEST_CACHE"] = "refresh"
-    cfg, _ = _validated_train_config(args.overrides)
+    cfg, resolved = _validated_train_config(args.overrides)
+    _data_use_allowed(resolved)
     datamodule = build(cfg.data, _convert_="all")
     datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
     lineage = datamodule.lineage()

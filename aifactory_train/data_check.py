@@ -245,10 +245,11 @@ def usage_terms(resolved: dict[str, Any]) -> dict[str, Any]:
     from aifactory_train.usage_terms import check_usage, data_paths, datacards_for, describe_cards, os_user
 
     paths = data_paths(resolved["data"])
-    cards = describe_cards(datacards_for(paths))
     result = {"allowed": True, "refusal": None, "user": os_user(), "recipe": resolved["recipe"].get("name"),
-              "terms": "; ".join(t for card in cards["cards"] for t in card["terms"]) or None}
-    try:
+              "terms": None}
+    try:  # a card that cannot be read is a refusal in the report (exit 1), as training would refuse it
+        cards = describe_cards(datacards_for(paths))
+        result["terms"] = "; ".join(t for card in cards["cards"] for t in card["terms"]) or None
         result.update(check_usage(paths, resolved["recipe"]))
     except DataError as err:
         result.update(allowed=False, refusal=str(err))

@@ -138,7 +138,10 @@ class DigestCache:
         self.entries: dict[str, list] = {}
         if path is not None:
             self.path = path = self._trusted(path)
-        if path is not None and path.is_file() and not refresh:
+        # refresh: every file this process asks for is read again, and the entries of the others are kept (a
+        # dataset's splits are asked for one by one, each through a cache of its own)
+        self.refresh = refresh
+        if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text())
                 if data.get("version") == self.VERSION and isinstance(data.get("files"), dict):
@@ -192,7 +195,7 @@ class DigestCache:
         memo, stats = DigestCache.remembered, {}
         for rel, full in files.items():
             stat = _stat_key(full)  # a missing file fails here, before any hashing, with its path
-            entry = self.entries.get(self._key(rel))
+            entry = None if self.refresh else self.entries.get(self._key(rel))
             if memo is not None:
                 stats[rel] = tuple(stat)
             if memo is not None and tuple(stat) in memo:

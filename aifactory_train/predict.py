@@ -182,7 +182,8 @@ def run_prediction(cfg) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     check_output_folder(run_dir, Path(cfg.input))
     ours = earlier_outputs(run_dir)
-    check_replaceable(run_dir, [PREDICTIONS_FILE], ours)  # before the model is loaded; the recipe's own below
+    # before the model is loaded (the recipe's own results below); predict.json itself is rewritten at the end
+    check_replaceable(run_dir, [PREDICTIONS_FILE, REPORT_FILE] if ours is None else [PREDICTIONS_FILE], ours)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     import tempfile
@@ -232,10 +233,10 @@ def run_prediction(cfg) -> dict[str, Any]:
         outputs.append(target.resolve())
     staging.rmdir()
     for stale in map(Path, (ours or set()) - {str(p) for p in outputs}):  # a run with predict.draw's pictures
-        if stale.is_dir():
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale)
         else:
-            stale.unlink(missing_ok=True)
+            stale.unlink(missing_ok=True)  # a link is removed, never what it points to
     path = run_dir / PREDICTIONS_FILE
     trained_run_id, trained_on = training_origin(ckpt_path)
     report = {

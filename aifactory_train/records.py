@@ -24,6 +24,8 @@ MASK = "***"
 # scheme://user:password@  - the password runs to the last '@' of the URI's own text (an unencoded '@' in a
 # password is common, and SQLAlchemy accepts it), not past whitespace or quotes (a URI inside a message or JSON)
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:'\"<>?#]*):(?P<secret>[^\s'\"<>]*)@")
+# http(s)://TOKEN@host: a user part without a password is, for a web server, often a token
+_WEB_USER_TOKEN = re.compile(r"(?P<head>\bhttps?://)(?P<secret>[^\s/@:'\"<>?#]+)@")
 # ?password=... &token=... ;api_key=...: query keys that name a secret, wherever in the key
 _QUERY_SECRET = re.compile(
     r"(?P<head>[?&;](?:[\w.\-]*(?:passw(?:or)?d|pwd|secret|token|api[_\-]?key|access[_\-]?key|credential|signature)"
@@ -38,6 +40,7 @@ def redact_text(text: str) -> str:
     if "://" not in text and "=" not in text:
         return text
     text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@" if m["secret"] != MASK else m[0], text)
+    text = _WEB_USER_TOKEN.sub(lambda m: f"{m['head']}{MASK}@" if m["secret"] != MASK else m[0], text)
     return _QUERY_SECRET.sub(lambda m: f"{m['head']}{MASK}" if m["secret"] else m[0], text)
 
 
@@ -100,6 +103,10 @@ def redact_log_records() -> None:
         clean = redact_text(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # a traceback (log.exception) is text a handler writes too
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
         return record
 
     factory._aift_redacting = True  # type: ignore[attr-defined]

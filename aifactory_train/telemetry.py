@@ -1,6 +1,6 @@
 """Data sovereignty: the libraries' usage telemetry to outside services is off in every aift process.
 
-Each library has its own switch. The environment variables are set (unless the user set them otherwise) before the
+Each library has its own switch. The environment variables are set (whatever the environment said) before the
 libraries are imported, as huggingface_hub reads them at import; child processes (DDP ranks, DataLoader workers)
 inherit them. onnxruntime has no environment switch: its telemetry events (with a device id) are switched off
 where aift imports it, through :func:`import_onnxruntime`. Lightning, torch and DeepSpeed send none.
@@ -18,8 +18,8 @@ TELEMETRY_OFF = {
 
 
 def switch_off_telemetry() -> None:
-    for name, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(name, value)
+    # set, not defaulted: an inherited MLFLOW_DISABLE_TELEMETRY=false must not send a hospital's usage out
+    os.environ.update(TELEMETRY_OFF)
 
 
 def import_onnxruntime():

@@ -293,6 +293,23 @@ def run_training(cfg) -> dict[str, Any]:
             log.warning("strategy=fsdp: no test stage in this run; score a checkpoint with `aift eval ckpt_path=...`")
         elif cfg.run_test and datamodule.has_split("test"):
             tested = "best" if best_path else "final"
+            if best_path and Path(best_path).is_dir():
+                # a DeepSpeed folder, which DeepSpeed unpickles without weights_only: the checkpoint's callback
+                # state names it, so a crafted resume could point it anywhere. It must be this run's, and pass
+                # the same check as the folder resumed from
+                from aifactory_train.checkpoints import TRUST_RESUME, verify_deepspeed_checkpoint
+
+                own = (run_dir / CHECKPOINT_DIR).resolve()
+                if own not in Path(best_path).resolve().parents:
+                    from aifactory_train.errors import CheckpointError
+
+                    raise CheckpointError(f"the best checkpoint recorded in the resumed state, '{best_path}', is not "
+                                          f"in this run's '{own}'; resume from a checkpoint of this run")
+                late = verify_deepspeed_checkpoint(best_path, resolved["checkpoint"]["trust"], TRUST_RESUME)
+                for line in late:
+                    log.warning("checkpoint.trust=true: loading unverified: %s", line)
+                if late and is_global_zero():
+                    tracker.set_tags({"aift.checkpoint.trusted_unverified_best": "; ".join(late)[:5000]})
             if best_path and zero_stage(trainer) == 3:
                 # DeepSpeed cannot load a ZeRO-3 checkpoint into its inference engine (Lightning #17704): test the
                 # weights in memory, and say so

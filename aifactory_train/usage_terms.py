@@ -95,8 +95,11 @@ def data_paths(data: Any) -> list[Path]:
         values = section.values() if isinstance(section, dict) else []
         for value in values:
             for item in (value.values() if isinstance(value, dict) else [value]):
-                # a file inside the root is covered by the root's cards; only one elsewhere adds cards
-                if isinstance(item, str) and item and not _is_within((root / item).resolve(), root.resolve()):
+                # a named file brings the cards of its own folder and those above it (a card in root/sub/ covers
+                # root/sub/train.jsonl); a default name of a format not in use (a manifest file that is not
+                # there, inside the root) adds nothing
+                if isinstance(item, str) and item and ((root / item).exists() or
+                                                       not _is_within((root / item).resolve(), root.resolve())):
                     paths.append(root / item)
     return paths
 
@@ -258,6 +261,9 @@ def in_own_user_namespace() -> bool:
     return maps != ["0", "0", "4294967295"]
 
 
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
 def _root_owned_and_safe(path: Path) -> bool:
     """``path`` and every folder above it belong to root and no one else may change them (a sticky folder such as
     /tmp counts as safe: others cannot replace what root keeps in it). A Slurm client or config an ordinary user
@@ -279,8 +285,10 @@ def _slurm_client(name: str) -> tuple[str, dict[str, str]] | None:
     root's, the config (``$SLURM_CONF``, or Slurm's default) root's; no other variable reaches it."""
     import shutil
 
-    found = shutil.which(name)
-    if found is None or not _root_owned_and_safe(Path(found).resolve()):
+    # the system's own folders only, not the user's $PATH: a link of theirs could choose which root-owned program
+    # answers as squeue
+    found = shutil.which(name, path=SYSTEM_PATH)
+    if found is None or not _root_owned_and_safe(Path(found)) or not _root_owned_and_safe(Path(found).resolve()):
         return None
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
     conf = os.environ.get("SLURM_CONF")

@@ -203,9 +203,10 @@ class CropDetection:
 
     def onnx_latency(self) -> dict:
         """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
-        import onnxruntime
-
         from aifactory_train.recipes.crop_detection.export import export_onnx
+        from aifactory_train.telemetry import import_onnxruntime
+
+        onnxruntime = import_onnxruntime()
 
         module, _ = self.module()
         out = Path(tempfile.mkdtemp())

@@ -105,6 +105,21 @@ def manifest_symlink_out_of_root(root):
             ["train.csv", "'train/PET/link.png'", str(outside / "img.png"), "outside data.root"])
 
 
+def imagefolder_symlink_out_of_root(root):
+    outside = root.parent / "secret"
+    outside.mkdir()
+    shutil.copy(first(root), outside / "img.png")
+    (root / "train" / "PET" / "link.png").symlink_to(outside / "img.png")
+    return {}, ["split folder", "'train/PET/link.png'", str(outside / "img.png"), "outside data.root"]
+
+
+def imagefolder_class_folder_symlinked_out_of_root(root):
+    outside = root.parent / "other_owner"
+    shutil.copytree(root / "train" / "PET", outside)
+    (root / "train" / "PET2").symlink_to(outside, target_is_directory=True)
+    return {}, ["split folder", "train/PET2/", str(outside), "outside data.root"]
+
+
 def manifest_file_listed_with_two_labels(root):
     rel = first(root, cls="PET").relative_to(root).as_posix()
     manifest = write_manifests(root, f"{rel},PP\n")
@@ -140,7 +155,8 @@ def manifest_not_utf8(root):
 
 CASES = [undecodable_png, images_directly_in_train, image_next_to_class_folders, same_bytes_under_two_classes,
          val_file_identical_to_train_file, manifest_missing_column, manifest_path_with_dotdot, manifest_absolute_path,
-         manifest_symlink_out_of_root, manifest_file_listed_with_two_labels, manifest_file_listed_twice,
+         manifest_symlink_out_of_root, imagefolder_symlink_out_of_root, imagefolder_class_folder_symlinked_out_of_root,
+         manifest_file_listed_with_two_labels, manifest_file_listed_twice,
          manifest_row_without_label, jsonl_manifest_line_not_json, manifest_not_utf8]
 
 
@@ -281,3 +297,20 @@ def test_skips_reach_summary_and_mlflow(data_copy, tmp_path):
     assert run.data.tags["aift.data.skipped_files"] == "2"
     assert run.data.tags["aift.data.skipped_undecodable"] == "1"
     assert run.data.tags["aift.data.skipped_shared_across_splits"] == "1"
+
+
+def test_skip_counts_both_copies_of_an_image_with_two_labels(data_copy):
+    """Both copies are left out (which label is right is unknown), so both are counted: what skipped_files says is
+    what left the dataset."""
+    source = first(data_copy, "train", "PET")
+    copy = data_copy / "train" / "PP" / "copy_of_pet.png"
+    shutil.copy(source, copy)
+    dm = datamodule(data_copy, on_invalid="skip")
+    dm.setup("fit")
+    entry = dm.invalid_records["conflicting_labels"]
+    assert entry["count"] == 2
+    assert sorted(entry["first_paths"]) == sorted([source.relative_to(data_copy).as_posix(),
+                                                   copy.relative_to(data_copy).as_posix()])
+    assert dm.lineage().as_dict()["skipped_files"] == 2
+    kept = set(dm.splits["train"]["path"])
+    assert source.relative_to(data_copy).as_posix() not in kept and "train/PP/copy_of_pet.png" not in kept

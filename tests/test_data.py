@@ -396,3 +396,18 @@ def test_data_digest_recompute_repairs_a_cache_that_went_wrong(data_copy, tmp_pa
     assert again.returncode == 0
     assert json.loads((tmp_path / "again.json").read_text())["digest"] == truth["digest"]
     assert DigestCache.VERSION == json.loads(cache_files[0].read_text())["version"]
+
+
+def test_refresh_keeps_the_entries_of_files_it_was_not_asked_for(data_copy, digest_cache, monkeypatch):
+    """`aift data digest --recompute` asks for each split through a cache of its own: refreshing one split must not
+    drop the others' entries."""
+    train = sorted(p.relative_to(data_copy).as_posix() for p in (data_copy / "train").rglob("*.png"))
+    val = sorted(p.relative_to(data_copy).as_posix() for p in (data_copy / "val").rglob("*.png"))
+    digest_files(data_copy, train, [0] * len(train))
+    digest_files(data_copy, val, [0] * len(val))
+    monkeypatch.setenv("AIFT_DIGEST_CACHE", "refresh")
+    digest_files(data_copy, val, [0] * len(val))
+    monkeypatch.delenv("AIFT_DIGEST_CACHE")
+    counter = CountingHash(monkeypatch)
+    digest_files(data_copy, train, [0] * len(train))
+    assert counter.read == []  # train's entries survived the refresh of val

@@ -24,7 +24,7 @@ from aifactory_train.records import connectable, redact_log_records, redact_uri,
     ("https://h/x?X-Amz-Signature=f00&X-Amz-Credential=AK/1&api_key=k", "https://h/x?X-Amz-Signature=***&X-Amz-Credential=***&api_key=***"),
     # no credentials: unchanged
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-    ("https://alice@mlflow.example.org", "https://alice@mlflow.example.org"),
+    ("https://ghp_T0ken@mlflow.example.org", "https://***@mlflow.example.org"),  # a user part alone: often a token
     ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
     ("sqlite:////data/runs/mlflow.db", "sqlite:////data/runs/mlflow.db"),
     ("file:///data/mlruns", "file:///data/mlruns"),
@@ -69,17 +69,24 @@ def test_log_records_are_redacted_whatever_handler_writes_them(tmp_path):
     try:
         logger.warning("cannot reach %s", "http://alice:S3cr3t-xyz@127.0.0.1:5000")
         logger.warning("store postgresql://u:pw2@db/m failed")
+        try:
+            raise ConnectionError("no route to http://bob:pw3-in-a-traceback@10.0.0.1:5000")
+        except ConnectionError:
+            logger.exception("tracking failed")
     finally:
         logger.removeHandler(handler)
         handler.close()
     text = path.read_text()
-    assert "S3cr3t-xyz" not in text and "pw2" not in text
+    assert "S3cr3t-xyz" not in text and "pw2" not in text and "pw3-in-a-traceback" not in text
+    assert "ConnectionError: no route to http://bob:***@10.0.0.1:5000" in text
     assert "http://alice:***@127.0.0.1:5000" in text and "postgresql://u:***@db/m" in text
 
 
-def test_aift_switches_off_the_libraries_telemetry():
-    """In the process aift runs in (its real entry point, with none of the switches in the environment): MLflow's,
-    Hugging Face's (hub, transformers, datasets) and the DO_NOT_TRACK convention, as those libraries read them."""
+@pytest.mark.parametrize("inherited", [{}, {"MLFLOW_DISABLE_TELEMETRY": "false", "HF_HUB_DISABLE_TELEMETRY": "0"}])
+def test_aift_switches_off_the_libraries_telemetry(inherited):
+    """In the process aift runs in (its real entry point, with none of the switches in the environment, or with
+    them switched on): MLflow's, Hugging Face's (hub, transformers, datasets) and the DO_NOT_TRACK convention, as
+    those libraries read them."""
     code = ("import json, os, sys; from aifactory_train.cli import main; main(['--version']);"
             "from huggingface_hub import constants; from mlflow.telemetry.utils import is_telemetry_disabled;"
             "print(json.dumps({'hf': constants.HF_HUB_DISABLE_TELEMETRY, 'mlflow': is_telemetry_disabled(),"
@@ -87,6 +94,7 @@ def test_aift_switches_off_the_libraries_telemetry():
             "'DO_NOT_TRACK')}}))")
     env = {k: v for k, v in os.environ.items() if k not in
            ("MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY", "DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    env.update(inherited)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])

@@ -289,3 +289,10 @@ def test_a_card_that_is_not_utf8_names_the_card(tmp_path):
     with pytest.raises(DataError) as refused:
         read_usage_terms(tmp_path)
     assert f"data card '{tmp_path / DATACARD_FILE}' is not UTF-8" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", [["data", "digest"], ["data", "runs", "tracking.uri=sqlite:///mlflow.db"]])
+def test_reading_data_to_digest_it_is_a_use_checked_like_training(command, plastic_data, tmp_path):
+    data = restricted_copy(plastic_data, tmp_path / "detection_only", {"recipes": ["crop_detection"]})
+    result = aift(*command, "recipe=plastic_sorting", f"data.root={data}", cwd=tmp_path)
+    one_line_refusal(result, "usage.recipes allows ['crop_detection'], not recipe 'plastic_sorting'")

@@ -293,13 +293,19 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     for point, _, run_path, script in jobs:
         (run_path / "slurm").mkdir(parents=True, exist_ok=True)
         script_path = run_path / "launch.sbatch"
-        script_path.write_text(script)
+        # owner-only: the job script carries the overrides as given, a tracking URI's password included (the
+        # MLflow environment variables keep it out of the script altogether)
+        script_path.unlink(missing_ok=True)
+        with os.fdopen(os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(script)
         result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
         if result.returncode != 0:
             raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
         job_id = result.stdout.strip().split(";")[0]
         if multirun:
-            print(f"point {run_path.name}: {' '.join(point)}")
+            from aifactory_train.records import redact_text
+
+            print(f"point {run_path.name}: {redact_text(' '.join(point))}")
         print(f"submitted job {job_id}")
         print(f"logs: {run_path / 'slurm'}/{job_name}-{job_id}.out (and .err)")
         print(f"run folder: {run_path}")

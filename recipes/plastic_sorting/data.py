@@ -76,6 +76,8 @@ def scan_imagefolder(root: Path, invalid: InvalidRecords | None = None) -> dict[
                     f"class folder '{class_dir}' has no images ({', '.join(extensions)}); "
                     f"add images or remove the folder"
                 )
+            for f in files:  # a symlinked file or class folder may not lead out of the dataset's root
+                inside_root(root, f.relative_to(root), f"split folder '{split_dir}'")
             records += [(f.relative_to(root).as_posix(), class_dir.name) for f in files]
         splits[split] = records
     return splits
@@ -370,6 +372,10 @@ class PlasticSortingDataModule(L.LightningDataModule):
                     self.invalid("conflicting_labels", rel,
                                  f"'{self.root / rel}' (split '{split}', class '{label}') has the same bytes as "
                                  f"'{self.root / other}' (class '{other_label}'); expected one label per image")
+                    if other not in drop[split]:  # both copies are left out, so both are counted
+                        self.invalid("conflicting_labels", other,
+                                     f"'{self.root / other}' (split '{split}', class '{other_label}') has the same "
+                                     f"bytes as '{self.root / rel}' (class '{label}'); expected one label per image")
                     drop[split] |= {rel, other}
         for split, rel, earlier, other in shared_across_splits(self.digests, same):
             if rel in drop[split]:
