@@ -211,3 +211,31 @@ def test_a_checkpoint_of_another_task_is_refused_by_name(command, crop_data, tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert (f"ckpt_path '{crafted}' holds a model of task image_classification (made by recipe plastic_sorting); "
             "recipe crop_detection needs one of task object_detection") in result.stderr
+
+
+POINT_BEST = """
+import sys, torch
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)  # a genuine file of this test's own run
+(key,) = [k for k in state["callbacks"] if k.startswith("ModelCheckpoint")]
+state["callbacks"][key]["best_model_path"] = sys.argv[2]
+torch.save(state, sys.argv[1])
+"""
+
+
+def test_the_test_stage_refuses_a_best_folder_the_resumed_state_points_elsewhere(zero2_run, clinical_data, tmp_path):
+    """A resumed state that passes the check (plain data) but names another folder as the best checkpoint: the test
+    stage after fit would have DeepSpeed unpickle that folder. It must be this run's and pass the same check."""
+    import subprocess
+
+    run = Path(shutil.copytree(zero2_run, tmp_path / "run"))
+    marker = tmp_path / "MARKER"
+    evil = Path(shutil.copytree(run / "checkpoints" / "last.ckpt", tmp_path / "elsewhere" / "best.ckpt"))
+    craft_shard(evil / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    states = run / "checkpoints" / "last.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    subprocess.run([sys.executable, "-c", POINT_BEST, str(states), str(evil)], check=True, capture_output=True)
+    # the same epochs as the run had: fit has nothing left to do, and goes on to the test stage with "best"
+    result = aift("train", *ZERO2, f"data.root={clinical_data}", "run_test=true", "ckpt_path=last",
+                  f"hydra.run.dir={run}", "tracking=none", cwd=tmp_path)
+    error = one_line_error(result)
+    assert str(evil) in error and "not in this run's" in error, error
+    assert not marker.exists()
