@@ -172,7 +172,8 @@ def canary_raw(clinical_raw, tmp_path) -> Path:
     raw = Path(shutil.copytree(clinical_raw, tmp_path / "raw"))
     for split in ("train", "val", "test"):
         rows = read_jsonl_rows(raw / f"{split}.jsonl")
-        rows[1] = {"note": CANARY_NOTE, "summary": CANARY_SUMMARY}
+        # a note of its own per split: the reader refuses a note that is in two splits (leakage)
+        rows[1] = {"note": f"{CANARY_NOTE} ({split})", "summary": CANARY_SUMMARY}
         write_jsonl(raw / f"{split}.jsonl", rows * (2 if split == "train" else 1))
     return raw
 

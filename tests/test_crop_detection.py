@@ -555,9 +555,14 @@ def test_predict_draws_each_image_with_its_boxes_and_nothing_else(crop_run, crop
     assert not (tmp_path / "all" / "pictures").exists() and (tmp_path / "all" / "predictions.coco.json").is_file()
     # a bad image after the good ones: the run fails, and keeps no pictures (nor predictions)
     (field / "cam1" / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    # (a folder that held a file before: a failed run keeps it, with its log; a new one would be removed whole)
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "notes.txt").write_text("the user's\n")
     result = aift(*args, "hydra.run.dir=failed", cwd=tmp_path)
     assert result.returncode == 2 and "zz_broken.jpg" in result.stderr, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "failed").iterdir() if not p.name.startswith(".")) == ["predict.log"]
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir() if not p.name.startswith(".")) == [
+        "notes.txt", "predict.log"]
+    assert not [p for p in (tmp_path / "failed").iterdir() if p.name.startswith(".predict-")]
 
 
 def test_predictions_are_the_boxes_of_the_eval_data_path(crop_run, crop_data):

@@ -417,8 +417,12 @@ def test_resume_last_without_a_checkpoint_explains_hydra_run_dir(plastic_data, t
 
 def test_resume_with_a_checkpoint_of_another_class_set_is_refused(smoke_run, plastic_data, tmp_path):
     data = Path(shutil.copytree(plastic_data, tmp_path / "more"))
+    from PIL import Image
+
     for split in ("train", "val", "test"):
-        shutil.copytree(data / split / "PET", data / split / "PLA")
+        (data / split / "PLA").mkdir()
+        for path in (data / split / "PET").iterdir():  # other pixels: the same image under two labels is refused
+            Image.open(path).transpose(Image.Transpose.ROTATE_90).save(data / split / "PLA" / path.name)
     result = aift("train", *SMOKE, f"data.root={data}", f"ckpt_path={smoke_run['summary']['last_checkpoint']}",
                   "tracking=none", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 2 and "trained on 7 classes" in result.stderr and "PLA" in result.stderr
