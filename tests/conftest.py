@@ -163,3 +163,16 @@ def powercap(tmp_path_factory):
     files = PowercapFiles(tmp_path_factory.mktemp("powercap"), watts=50.0)
     yield files
     files.close()
+
+
+# `make test` runs two files at a time (xdist --dist loadfile), handing out files in collection order. Alphabetical
+# order put the longest files (test_resume, test_slurm, test_strategies, test_train_e2e: minutes each) last, so
+# one worker ran them alone at the end. Longest first (largest-processing-time-first scheduling) keeps both busy.
+LONGEST_FIRST = ["test_resume.py", "test_crop_detection.py", "test_slurm.py", "test_clinical_notes.py",
+                 "test_train_e2e.py", "test_strategies.py", "test_checkpoint_safety.py", "test_bench.py",
+                 "test_usage_terms.py", "test_data_check.py", "test_mlflow_server.py", "test_energy.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: in-file order kept
