@@ -423,6 +423,13 @@ _CHEAP_DONE: dict[str, dict[str, int]] = {}
 
 
 # -- pictures -------------------------------------------------------------------------------------------------
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -449,10 +456,7 @@ def class_histogram(report: dict[str, Any], unit: str, out: Path) -> Path | None
     ax.set_ylabel(f"{unit}s")
     ax.set_title(f"{report['recipe']}: {unit}s per class and split")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def box_histogram(description: DataDescription, out: Path) -> Path | None:
@@ -467,10 +471,7 @@ def box_histogram(description: DataDescription, out: Path) -> Path | None:
     ax.set_ylabel("boxes")
     ax.set_title("box sizes per split")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def length_histogram(description: DataDescription, out: Path) -> Path | None:
@@ -488,10 +489,7 @@ def length_histogram(description: DataDescription, out: Path) -> Path | None:
         ax.set_ylabel("examples")
         ax.legend()
     fig.suptitle("lengths per split (numbers only)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def contact_sheet(description: DataDescription, out: Path) -> Path | None:
@@ -526,10 +524,7 @@ def contact_sheet(description: DataDescription, out: Path) -> Path | None:
                                         labels=sample.box_labels or None, colors="yellow", width=2)
         ax.imshow(image.permute(1, 2, 0).numpy())
         ax.set_title(f"{name}: {sample.caption}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 # -- reports --------------------------------------------------------------------------------------------------

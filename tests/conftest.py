@@ -176,3 +176,22 @@ LONGEST_FIRST = ["test_resume.py", "test_crop_detection.py", "test_slurm.py", "t
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: in-file order kept
+
+
+def write_hf_detection_layout(crop_data: Path, root: Path, splits=("train", "val")) -> Path:
+    """The synthetic COCO crop data rewritten in the Hugging Face object-detection layout (<split>/metadata.jsonl
+    with objects: {bbox, category}; crop = 0, weed = 1)."""
+    import json
+    import shutil
+
+    for split in splits:
+        (root / split).mkdir(parents=True)
+        raw = json.loads((crop_data / "annotations" / f"{split}.json").read_text())
+        lines = []
+        for img in raw["images"]:
+            shutil.copy(crop_data / "images" / split / img["file_name"], root / split / img["file_name"])
+            anns = [a for a in raw["annotations"] if a["image_id"] == img["id"]]
+            lines.append({"file_name": img["file_name"], "objects": {
+                "bbox": [a["bbox"] for a in anns], "category": [0 if a["category_id"] == 3 else 1 for a in anns]}})
+        (root / split / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root

@@ -15,7 +15,7 @@ import pytest
 
 from aifactory_train.errors import DataError
 from aifactory_train.recipes.crop_detection.data import CropDetectionDataModule
-from conftest import aift
+from conftest import aift, write_hf_detection_layout
 
 SPLITS = {s: {"annotations": f"annotations/{s}.json", "images": f"images/{s}"} for s in ("train", "val", "test")}
 
@@ -192,18 +192,7 @@ def test_bad_coco_input_is_one_line_naming_the_culprit(damage, crop_copy):
 # -- the HF layout's metadata.jsonl ---------------------------------------------------------------------------
 @pytest.fixture
 def hf_root(crop_data, tmp_path) -> Path:
-    root = tmp_path / "hf"
-    for split in ("train", "val"):
-        (root / split).mkdir(parents=True)
-        raw = coco(crop_data, split)
-        lines = []
-        for img in raw["images"]:
-            shutil.copy(crop_data / "images" / split / img["file_name"], root / split / img["file_name"])
-            anns = [a for a in raw["annotations"] if a["image_id"] == img["id"]]
-            lines.append({"file_name": img["file_name"], "objects": {
-                "bbox": [a["bbox"] for a in anns], "category": [0 if a["category_id"] == 3 else 1 for a in anns]}})
-        (root / split / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return root
+    return write_hf_detection_layout(crop_data, tmp_path / "hf")
 
 
 def hf_datamodule(root: Path, **kwargs) -> CropDetectionDataModule:

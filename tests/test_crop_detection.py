@@ -57,19 +57,9 @@ def test_images_without_annotations_are_negatives(crop_data):
 
 
 def test_hf_object_detection_layout_loads_the_same_boxes(crop_data, tmp_path):
-    import shutil
+    from conftest import write_hf_detection_layout
 
-    root = tmp_path / "hf"
-    for split in ("train", "val"):
-        (root / split).mkdir(parents=True)
-        raw = coco(crop_data, split)
-        lines = []
-        for img in raw["images"]:
-            shutil.copy(crop_data / "images" / split / img["file_name"], root / split / img["file_name"])
-            anns = [a for a in raw["annotations"] if a["image_id"] == img["id"]]
-            lines.append({"file_name": img["file_name"], "objects": {
-                "bbox": [a["bbox"] for a in anns], "category": [0 if a["category_id"] == 3 else 1 for a in anns]}})
-        (root / split / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    root = write_hf_detection_layout(crop_data, tmp_path / "hf")
     hf = CropDetectionDataModule(root=str(root), format="hf", class_names=["crop", "weed"], num_workers=0)
     hf.setup("fit")
     reference = datamodule(crop_data)
