@@ -453,8 +453,9 @@ def class_histogram(report: dict[str, Any], unit: str, out: Path) -> Path | None
     for i, (split, counts) in enumerate(splits.items()):
         ax.bar(x + i * width - 0.4 + width / 2, [counts.get(n, 0) for n in names], width, label=split)
     ax.set_xticks(x, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
-    ax.set_ylabel(f"{unit}s")
-    ax.set_title(f"{report['recipe']}: {unit}s per class and split")
+    units = "boxes" if unit == "box" else f"{unit}s"
+    ax.set_ylabel(units)
+    ax.set_title(f"{report['recipe']}: {units} per class and split")
     ax.legend()
     return _save(fig, out)
 
