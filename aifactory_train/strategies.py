@@ -55,7 +55,7 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _cpu_smoke_deepspeed():
     """DeepSpeed on CPU processes (gloo). Lightning refuses a CPU accelerator in ``setup_environment`` and needs a
-    GPU index in ``setup_distributed`` and ``_setup_model_and_optimizer`` (NOTES.md section 3); these three
+    GPU index in ``setup_distributed`` and ``_setup_model_and_optimizer`` (benchmarks/README.md, reference figures); these three
     overrides (and the same fix for ``_initialize_deepspeed_inference``, used by validate/test) rely on private
     Lightning methods, hence the pinned Lightning range and tests/test_strategies.py."""
     import argparse
@@ -101,7 +101,7 @@ def _cpu_smoke_deepspeed():
 
 def _cpu_smoke_fsdp():
     """FSDP on CPU processes: Lightning rejects ``strategy="fsdp"`` with a CPU accelerator only when the strategy's
-    type is exactly FSDPStrategy (NOTES.md section 3), so a subclass passes; torch then needs ``device_id=cpu``
+    type is exactly FSDPStrategy (benchmarks/README.md, reference figures), so a subclass passes; torch then needs ``device_id=cpu``
     where Lightning passes the device index (None on CPU), so ``_setup_model`` (private) wraps with that."""
     import torch
     import torch.distributed.fsdp as fsdp

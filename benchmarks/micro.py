@@ -44,7 +44,7 @@ def gemm(device: torch.device, sizes: list[int], dtypes: list[torch.dtype]) -> l
 
 
 def memory_bandwidth(device: torch.device, mib: int) -> list[dict]:
-    """Device memory copy bandwidth, counting read + write (as NOTES.md's 4.25 TB/s on an H200)."""
+    """Device memory copy bandwidth, counting read + write (as the reference figure of 4.25 TB/s on an H200)."""
     src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     seconds = _time(lambda: dst.copy_(src), device, repeats=20)

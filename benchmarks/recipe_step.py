@@ -13,7 +13,7 @@ and gradient clipping; no logger or checkpointing, which the plain loop does not
         --batch-size 16 --steps 20                                         # one GPU
     python benchmarks/recipe_step.py clinical_notes                       # CPU: llama_tiny, 512 tokens, batch 16
     python benchmarks/recipe_step.py clinical_notes --model llama_374m --seq-len 2048 --batch-size 8 \
-        --steps 20 --compile both                                          # one GPU (NOTES: 132k tok/s compiled)
+        --steps 20 --compile both                                          # one GPU (reference: 132k tok/s compiled)
 Writes a JSON (and a Markdown table with --markdown) with the exact command. crop_detection and plastic_sorting
 also measure the exported ONNX model's CPU latency at batch 1 (onnxruntime).
 """

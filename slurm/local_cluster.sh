@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A single-machine Slurm cluster for the tests and for trying `aift launch` on a laptop/CI box: munge, slurmctld
 # and two slurmd daemons (node1, node2: two emulated nodes on this machine), everything (config, state, logs,
-# pids) under one folder. Debian's slurm-wlm 22.05 + munge; settings from NOTES.md section 4.
+# pids) under one folder. Debian's slurm-wlm 22.05 + munge; settings that worked on these machines, stated below.
 #   bash slurm/local_cluster.sh start [DIR]   # installs slurm-wlm + munge with apt-get if missing (root)
 #   bash slurm/local_cluster.sh stop  [DIR]
 # DIR defaults to /tmp/aift-slurm. Clients need: export SLURM_CONF=DIR/slurm.conf (written to DIR/env).

@@ -18,7 +18,7 @@ STRATEGY_RUN = ["recipe=clinical_notes", "debug=smoke", "trainer.devices=2", "tr
 
 
 def test_lightning_private_methods_the_cpu_smoke_path_overrides_still_exist():
-    """The CPU smoke strategies override private Lightning methods (NOTES.md section 3). If Lightning renames them,
+    """The CPU smoke strategies override private Lightning methods (benchmarks/README.md, reference figures). If Lightning renames them,
     this fails loudly instead of the overrides silently doing nothing."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
     from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector

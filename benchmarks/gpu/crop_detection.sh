@@ -3,7 +3,7 @@
 # Here, first:  bash ../shared/device/wheelhouse.sh faster-coco-eval && .venv/bin/pip wheel --no-deps . -w .whl
 # There:        bash benchmarks/gpu/crop_detection.sh        (results in $OUT, default ./gpu_results)
 source "$(dirname "$0")/prepare.sh"
-# Faster R-CNN R50-FPN v2, 640 px, batch 16, bf16-mixed: recipe vs plain loop (NOTES.md: plain bf16 78 img/s on H200)
+# Faster R-CNN R50-FPN v2, 640 px, batch 16, bf16-mixed: recipe vs plain loop (reference figures (benchmarks/README.md): plain bf16 78 img/s on H200)
 timeout 150 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 20 --warmup 3 --repeats 3 --workers \
     --out "$OUT/crop_step.json" --markdown "$OUT/crop_step.md" 2>&1 | grep -E "compile=|Error|error" | tail -5

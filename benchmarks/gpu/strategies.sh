@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's GPU figure: single-GPU throughput and peak memory of single, ddp, deepspeed_zero2 and deepspeed_zero3
 # on clinical_notes' 374M config (8 x 2048 tokens, bf16-mixed, eager), 60 steps each (~1 min per strategy).
-# NOTES.md: ZeRO-2 through Lightning cost 15 % vs a plain loop on one H200.
+# reference figures (benchmarks/README.md): ZeRO-2 through Lightning cost 15 % vs a plain loop on one H200.
 # Check the plan on CPU first:  python benchmarks/strategies.py --gpu --on-cpu --steps 21 --notes 200
 # Here, first:  bash ../shared/device/wheelhouse.sh && .venv/bin/pip wheel --no-deps --no-build-isolation . -w .whl
 # There:        bash benchmarks/gpu/strategies.sh        (results in $OUT, default ./gpu_results)
