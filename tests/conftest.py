@@ -195,3 +195,10 @@ def write_hf_detection_layout(crop_data: Path, root: Path, splits=("train", "val
                 "bbox": [a["bbox"] for a in anns], "category": [0 if a["category_id"] == 3 else 1 for a in anns]}})
         (root / split / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
+
+
+def assert_one_line_naming(message: str, pieces) -> None:
+    """A reader's refusal: one line, holding every piece that names the culprit (file, record, field, value)."""
+    assert "\n" not in message
+    for piece in pieces:
+        assert piece in message, (piece, message)

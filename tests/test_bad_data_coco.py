@@ -15,7 +15,7 @@ import pytest
 
 from aifactory_train.errors import DataError
 from aifactory_train.recipes.crop_detection.data import CropDetectionDataModule
-from conftest import aift, write_hf_detection_layout
+from conftest import aift, assert_one_line_naming, write_hf_detection_layout
 
 SPLITS = {s: {"annotations": f"annotations/{s}.json", "images": f"images/{s}"} for s in ("train", "val", "test")}
 
@@ -183,10 +183,7 @@ def test_bad_coco_input_is_one_line_naming_the_culprit(damage, crop_copy):
     expected = damage(crop_copy)
     with pytest.raises(DataError) as err:
         datamodule(crop_copy).setup("fit")
-    message = str(err.value)
-    assert "\n" not in message
-    for piece in expected:
-        assert piece in message, (piece, message)
+    assert_one_line_naming(str(err.value), expected)
 
 
 # -- the HF layout's metadata.jsonl ---------------------------------------------------------------------------
@@ -249,10 +246,7 @@ def test_bad_hf_metadata_is_one_line_naming_file_and_line(damage, hf_root):
     expected = damage(hf_root)
     with pytest.raises(DataError) as err:
         hf_datamodule(hf_root).setup("fit")
-    message = str(err.value)
-    assert "\n" not in message
-    for piece in expected:
-        assert piece in message, (piece, message)
+    assert_one_line_naming(str(err.value), expected)
 
 
 # -- skip -----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from aifactory_train.errors import DataError
 from aifactory_train.recipes.plastic_sorting.data import PlasticSortingDataModule
-from conftest import aift
+from conftest import aift, assert_one_line_naming
 
 MANIFEST = {"train": "train.csv", "val": "val.csv"}
 
@@ -165,10 +165,7 @@ def test_bad_rgb_input_is_one_line_naming_the_culprit(damage, data_copy):
     kwargs, expected = damage(data_copy)
     with pytest.raises(DataError) as err:
         datamodule(data_copy, **kwargs).setup("fit")
-    message = str(err.value)
-    assert "\n" not in message
-    for piece in expected:
-        assert piece in message, (piece, message)
+    assert_one_line_naming(str(err.value), expected)
 
 
 # -- multispectral arrays -------------------------------------------------------------------------------------
