@@ -31,7 +31,7 @@ demo: venv
 	cd $(DEMO_DIR) && ../$(BIN)/aift data synth plastic_sorting --out data/plastic_sorting --overwrite
 	cd $(DEMO_DIR) && ../$(BIN)/aift train recipe=plastic_sorting $(DEMO_ARGS) hydra.run.dir=outputs/demo \
 		trainer.enable_progress_bar=false
-	@$(BIN)/python -m aifactory_train.show_summary $(DEMO_DIR)/outputs/demo/summary.json
+	@$(BIN)/python -m aifactory_train.commands.show_summary $(DEMO_DIR)/outputs/demo/summary.json
 	@echo "Open the MLflow UI:  cd $(DEMO_DIR) && ../$(BIN)/mlflow ui   (then http://127.0.0.1:5000)"
 
 SLURM_DIR ?= /tmp/aift-slurm

@@ -4,7 +4,7 @@
     python benchmarks/digest.py --files 2000 --file-kib 512 --markdown benchmarks/results/digest_cpu-2core_<date>.md
 
 Writes ``--files`` random files of ``--file-kib`` KiB under ``--dir`` (a temporary folder by default), then times
-``aifactory_train.lineage.digest_files`` on them:
+``aifactory_train.records.lineage.digest_files`` on them:
 - ``sequential, no cache``: one thread reading every byte, as every run did before the cache;
 - ``threads, no cache``: what a first run on a data root does now (``AIFT_DIGEST_CACHE=0`` does the same);
 - ``cache, unchanged``: the next run on the same data (only ``stat`` per file);
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="write the Markdown report (and .json) here")
     args = parser.parse_args(argv)
 
-    import aifactory_train.lineage as lineage
+    import aifactory_train.records.lineage as lineage
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root, cache = Path(tmp) / "data", Path(tmp) / "cache"

@@ -19,7 +19,7 @@ class EnergyMeter:
         self.flops_per_sample = None
         self.reason = None
         self._counter = None
-        from aifactory_train.energy import NvmlCounter, cuda_uuid, nvml_available
+        from aifactory_train.records.energy import NvmlCounter, cuda_uuid, nvml_available
 
         try:
             if (missing := nvml_available()) is not None:

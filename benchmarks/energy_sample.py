@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
-    from aifactory_train.energy import EnergyLedger, NvmlCounter, RaplCounter, cuda_uuid
+    from aifactory_train.records.energy import EnergyLedger, NvmlCounter, RaplCounter, cuda_uuid
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

@@ -66,7 +66,7 @@ class PlasticSorting:
 
     def plain(self):
         """(parameters, step function) of the hand-written loop: the same model, loss, autocast as the recipe."""
-        from aifactory_train.models import build_torchvision_classifier
+        from aifactory_train.run.models import build_torchvision_classifier
 
         net = build_torchvision_classifier(self.args.model, self.classes).to(self.device)
         channels_last = self.device.type == "cuda"
@@ -99,7 +99,7 @@ class PlasticSorting:
     def onnx_latency(self) -> dict:
         """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
         from aifactory_train.recipes.plastic_sorting.export import DeployableClassifier, export_onnx
-        from aifactory_train.telemetry import import_onnxruntime
+        from aifactory_train.records.telemetry import import_onnxruntime
 
         onnxruntime = import_onnxruntime()
 
@@ -154,7 +154,7 @@ class CropDetection:
             self.batches.append((images, targets))
         from omegaconf import OmegaConf
 
-        from aifactory_train.resources import config_dir
+        from aifactory_train.locations import config_dir
 
         self.model_cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{args.model}.yaml"))
 
@@ -204,7 +204,7 @@ class CropDetection:
     def onnx_latency(self) -> dict:
         """CPU latency at batch 1 of the exported model (onnxruntime) and of the same model in eager PyTorch."""
         from aifactory_train.recipes.crop_detection.export import export_onnx
-        from aifactory_train.telemetry import import_onnxruntime
+        from aifactory_train.records.telemetry import import_onnxruntime
 
         onnxruntime = import_onnxruntime()
 
@@ -233,7 +233,7 @@ class ClinicalNotes:
     def __init__(self, args, device):
         from omegaconf import OmegaConf
 
-        from aifactory_train.resources import config_dir
+        from aifactory_train.locations import config_dir
 
         self.args, self.device = args, device
         self.model_cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{args.model}.yaml"))
@@ -332,7 +332,7 @@ class PlainLoop:
     (device synchronised at both ends), so that it can run in blocks between blocks of the recipe."""
 
     def __init__(self, spec, device, precision: str, total_steps: int):
-        from aifactory_train.schedules import warmup_cosine
+        from aifactory_train.run.schedules import warmup_cosine
 
         torch.manual_seed(0)
         self.spec, self.device = spec, device
@@ -378,7 +378,7 @@ def recipe_loop(spec, args, device, precision: str, meter=None) -> float:
     import lightning as L
     from torch.utils.data import DataLoader, Dataset
 
-    from aifactory_train.callbacks import TrainingThroughput
+    from aifactory_train.run.callbacks import TrainingThroughput
 
     class InMemory(Dataset):
         def __len__(self):
@@ -466,7 +466,7 @@ def paired_blocks(spec, args, device, precision: str, pairs: int, block_seconds:
     import lightning as L
     from torch.utils.data import DataLoader, Dataset
 
-    from aifactory_train.callbacks import TrainingThroughput
+    from aifactory_train.run.callbacks import TrainingThroughput
 
     if args.warmup < 1:
         raise ValueError("paired_blocks needs warmup >= 1: the last warm-up step sizes the blocks")

@@ -52,7 +52,7 @@ def run_gpu(strategy: str, data: Path, work: Path, steps: int, extra: list[str])
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{work}/mlflow.db"
-    args = [sys.executable, "-m", "aifactory_train.cli", "train", f"data.root={data}", f"strategy={strategy}",
+    args = [sys.executable, "-m", "aifactory_train.commands.cli", "train", f"data.root={data}", f"strategy={strategy}",
             *GPU_STRATEGIES[strategy], *GPU_RUN, f"trainer.max_steps={steps}", f"tracking.uri={uri}", *extra,
             f"hydra.run.dir={work / strategy}"]
     started = time.time()
@@ -68,7 +68,7 @@ def run_gpu(strategy: str, data: Path, work: Path, steps: int, extra: list[str])
 
 
 def run(strategy: str, data: Path, work: Path, steps: int) -> dict:
-    args = [sys.executable, "-m", "aifactory_train.cli", "launch", "--local", "2", "recipe=clinical_notes",
+    args = [sys.executable, "-m", "aifactory_train.commands.cli", "launch", "--local", "2", "recipe=clinical_notes",
             f"data.root={data}", f"strategy={strategy}", *STRATEGIES[strategy], *MODEL, "trainer.accelerator=cpu",
             f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "run_test=false", "tracking=none",
             "data.batch_size=4", "data.max_length=256", "data.packing=true", "trainer.enable_progress_bar=false",

@@ -21,7 +21,7 @@ def aift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1500) ->
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "aifactory_train.cli", *args],
+        [sys.executable, "-m", "aifactory_train.commands.cli", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
 

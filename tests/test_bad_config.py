@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from aifactory_train.config import _gpu_driver_present, check_devices, composition_error, validate
+from aifactory_train.records.config import _gpu_driver_present, check_devices, composition_error, validate
 from aifactory_train.errors import ConfigError
 from conftest import aift
 from test_config import compose_run
@@ -183,7 +183,7 @@ def test_an_unexpected_error_prints_one_line_and_where_its_traceback_is(plastic_
 
 
 def test_verbose_also_prints_the_traceback(tmp_path, monkeypatch, capsys):
-    from aifactory_train import cli
+    from aifactory_train.commands import cli
 
     monkeypatch.setattr(cli, "_main", lambda argv, verbose: 1 / 0)
     assert cli.main(["--verbose", "recipes", "list"]) == 1
@@ -196,7 +196,7 @@ def test_verbose_also_prints_the_traceback(tmp_path, monkeypatch, capsys):
 
 def test_a_job_failure_goes_to_the_run_log_and_an_empty_run_folder_is_removed(tmp_path, monkeypatch, capsys):
     from aifactory_train.errors import DataError
-    from aifactory_train.failures import fresh_run_dir, report_job_failure
+    from aifactory_train.commands.failures import fresh_run_dir, report_job_failure
 
     monkeypatch.chdir(tmp_path)
     root = logging.getLogger()

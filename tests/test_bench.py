@@ -193,14 +193,14 @@ def test_blocks_alternate_abba():
     (0.84, {"min": 0.85}, None, "fail", "below min 0.85"),
 ])
 def test_verdict_needs_the_whole_band_on_one_side_of_the_threshold(value, rule, band, status, words):
-    from aifactory_train.bench import verdict_of
+    from aifactory_train.bench.suites import verdict_of
 
     got, reason = verdict_of(value, rule, band)
     assert got == status and (words is None and reason is None or words in reason), reason
 
 
 def test_one_failure_fails_the_profile_and_otherwise_one_inconclusive_check_makes_it_inconclusive():
-    from aifactory_train.bench import check, overall
+    from aifactory_train.bench.suites import check, overall
 
     profile = {"thresholds": {"memory_gbps": {"min": 1}, "plastic_sorting_ratio": {"min": 0.85},
                               "crop_detection_ratio": {"min": 0.85}, "h2d_gbps": {"min": 1}}, "required": []}

@@ -139,7 +139,7 @@ def test_consolidate_refuses_a_shard_that_would_run_code(shard, zero2_run, tmp_p
 
 def test_a_genuine_deepspeed_checkpoint_passes_the_check(zero2_run, tmp_path):
     """ZeRO-2's own shards need only the allowlisted DeepSpeed types: it consolidates without --trust-checkpoint."""
-    from aifactory_train.checkpoints import TRUST_CONSOLIDATE, verify_deepspeed_checkpoint
+    from aifactory_train.run.checkpoints import TRUST_CONSOLIDATE, verify_deepspeed_checkpoint
 
     assert verify_deepspeed_checkpoint(str(zero2_run / "checkpoints" / "last.ckpt"), False, TRUST_CONSOLIDATE) == []
     out = tmp_path / "out.ckpt"

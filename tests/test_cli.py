@@ -11,7 +11,7 @@ from conftest import aift
 
 def test_cli_module_does_not_import_heavy_packages():
     code = (
-        "import sys, aifactory_train.cli as c; c._parser(); "
+        "import sys, aifactory_train.commands.cli as c; c._parser(); "
         "heavy = [m for m in ('torch', 'lightning', 'mlflow', 'hydra', 'datasets') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -338,7 +338,7 @@ def test_predictions_are_the_summaries_of_the_eval_data_path(summariser, clinica
     those summaries are drafts of these notes: ROUGE-L against the written summaries well above a bad model's."""
     from torchmetrics.text import ROUGEScore
 
-    from aifactory_train.checkpoints import load_trained_module
+    from aifactory_train.run.checkpoints import load_trained_module
     from aifactory_train.recipes.clinical_notes.data import ClinicalNotesDataModule
     from aifactory_train.recipes.clinical_notes.module import ClinicalNotesModule, normalize_for_rouge
 

@@ -11,9 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from aifactory_train.config import validate
+from aifactory_train.records.config import validate
 from aifactory_train.errors import ConfigError
-from aifactory_train.resources import config_dir
+from aifactory_train.locations import config_dir
 
 CONFIGS = config_dir()
 
@@ -208,7 +208,7 @@ def test_a_global_batch_that_no_whole_accumulation_gives_is_refused_with_what_fi
 def test_the_accumulation_follows_from_the_global_batch_and_the_ranks(overrides, ranks, accumulate, tmp_path):
     from omegaconf import OmegaConf
 
-    from aifactory_train.train import batch_plan
+    from aifactory_train.run.trainer import batch_plan
 
     cfg = compose_run(["recipe=plastic_sorting", *overrides], tmp_path)
     typed = validate(cfg)
@@ -222,7 +222,7 @@ def test_a_global_batch_is_checked_against_the_ranks_found_when_devices_is_auto(
     """devices: auto with DDP is resolved on the node: the check then runs with the rank count found there."""
     from omegaconf import OmegaConf
 
-    from aifactory_train.train import batch_plan
+    from aifactory_train.run.trainer import batch_plan
 
     cfg = compose_run(["recipe=plastic_sorting", "strategy=ddp", "trainer.global_batch_size=256"], tmp_path)
     typed = validate(cfg)  # nothing to check yet

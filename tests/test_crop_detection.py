@@ -282,7 +282,7 @@ def test_speed_options_change_the_layout_and_compile_only_the_backbone(channels_
     from omegaconf import OmegaConf
 
     from aifactory_train.recipes.crop_detection.module import CropDetectionModule
-    from aifactory_train.resources import config_dir
+    from aifactory_train.locations import config_dir
 
     model = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "fasterrcnn_mobilenet_v3_large_320_fpn.yaml"))
     module = CropDetectionModule(model={**model, "channels_last": channels_last, "compile_backbone": True},
@@ -374,7 +374,7 @@ def test_training_flops_are_counted_without_touching_the_runs_random_stream():
     from omegaconf import OmegaConf
 
     from aifactory_train.recipes.crop_detection.module import CropDetectionModule
-    from aifactory_train.resources import config_dir
+    from aifactory_train.locations import config_dir
 
     model = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "fasterrcnn_mobilenet_v3_large_320_fpn.yaml"))
     target = {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([2])}
@@ -448,7 +448,7 @@ def test_onnx_export_matches_pytorch_on_images(crop_run, crop_data):
     from conftest import aift
     from torchvision.io import read_image
 
-    from aifactory_train.checkpoints import load_trained_module
+    from aifactory_train.run.checkpoints import load_trained_module
     from aifactory_train.recipes.crop_detection.module import CropDetectionModule
 
     checkpoint = crop_run["summary"]["last_checkpoint"]
@@ -562,7 +562,7 @@ def test_predictions_are_the_boxes_of_the_eval_data_path(crop_run, crop_data):
     [x, y, w, h]. And the same threshold logic as the recipe's weed recall: scored with it, they give eval's figure."""
     from conftest import aift
 
-    from aifactory_train.checkpoints import load_trained_module
+    from aifactory_train.run.checkpoints import load_trained_module
     from aifactory_train.recipes.crop_detection.module import CropDetectionModule
 
     work, checkpoint = crop_run["work"], crop_run["summary"]["last_checkpoint"]

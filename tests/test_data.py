@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aifactory_train.errors import DataError
-from aifactory_train.lineage import digest_files
+from aifactory_train.records.lineage import digest_files
 from aifactory_train.recipes.plastic_sorting.data import PlasticSortingDataModule
 
 CLASSES = ["HDPE", "LDPE", "PET", "PP", "PS", "PVC", "other"]
@@ -206,7 +206,7 @@ class CountingHash:
     """Wraps the real file hash and records which files it read."""
 
     def __init__(self, monkeypatch):
-        import aifactory_train.lineage as lineage
+        import aifactory_train.records.lineage as lineage
 
         self.read: list[str] = []
         real = lineage.file_sha256
@@ -220,7 +220,7 @@ class CountingHash:
 
 @pytest.fixture
 def digest_cache(tmp_path, monkeypatch) -> Path:
-    from aifactory_train.lineage import DigestCache
+    from aifactory_train.records.lineage import DigestCache
 
     monkeypatch.setenv("AIFT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("AIFT_DIGEST_CACHE", raising=False)
@@ -275,21 +275,21 @@ def test_damaged_digest_cache_is_rebuilt_with_a_warning(data_copy, digest_cache,
     expected = digest_files(data_copy, paths, labels)
     (cache_file,) = (digest_cache / "digests").glob("*.json")
     cache_file.write_text(damage)
-    with caplog.at_level(logging.WARNING, logger="aifactory_train.lineage"):
+    with caplog.at_level(logging.WARNING, logger="aifactory_train.records.lineage"):
         assert digest_files(data_copy, paths, labels) == expected
     assert str(cache_file) in caplog.text and "hashing every file again" in caplog.text
     assert len(json.loads(cache_file.read_text())["files"]) == len(paths)
 
 
 def test_unwritable_digest_cache_still_gives_the_digest(data_copy, tmp_path, monkeypatch, caplog):
-    from aifactory_train.lineage import DigestCache
+    from aifactory_train.records.lineage import DigestCache
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder would go")
     monkeypatch.setenv("AIFT_CACHE_DIR", str(blocker))
     monkeypatch.setattr(DigestCache, "RACY_NS", 0)
     paths, labels = split_files(data_copy)
-    with caplog.at_level(logging.WARNING, logger="aifactory_train.lineage"):
+    with caplog.at_level(logging.WARNING, logger="aifactory_train.records.lineage"):
         cached = digest_files(data_copy, paths, labels)
     assert "could not be written" in caplog.text and str(blocker) in caplog.text
     monkeypatch.setenv("AIFT_DIGEST_CACHE", "0")
@@ -338,7 +338,7 @@ def test_a_digest_cache_others_can_write_is_not_trusted(data_copy, digest_cache,
         pytest.skip("giving a file to another user needs root (as CI runs)")
     else:
         os.chown(cache_file, 4242, -1)
-    with caplog.at_level(logging.WARNING, logger="aifactory_train.lineage"):
+    with caplog.at_level(logging.WARNING, logger="aifactory_train.records.lineage"):
         assert digest_files(data_copy, paths, labels) == expected  # the planted digests were not used
     assert "is not used" in caplog.text
 
@@ -371,7 +371,7 @@ def test_refresh_rereads_every_file_and_rewrites_the_cache(data_copy, digest_cac
 def test_data_digest_recompute_repairs_a_cache_that_went_wrong(data_copy, tmp_path):
     """`aift data digest` prints the digests a training run records, from the cache; --recompute reads every byte
     and rewrites the cache, the remedy when a cache is suspected (here: entries changed by hand)."""
-    from aifactory_train.lineage import DigestCache
+    from aifactory_train.records.lineage import DigestCache
     from conftest import aift
 
     import time

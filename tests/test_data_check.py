@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aifactory_train.cli import main
-from aifactory_train.data_check import REPORT_JSON, REPORT_MD
+from aifactory_train.commands.cli import main
+from aifactory_train.data.data_check import REPORT_JSON, REPORT_MD
 from conftest import aift
 
 SPLITS = ("train", "val", "test")
@@ -129,7 +129,7 @@ def test_raw_notes_that_training_refuses_give_exit_1_with_the_readers_reason(cli
 
 
 def test_leakage_uses_the_digests_hashes_without_reading_a_file_twice(crop_data, tmp_path, monkeypatch):
-    from aifactory_train import lineage
+    from aifactory_train.records import lineage
 
     reads = []
     real = lineage.file_sha256
@@ -156,7 +156,7 @@ def test_launch_refuses_leaking_data_before_anything_is_queued(data_copy, tmp_pa
 def test_the_leakage_check_finds_files_of_the_same_content_in_two_splits(tmp_path):
     """The framework's own leakage check, for recipes whose reader does not look (the shipped readers refuse such
     data first, see above): same bytes under another name in two splits, and twice within one split."""
-    from aifactory_train.data_check import SplitDescription, duplicates_and_leakage
+    from aifactory_train.data.data_check import SplitDescription, duplicates_and_leakage
 
     for name, content in (("a.png", b"one"), ("b.png", b"two"), ("c.png", b"one"), ("d.png", b"three"),
                           ("e.png", b"three")):

@@ -16,7 +16,7 @@ SMOKE = ["recipe=plastic_sorting", "debug=smoke", "data.batch_size=16"]
 
 
 def test_powercap_counter_adds_packages_only_and_survives_a_wraparound(tmp_path):
-    from aifactory_train.energy import RaplCounter
+    from aifactory_train.records.energy import RaplCounter
 
     root = tmp_path / "powercap"
     for zone, start in (("intel-rapl:0", 900), ("intel-rapl:1", 100), ("intel-rapl:0:0", 0)):
@@ -34,7 +34,7 @@ def test_powercap_counter_adds_packages_only_and_survives_a_wraparound(tmp_path)
 
 
 def test_run_energy_adds_every_file_and_names_the_unreadable_ones(tmp_path):
-    from aifactory_train.energy import ENERGY_DIR, read_run_energy
+    from aifactory_train.records.energy import ENERGY_DIR, read_run_energy
 
     folder = tmp_path / ENERGY_DIR
     folder.mkdir()
@@ -60,7 +60,7 @@ def test_run_energy_adds_every_file_and_names_the_unreadable_ones(tmp_path):
 def test_a_gpu_run_adds_its_hosts_cpu_packages_and_each_part_is_shown(tmp_path):
     """Two job starts of a GPU run on one node, 2 ranks: each rank's GPU (NVML) and, from local rank 0, the CPU
     packages (powercap). The parts add up; a job start with two counters on rank 0 is still one segment."""
-    from aifactory_train.energy import ENERGY_DIR, read_run_energy
+    from aifactory_train.records.energy import ENERGY_DIR, read_run_energy
 
     folder = tmp_path / ENERGY_DIR
     folder.mkdir()
@@ -83,7 +83,7 @@ def test_a_gpu_run_adds_its_hosts_cpu_packages_and_each_part_is_shown(tmp_path):
 def test_auto_reads_what_this_machine_has_and_says_what_it_left_out(powercap, tmp_path):
     """This machine has no NVIDIA driver: a GPU run's ``auto`` would read the CPU packages only, and say why the
     GPUs are not counted; asking for both on purpose is refused."""
-    from aifactory_train.energy import check_meter
+    from aifactory_train.records.energy import check_meter
     from aifactory_train.errors import ConfigError
 
     cfg = {"meter": "auto", "powercap_dir": str(powercap.root)}
@@ -104,8 +104,8 @@ def test_a_rank_that_cannot_open_its_counter_trains_on_and_the_total_says_so(tmp
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from aifactory_train.callbacks import EnergyMeter
-    from aifactory_train.energy import summarize
+    from aifactory_train.run.callbacks import EnergyMeter
+    from aifactory_train.records.energy import summarize
 
     meter = EnergyMeter(("rapl",), {"powercap_dir": str(tmp_path / "gone"), "sample_every_s": 1.0}, tmp_path)
     trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from aifactory_train.config import validate
-from aifactory_train.resources import config_dir
+from aifactory_train.records.config import validate
+from aifactory_train.locations import config_dir
 from test_config import compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +83,12 @@ def test_every_benchmark_command_parses_with_its_scripts_parser(script, args):
         assert OmegaConf.load(CONFIGS / "model" / f"{model}.yaml").task == task, model
 
 
-AIFT = [(s, c[2:]) for s, c in COMMANDS if c[:2] == ["-m", "aifactory_train.cli"]]
+AIFT = [(s, c[2:]) for s, c in COMMANDS if c[:2] == ["-m", "aifactory_train.commands.cli"]]
 
 
 @pytest.mark.parametrize("script, args", AIFT, ids=lambda v: v if isinstance(v, str) else " ".join(v)[:80])
 def test_every_aift_command_parses_and_its_config_validates(script, args, tmp_path):
-    from aifactory_train.cli import _parser
+    from aifactory_train.commands.cli import _parser
 
     if args[0] in ("train", "eval", "export", "predict"):
         cfg = compose_run([a for a in args[1:] if not a.startswith("hydra.")], tmp_path,
@@ -98,7 +98,7 @@ def test_every_aift_command_parses_and_its_config_validates(script, args, tmp_pa
     parsed = _parser().parse_args(args)
     assert parsed.command == args[0]
     if args[0] == "bench":
-        from aifactory_train.bench import load_profile
+        from aifactory_train.bench.suites import load_profile
 
         assert load_profile(parsed.profile)["name"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aifactory_train.errors import CheckpointError, ConfigError
-from aifactory_train.models import adapt_first_conv, build_torchvision_classifier
+from aifactory_train.run.models import adapt_first_conv, build_torchvision_classifier
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_small"])

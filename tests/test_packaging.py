@@ -26,7 +26,7 @@ def installed(tmp_path_factory) -> Path:
 
 def run_installed(installed: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(installed / "site")}
-    code = "import sys; from aifactory_train.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from aifactory_train.commands.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -46,7 +46,7 @@ def test_installed_package_runs_from_another_folder(installed, tmp_path):
     where = run_installed(installed, "--version", cwd=tmp_path)
     assert where.returncode == 0 and "aifactory-train" in where.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import aifactory_train.resources as r, aifactory_train.recipes.plastic_sorting.data as d;"
+        [sys.executable, "-c", "import aifactory_train.locations as r, aifactory_train.recipes.plastic_sorting.data as d;"
                                "print(r.config_dir()); print(d.__file__)"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(installed / "site")}, capture_output=True, text=True,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aifactory_train.config import validate
+from aifactory_train.records.config import validate
 from aifactory_train.errors import ConfigError
 from test_config import compose_run
 
@@ -67,7 +67,7 @@ def test_every_readme_config_composes_and_validates(args, tmp_path):
 @pytest.mark.parametrize("args", [c for c in COMMANDS if c[0] not in (*HYDRA_COMMANDS,)],
                          ids=lambda a: " ".join(a)[:90])
 def test_every_other_readme_command_parses(args):
-    from aifactory_train.cli import _parser
+    from aifactory_train.commands.cli import _parser
 
     parsed = _parser().parse_args(args)  # an unknown subcommand or option exits here
     assert parsed.command == args[0]

@@ -23,7 +23,7 @@ def digest_of(folder: Path) -> str:
 
 
 def test_a_copied_recipe_is_listed_trains_with_its_own_code_and_launches(tmp_path):
-    from aifactory_train.resources import config_dir
+    from aifactory_train.locations import config_dir
 
     import aifactory_train.recipes
 

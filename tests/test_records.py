@@ -1,4 +1,4 @@
-"""Credentials kept out of records (aifactory_train.records) and the libraries' telemetry switched off."""
+"""Credentials kept out of records (aifactory_train.records.masking) and the libraries' telemetry switched off."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from aifactory_train.records import connectable, redact_log_records, redact_uri, redacted
+from aifactory_train.records.masking import connectable, redact_log_records, redact_uri, redacted
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -87,7 +87,7 @@ def test_aift_switches_off_the_libraries_telemetry(inherited):
     """In the process aift runs in (its real entry point, with none of the switches in the environment, or with
     them switched on): MLflow's, Hugging Face's (hub, transformers, datasets) and the DO_NOT_TRACK convention, as
     those libraries read them."""
-    code = ("import json, os, sys; from aifactory_train.cli import main; main(['--version']);"
+    code = ("import json, os, sys; from aifactory_train.commands.cli import main; main(['--version']);"
             "from huggingface_hub import constants; from mlflow.telemetry.utils import is_telemetry_disabled;"
             "print(json.dumps({'hf': constants.HF_HUB_DISABLE_TELEMETRY, 'mlflow': is_telemetry_disabled(),"
             "'env': {k: os.environ.get(k) for k in ('MLFLOW_DISABLE_TELEMETRY', 'HF_HUB_DISABLE_TELEMETRY',"

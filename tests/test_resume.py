@@ -54,7 +54,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIFT_"))}
     with log.open("w") as stderr:  # a file, not a pipe nobody reads while the run goes on
-        return subprocess.Popen([sys.executable, "-m", "aifactory_train.cli", *args], cwd=cwd, env=env,
+        return subprocess.Popen([sys.executable, "-m", "aifactory_train.commands.cli", *args], cwd=cwd, env=env,
                                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
@@ -81,7 +81,7 @@ def kill_at_checkpoint(args: list[str], cwd: Path, run: Path, wanted, stop: str 
                 os.killpg(process.pid, signal.SIGCONT)
                 process.wait(timeout=600)
                 assert process.returncode == 143, log.read_text()[-3000:]  # stopped, not finished
-                from aifactory_train.checkpoints import load_checkpoint_state
+                from aifactory_train.run.checkpoints import load_checkpoint_state
 
                 (saved,) = run.glob("hpc_ckpt_*.ckpt")
                 return load_checkpoint_state(str(saved))["global_step"]
@@ -163,7 +163,7 @@ def terminate_then_resume(runs, name: str, extra: list[str], seed: int) -> int:
     assert process.returncode == 143, (work / f"{name}.stderr").read_text()[-3000:]  # stopped, not finished
     assert "stopped on SIGTERM after saving" in (work / name / "train.log").read_text()
     (saved,) = (work / name).glob("hpc_ckpt_*.ckpt")
-    from aifactory_train.checkpoints import load_checkpoint_state
+    from aifactory_train.run.checkpoints import load_checkpoint_state
 
     step = load_checkpoint_state(str(saved))["global_step"]
     assert not (work / name / "summary.json").exists()
@@ -302,7 +302,7 @@ def test_worker_augmentation_resumes_at_the_next_batch_whatever_the_workers():
     gives the rest of the epoch and the next one exactly as the uninterrupted loader does, and as 0 and 1 workers
     do; with 0 workers the data does not move the main process's RNGs (dropout, MixUp draw from them). Before, the
     new workers restarted their RNGs, and each worker count gave other draws."""
-    from aifactory_train.resume import ResumableDataLoader, ResumableSampler
+    from aifactory_train.run.loaders import ResumableDataLoader, ResumableSampler
 
     def loader(workers: int):
         data = RandomCrops()
@@ -339,7 +339,7 @@ def test_worker_augmentation_resumes_at_the_next_batch_whatever_the_workers():
 
 def test_checkpoint_is_written_atomically(tmp_path):
     """A kill during saving leaves the previous checkpoint loadable: the new one goes to .tmp first."""
-    from aifactory_train.resume import AtomicCheckpointIO
+    from aifactory_train.run.resume_state import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -364,7 +364,7 @@ def test_checkpoint_is_written_atomically(tmp_path):
 
 
 def test_ckpt_path_auto_starts_fresh_without_a_checkpoint(tmp_path):
-    from aifactory_train.checkpoints import resolve_checkpoint
+    from aifactory_train.run.checkpoints import resolve_checkpoint
 
     assert resolve_checkpoint("auto", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
@@ -385,7 +385,7 @@ class SIGTERMDisposition(torch.utils.data.Dataset):
 
 
 def test_dataloader_workers_leave_sigterm_to_the_main_process():
-    from aifactory_train.resume import ResumableDataLoader
+    from aifactory_train.run.loaders import ResumableDataLoader
 
     calls = []
     loader = ResumableDataLoader(SIGTERMDisposition(), batch_size=2, num_workers=1,
@@ -409,7 +409,7 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
     def train_dataloader(self):
-        from aifactory_train.resume import ResumableDataLoader, shuffled
+        from aifactory_train.run.loaders import ResumableDataLoader, shuffled
 
         data = torch.arange(self.samples, dtype=torch.float32).unsqueeze(1) / self.samples
         return ResumableDataLoader(data, batch_size=4, sampler=shuffled(data, self.trainer))
@@ -430,7 +430,7 @@ class RecordSaves(L.Callback):
 def test_periodic_checkpoints_skip_an_epochs_last_batch(tmp_path):
     """The one state Lightning 2.6 cannot resume exactly from (saved after an epoch's last batch, before the epoch
     ends) is never written by the periodic checkpoint; the other multiples of N are."""
-    from aifactory_train.resume import periodic_checkpoint
+    from aifactory_train.run.resume_state import periodic_checkpoint
 
     def fit(every: int) -> list[tuple[int, bool]]:
         record = RecordSaves()
@@ -446,7 +446,7 @@ def test_periodic_checkpoints_skip_an_epochs_last_batch(tmp_path):
 def test_a_timed_checkpoint_waits_for_the_accumulated_step(tmp_path):
     """checkpoint.every_n_minutes is due at every batch here (a microsecond), but with 3 batches accumulated per
     step only a batch that stepped is saved: the gradients of the 1 or 2 batches since are in no checkpoint."""
-    from aifactory_train.resume import periodic_checkpoint
+    from aifactory_train.run.resume_state import periodic_checkpoint
 
     record = RecordSaves()
     every = periodic_checkpoint(tmp_path / "ck", None, 1e-8)
@@ -464,7 +464,8 @@ def test_sigterm_between_accumulated_batches_saves_after_the_step_and_resumes_ex
     the resume stepped on the 4th batch's gradients alone (other weights: the test failed so)."""
     import os as _os
 
-    from aifactory_train.resume import JobStopped, RNGStateCallback, SignalCheckpoint
+    from aifactory_train.run.preemption import JobStopped, SignalCheckpoint
+    from aifactory_train.run.resume_state import RNGStateCallback
 
     class SignalAfter(L.Callback):
         def __init__(self, batches: int):
@@ -528,7 +529,7 @@ def test_ranks_agree_on_a_stop_without_waiting_on_each_other_every_step(tmp_path
 def test_an_epoch_resumed_on_other_rank_counts_visits_every_sample_once():
     """The sampler alone, as the ranks of three jobs of one epoch use it: 2 ranks take 10 samples each, 3 ranks
     continue and take 4 each, 1 rank finishes. Every sample of the epoch is seen exactly once."""
-    from aifactory_train.resume import ResumableSampler
+    from aifactory_train.run.loaders import ResumableSampler
 
     dataset = list(range(62))
     seen: list[int] = []

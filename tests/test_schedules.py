@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
+from aifactory_train.run.schedules import planned_optimizer_steps, warmup_cosine
 
 
 def test_warmup_is_linear_and_the_cosine_ends_at_the_floor_on_the_last_step():

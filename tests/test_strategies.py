@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aifactory_train.provenance import read_provenance
+from aifactory_train.run.provenance import read_provenance
 from conftest import aift
 from test_config import compose_run
 
@@ -35,8 +35,8 @@ def test_lightning_private_methods_the_cpu_smoke_path_overrides_still_exist():
 def test_deepspeed_json_is_built_from_the_strategy_config(tmp_path, name, stage, offload):
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import validate
-    from aifactory_train.strategies import deepspeed_config
+    from aifactory_train.records.config import validate
+    from aifactory_train.run.strategies import deepspeed_config
 
     cfg = compose_run([f"strategy={name}", "strategy.reduce_bucket_size=50000000"], tmp_path)
     validate(cfg)
@@ -50,7 +50,7 @@ def test_deepspeed_json_is_built_from_the_strategy_config(tmp_path, name, stage,
 
 
 def test_parameter_offload_without_stage_3_is_refused(tmp_path):
-    from aifactory_train.config import validate
+    from aifactory_train.records.config import validate
     from aifactory_train.errors import ConfigError
 
     cfg = compose_run(["strategy=deepspeed_zero2", "strategy.offload_parameters=cpu"], tmp_path)

@@ -132,7 +132,7 @@ def test_eval_does_not_need_the_weights_training_started_from(plastic_data, tmp_
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["metrics"]["test/acc"] == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
     assert report["trained_mlflow_run_id"] == s["mlflow_run_id"] and report["trained_on"] == [s["dataset"]]
-    from aifactory_train.provenance import read_provenance
+    from aifactory_train.run.provenance import read_provenance
 
     assert read_provenance(str(moved))["starting_weights"] == {"weights_path": {"path": str(start),
                                                                                 "sha256": start_sha256}}
@@ -147,7 +147,7 @@ def test_onnx_export_classifies_like_the_checkpoint(smoke_run, plastic_data):
     from torchvision.io import read_image
     from torchvision.transforms import v2
 
-    from aifactory_train.checkpoints import load_trained_module
+    from aifactory_train.run.checkpoints import load_trained_module
     from aifactory_train.recipes.plastic_sorting.module import PlasticSortingModule
 
     s = smoke_run["summary"]
@@ -385,7 +385,7 @@ def test_resume_from_last_continues_the_same_mlflow_run(smoke_run, plastic_data,
 def test_a_resume_on_changed_data_keeps_the_earlier_data_in_the_checkpoints_record(smoke_run, plastic_data, tmp_path):
     """The class set must match on resume, the files need not: the weights have then learned from two datasets,
     and their record lists both, first to last, with the run each was trained in."""
-    from aifactory_train.provenance import read_provenance
+    from aifactory_train.run.provenance import read_provenance
 
     first = smoke_run["summary"]
     record = read_provenance(first["last_checkpoint"])
@@ -539,7 +539,7 @@ def test_experiment_created_meanwhile_by_another_job_is_used(tmp_path, monkeypat
     fails in MLflow (UNIQUE constraint). ensure_experiment takes the one that exists instead of failing the job."""
     from mlflow.tracking import MlflowClient
 
-    from aifactory_train.tracking import ensure_experiment
+    from aifactory_train.records.tracking import ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     made_by_the_other_job = MlflowClient(tracking_uri=uri).create_experiment("sweep")
@@ -565,7 +565,7 @@ def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from aifactory_train.tracking import log_dataset_inputs
+    from aifactory_train.records.tracking import log_dataset_inputs
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     for round_ in range(3):
@@ -641,7 +641,7 @@ def test_show_summary_prints_the_run_for_people(smoke_run):
     import subprocess
     import sys
 
-    shown = subprocess.run([sys.executable, "-m", "aifactory_train.show_summary", str(smoke_run["run"] / "summary.json")],
+    shown = subprocess.run([sys.executable, "-m", "aifactory_train.commands.show_summary", str(smoke_run["run"] / "summary.json")],
                            capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     s = smoke_run["summary"]

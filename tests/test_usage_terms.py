@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from aifactory_train.errors import DataError
-from aifactory_train.lineage import DATACARD_FILE, read_datacard, read_usage_terms
+from aifactory_train.records.lineage import DATACARD_FILE, read_datacard, read_usage_terms
 from conftest import aift
 
 TODAY = datetime.date(2026, 11, 29)
@@ -205,7 +205,7 @@ def test_a_card_stating_no_consent_or_terms_is_warned_about_and_recorded(plastic
     assert len(warnings) == 1 and str(data / DATACARD_FILE) in warnings[0] and "WARNING" in warnings[0], output[-3000:]
     # the run's record of the data says so (summary.json's dataset.datacard, MLflow's aift.data.* tags)
     assert read_datacard(data)["terms"] == "none stated: no card states consent or usage terms"
-    from aifactory_train.usage_terms import check_usage, terms_summary, usage_tags
+    from aifactory_train.records.usage_terms import check_usage, terms_summary, usage_tags
 
     record = check_usage(data, {"name": "plastic_sorting",
                                 "module": {"_target_": "aifactory_train.recipes.plastic_sorting.module.M"}})
@@ -253,7 +253,7 @@ def test_deidentify_is_a_use_checked_like_training_and_its_output_carries_the_so
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     derived = yaml.safe_load((tmp_path / "clean" / DATACARD_FILE).read_text())["derived_from"]
-    from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files
+    from aifactory_train.records.lineage import DatasetLineage, SplitLineage, digest_files
 
     source = DatasetLineage("clinical_notes", str(allowed), splits={
         s: SplitLineage(s, 0, digest_files(allowed, [f"{s}.jsonl"], [s])) for s in ("train", "val", "test")})
@@ -261,7 +261,7 @@ def test_deidentify_is_a_use_checked_like_training_and_its_output_carries_the_so
     assert derived["cards"][0]["path"] == str(allowed / DATACARD_FILE)
     assert derived["cards"][0]["card"]["usage"]["users"] == [OS_USER]  # structured, as the owner wrote them
     # ... and they apply to the derived data wherever it was written: past `until`, it is refused too
-    from aifactory_train.usage_terms import check_usage
+    from aifactory_train.records.usage_terms import check_usage
 
     recipe = {"name": "clinical_notes", "module": {"_target_": "aifactory_train.recipes.clinical_notes.module.M"}}
     with pytest.raises(DataError) as refused:

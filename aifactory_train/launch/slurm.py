@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_train.errors import AiftError, ConfigError
+from aifactory_train.slurm_env import REQUEUE_SIGNAL_NAME
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -31,7 +32,7 @@ HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.:+@%-]+")
 
 
 def template_path() -> Path:
-    from aifactory_train.resources import config_dir
+    from aifactory_train.locations import config_dir
 
     installed = config_dir().parent / "slurm" / "sbatch.sh.j2"  # inside the package when installed
     return installed if installed.is_file() else Path(__file__).resolve().parents[2] / "slurm" / "sbatch.sh.j2"
@@ -56,7 +57,7 @@ def job_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
     if strategy["name"] == "single" and nodes * devices > 1:
         raise ConfigError(f"strategy=single runs one process, but the job asks for {nodes} node(s) x {devices} "
                           f"device(s); use strategy=ddp (or trainer.devices=1 trainer.num_nodes=1)")
-    from aifactory_train.config import GPU_STRATEGIES
+    from aifactory_train.records.config import GPU_STRATEGIES
 
     if not node_gpus and strategy["name"] in GPU_STRATEGIES and not strategy.get("cpu_smoke"):
         raise ConfigError(f"strategy={strategy['name']} shards over GPUs, but cluster '{cluster['name']}' has none; "
@@ -71,7 +72,7 @@ def job_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
         raise ConfigError(f"cluster.cpus_per_task={cluster['cpus_per_task']} x trainer.devices={devices} exceeds the "
                           f"{cluster['node']['cpus']} CPUs of a '{cluster['name']}' node")
     if trainer.get("global_batch_size") is not None:  # devices: auto is the node's GPUs here, so check it now
-        from aifactory_train.config import gradient_accumulation
+        from aifactory_train.records.config import gradient_accumulation
 
         gradient_accumulation(trainer["global_batch_size"], (cfg.get("data") or {}).get("batch_size"), nodes * devices)
     return nodes, devices, (devices if node_gpus else 0)
@@ -89,7 +90,7 @@ def _minutes(time_limit: str | None) -> float | None:
 def _job_env(profile_env: dict[str, str]) -> dict[str, str]:
     """The profile's environment, plus the recipe folders of this submission ($AIFT_RECIPES_PATH, resolved), so
     the job finds a copied recipe also where sbatch does not pass the submitting shell's environment on."""
-    from aifactory_train.resources import RECIPES_PATH_ENV, user_recipe_roots
+    from aifactory_train.locations import RECIPES_PATH_ENV, user_recipe_roots
 
     roots = user_recipe_roots()
     if not roots:
@@ -125,7 +126,7 @@ def check_script_values(cluster: dict[str, Any], account: str | None, shape: tup
                         env: dict[str, Any], overrides: list[str]) -> None:
     """Every value that reaches the job script, against what Slurm (and bash) accept; ConfigError names the first
     that does not."""
-    from aifactory_train.config import check
+    from aifactory_train.records.config import check
 
     added = [(f"${name}", value) for name, value in env.items() if name not in cluster["env"]]  # $AIFT_RECIPES_PATH
     for key, value in [*_strings(cluster, "cluster"), *added]:
@@ -189,14 +190,14 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
     environment.filters["sbatch_path"] = lambda value: shlex.quote(str(value).replace("%", "%%"))
     template = environment.from_string(template_path().read_text())
     return template.render(
-        cluster=cluster, job_name=job_name, account=account,
+        cluster=cluster, job_name=job_name, account=account, requeue_signal=REQUEUE_SIGNAL_NAME,
         nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus, log_dir=run_dir / "slurm",
         env=env, command=" ".join(shlex.quote(part) for part in command),
     )
 
 
 def compose(overrides: list[str], run_dir: Path):
-    from aifactory_train.config import compose_train_config
+    from aifactory_train.records.config import compose_train_config
 
     return compose_train_config(overrides, run_dir)
 
@@ -230,7 +231,7 @@ def prepare_tracking(tracking_cfgs: list[dict[str, Any]]) -> None:
     """Before any job is queued: the tracking store answers, and it has the experiments the jobs log into. A
     store that cannot be used fails here, not on the nodes; and jobs that start together (a sweep) do not race to
     create a new sqlite store or experiment."""
-    from aifactory_train.tracking import check_tracking_uri, ensure_experiment
+    from aifactory_train.records.tracking import check_tracking_uri, ensure_experiment
 
     for uri, experiment in sorted({(t["uri"], t["experiment"]) for t in tracking_cfgs if t["backend"] == "mlflow"}):
         check_tracking_uri(uri)
@@ -244,7 +245,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     before the first is submitted: a job should not wait in the queue only to find no data."""
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import check_data, validate
+    from aifactory_train.records.config import check_data, validate
 
     if job_name is not None:
         check_job_name(job_name)
@@ -272,12 +273,12 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
             # checked against the account the job will be charged to
             cluster = resolved["cluster"]
             check_data(typed, account=cluster["accounts"].get(cluster["allocation"]), queued=True)
-        from aifactory_train.data_check import cheap_data_check
+        from aifactory_train.data.data_check import cheap_data_check
 
         for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
             cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
     if dry_run:
-        from aifactory_train.records import redact_text, redacted
+        from aifactory_train.records.masking import redact_text, redacted
 
         for point, resolved, run_path, script in jobs:  # shown, not run: passwords masked
             if multirun:
@@ -303,7 +304,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
             raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
         job_id = result.stdout.strip().split(";")[0]
         if multirun:
-            from aifactory_train.records import redact_text
+            from aifactory_train.records.masking import redact_text
 
             print(f"point {run_path.name}: {redact_text(' '.join(point))}")
         print(f"submitted job {job_id}")

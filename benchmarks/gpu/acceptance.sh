@@ -5,5 +5,5 @@
 # Here, first:  bash ../shared/device/wheelhouse.sh faster-coco-eval && .venv/bin/pip wheel --no-deps . -w .whl
 # There:        PROFILE=h200 bash benchmarks/gpu/acceptance.sh       (results and mlflow.db in $OUT)
 source "$(dirname "$0")/prepare.sh"
-timeout 480 python3 -m aifactory_train.cli bench acceptance --profile "${PROFILE:-h200}" --out "$OUT" \
+timeout 480 python3 -m aifactory_train.commands.cli bench acceptance --profile "${PROFILE:-h200}" --out "$OUT" \
     --tracking-uri "sqlite:///$OUT/mlflow.db" 2>&1 | grep -vE "Warning|warn\(|LeafSpec|Tip:" | tee "$OUT/acceptance.log" | tail -40

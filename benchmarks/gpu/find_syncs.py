@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from aifactory_train.callbacks import TrainingThroughput
+from aifactory_train.run.callbacks import TrainingThroughput
 from aifactory_train.recipes.plastic_sorting.module import PlasticSortingModule
 
 batches = [(torch.randn(64, 3, 64, 64, device="cuda"), torch.randint(0, 7, (64,), device="cuda")) for _ in range(4)]

@@ -6,7 +6,7 @@ val is found even where the two JSONL files differ; the report names them by fil
 
 from __future__ import annotations
 
-from aifactory_train.data_check import DataDescription, SplitDescription, record_hash
+from aifactory_train.recipe import DataDescription, SplitDescription, record_hash
 
 
 def describe(datamodule, cheap: bool = False) -> DataDescription:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
-from aifactory_train.errors import DataError
+from aifactory_train.recipe import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import DataError
 
 DEIDENTIFY_MODES = ("none", "inline")
-ON_INVALID = ("error", "skip")  # as aifactory_train.lineage.ON_INVALID (not imported: keeps this module light)
+ON_INVALID = ("error", "skip")  # as aifactory_train.records.lineage.ON_INVALID (not imported: keeps this module light)
 FINETUNE_MODES = ("full", "lora")
 MISSING_SPLIT = ("data.splits.{split}: '{path}' does not exist; make demo data with "
                  "`aift data synth clinical_notes --out DIR` or point data.root at your JSONL files")
@@ -18,7 +18,7 @@ MISSING_SPLIT = ("data.splits.{split}: '{path}' does not exist; make demo data w
 
 def check_deidentified(root: str | Path, deidentify: str) -> None:
     """Train only on notes marked de-identified by their data card, or de-identified here (deidentify=inline)."""
-    from aifactory_train.lineage import read_datacard
+    from aifactory_train.recipe import read_datacard
 
     card = read_datacard(root)
     if deidentify == "inline" or card.get("deidentified", "").lower() == "true":
@@ -44,7 +44,7 @@ def check_data_files(root: str | Path, splits: Dict[str, str], deidentify: str) 
 
 @dataclass
 class DataConfig:
-    _target_: str = "aifactory_train.recipes.clinical_notes.data.ClinicalNotesDataModule"
+    _target_: str = f"{__package__}.data.ClinicalNotesDataModule"  # this package's, also in a copy
     root: str = "data/clinical_notes"
     splits: Dict[str, str] = field(default_factory=dict)
     text_field: str = "note"

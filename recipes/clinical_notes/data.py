@@ -33,11 +33,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from aifactory_train.errors import DataError
-from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
-from aifactory_train.resume import shuffled
-from aifactory_train.lineage import DatasetLineage, InvalidRecords, SplitLineage, digest_files, read_datacard
-from aifactory_train.recipes.clinical_notes.config import MISSING_SPLIT, check_deidentified
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import DataLoader  # resumes mid-epoch (torchdata)
+from aifactory_train.recipe import shuffled
+from aifactory_train.recipe import DatasetLineage, InvalidRecords, SplitLineage, digest_files, read_datacard
+from .config import MISSING_SPLIT, check_deidentified
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_toke
 def check_tokenizer_files(files: Any, source: str) -> dict[str, str]:
     """The {file name: text} a checkpoint's tokenizer holds, refused (CheckpointError naming ``source`` and the
     entry) unless every name is a known tokenizer file and tokenizer_config.json points at no file and no code."""
-    from aifactory_train.errors import CheckpointError
+    from aifactory_train.recipe import CheckpointError
 
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{source}: its '{TOKENIZER_CHECKPOINT_KEY}' entry is not a tokenizer (a "
@@ -356,6 +356,8 @@ class Collator:
 
 # -- the DataModule -----------------------------------------------------------------------------------
 class ClinicalNotesDataModule(L.LightningDataModule):
+
+    MATCH_ON_RESUME = ("tokenizer_sha256",)  # a checkpoint is resumed and scored with its own tokenizer
     def __init__(self, root: str, splits: dict[str, str], text_field: str = "note", target_field: str = "summary",
                  prompt_template: str = "Notitie:\n{text}\n\nSamenvatting:\n", max_length: int = 256,
                  max_target_length: int = 64, packing: bool = False, deidentify: str = "none",
@@ -386,7 +388,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
 
     # -- the tokenizer a checkpoint was trained with (resume, eval) --
     def adopt_checkpoint(self, ckpt_path: str) -> None:
-        from aifactory_train.checkpoints import load_checkpoint_state
+        from aifactory_train.recipe import load_checkpoint_state
 
         files = load_checkpoint_state(ckpt_path).get(TOKENIZER_CHECKPOINT_KEY)
         if not files:
@@ -413,7 +415,7 @@ class ClinicalNotesDataModule(L.LightningDataModule):
         self._check_shared_notes()
         self.invalid.log(log, self.root)
         if self.deidentify == "inline":
-            from aifactory_train.recipes.clinical_notes.deidentify import Deidentifier
+            from .deidentify import Deidentifier
 
             deidentifier = Deidentifier()
             for split, records in self.records.items():

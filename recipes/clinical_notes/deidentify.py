@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from aifactory_train.errors import ConfigError
+from aifactory_train.recipe import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class Deidentifier:
 
 def deidentify_dataset(data: dict[str, Any], out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """De-identify every split of ``data`` (the composed ``data`` config) into ``out``; return the report."""
-    from aifactory_train.lineage import DATACARD_FILE, read_datacard
-    from aifactory_train.recipes.clinical_notes.data import read_jsonl
-    from aifactory_train.synth import prepare_output_folder, write_datacard
+    from aifactory_train.recipe import DATACARD_FILE, read_datacard
+    from .data import read_jsonl
+    from aifactory_train.recipe import prepare_output_folder, write_datacard
 
     root = Path(data["root"])
     text_field, target_field = data["text_field"], data["target_field"]
@@ -128,8 +128,8 @@ def derived_from(root: Path, splits: dict[str, str], tool: str) -> dict[str, Any
     """What a derived dataset's card carries of its source: the source root and its digest (as `aift data digest`
     prints it for the source), and every data card that covered the source, whole (owner, consent, ``usage``), so
     that the source owner's terms keep applying to the derived data wherever it is written (usage_terms.py)."""
-    from aifactory_train.lineage import DatasetLineage, SplitLineage, digest_files
-    from aifactory_train.usage_terms import datacards_for, load_datacard
+    from aifactory_train.recipe import DatasetLineage, SplitLineage, digest_files
+    from aifactory_train.recipe import datacards_for, load_datacard
 
     lineage = DatasetLineage(name="clinical_notes", root=str(root))
     for split, file in splits.items():

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from aifactory_train.errors import ConfigError
+from aifactory_train.recipe import ConfigError
 
 
 def llama_config(model: dict[str, Any], data_info: dict[str, Any]):

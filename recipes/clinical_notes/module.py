@@ -20,11 +20,11 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore
 
-from aifactory_train.errors import ConfigError
-from aifactory_train.recipes.clinical_notes.data import (TOKENIZER_CHECKPOINT_KEY, check_tokenizer_files, tokenizer_files,
+from aifactory_train.recipe import ConfigError
+from .data import (TOKENIZER_CHECKPOINT_KEY, check_tokenizer_files, tokenizer_files,
                                                            tokenizer_from_files)
-from aifactory_train.recipes.clinical_notes.model import build_model
-from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
+from .model import build_model
+from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -163,25 +163,24 @@ class ClinicalNotesModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.hparams.optim
         params = [p for p in self.parameters() if p.requires_grad]  # with LoRA: the adapters only
-        if cfg["name"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-        else:
-            fused = self.device.type == "cuda"
-            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
+        optimizer = build_optimizer(params, cfg, {"adamw": {"fused": self.device.type == "cuda"}})
         scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- predict ---------------------------------------------------------------------------------
     PREDICT_EXTENSIONS = (".jsonl",)  # the kinds of file `aift predict` reads
+    PREDICT_DRAWS = False  # predict.draw=true is refused
 
     def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]):
         """One dict per note (a JSONL line): ``file``, ``line``, the greedy ``summary`` and ``note_truncated``."""
-        from aifactory_train.recipes.clinical_notes.predict import predict_files
+        from .predict import predict_files
 
         return predict_files(self, files, batch_size, options)
 
     # -- export ----------------------------------------------------------------------------------
+    EXPORT_FORMATS = ("hf",)  # the format= values of `aift export`
+
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
         """``format=hf``: a folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained load.
 

@@ -13,15 +13,15 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from aifactory_train.errors import ConfigError, DataError
+from aifactory_train.recipe import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
 def check_marked_deidentified(path: Path) -> None:
     """Refuse notes whose nearest data card does not say they are de-identified."""
-    from aifactory_train.lineage import DATACARD_FILE, read_datacard
-    from aifactory_train.predict import datacard_root
+    from aifactory_train.recipe import DATACARD_FILE, read_datacard
+    from aifactory_train.recipe import datacard_root
 
     root = datacard_root(path)
     card = read_datacard(root) if root is not None else {}
@@ -36,9 +36,9 @@ def check_marked_deidentified(path: Path) -> None:
 
 def read_notes(files: list[Path], text_field: str, deidentify: str) -> list[tuple[Path, int, str]]:
     """(file, line, note) of every record of every file, each file checked before any note is used."""
-    from aifactory_train.config import check_choice
-    from aifactory_train.recipes.clinical_notes.config import DEIDENTIFY_MODES
-    from aifactory_train.recipes.clinical_notes.data import read_records
+    from aifactory_train.recipe import check_choice
+    from .config import DEIDENTIFY_MODES
+    from .data import read_records
 
     check_choice("data.deidentify", deidentify, DEIDENTIFY_MODES)  # validate() checked it; this runs outside it too
     notes = []
@@ -51,7 +51,7 @@ def read_notes(files: list[Path], text_field: str, deidentify: str) -> list[tupl
                             f"'{text_field}' field (data.text_field)")
         notes += [(path, line, values[0]) for line, values in records]
     if deidentify == "inline":
-        from aifactory_train.recipes.clinical_notes.deidentify import Deidentifier
+        from .deidentify import Deidentifier
 
         deidentifier = Deidentifier()
         notes = [(path, line, deidentifier(note)) for path, line, note in notes]
@@ -60,7 +60,7 @@ def read_notes(files: list[Path], text_field: str, deidentify: str) -> list[tupl
 
 
 def predict_files(module, files: list[Path], batch_size: int, options: dict[str, Any]) -> Iterator[dict]:
-    from aifactory_train.recipes.clinical_notes.data import PromptEncoder, left_padded, tokenizer_from_files
+    from .data import PromptEncoder, left_padded, tokenizer_from_files
 
     notes = read_notes(files, options["text_field"], options["deidentify"])
     if not module.tokenizer_files:

@@ -18,8 +18,8 @@ from pathlib import Path
 from random import Random
 from typing import Any
 
-from aifactory_train.errors import DataError
-from aifactory_train.synth import prepare_output_folder, write_datacard
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import prepare_output_folder, write_datacard
 
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.15, "test": 0.15}
 DEFAULT_SIZE = 400

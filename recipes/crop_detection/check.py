@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aifactory_train.data_check import DataDescription, Sample, SplitDescription
+from aifactory_train.recipe import DataDescription, Sample, SplitDescription
 
 
 def describe(datamodule, cheap: bool = False) -> DataDescription:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
-from aifactory_train.errors import DataError
+from aifactory_train.recipe import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import DataError
 
 FORMATS = ("coco", "hf")
-ON_INVALID = ("error", "skip")  # as aifactory_train.lineage.ON_INVALID (not imported: keeps this module light)
+ON_INVALID = ("error", "skip")  # as aifactory_train.records.lineage.ON_INVALID (not imported: keeps this module light)
 DETECTORS = (  # keep in step with model.DETECTORS (no torch import here)
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
     "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
@@ -57,7 +57,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    _target_: str = "aifactory_train.recipes.crop_detection.data.CropDetectionDataModule"
+    _target_: str = f"{__package__}.data.CropDetectionDataModule"  # this package's, also in a copy
     root: str = "data/crop_detection"
     format: str = "coco"
     splits: Dict[str, Dict[str, str]] = field(default_factory=dict)

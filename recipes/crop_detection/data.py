@@ -36,12 +36,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from aifactory_train.errors import DataError
-from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
-from aifactory_train.resume import shuffled
-from aifactory_train.lineage import (DatasetLineage, InvalidRecords, SameBytes, SplitLineage, digest_files,
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import DataLoader  # resumes mid-epoch (torchdata)
+from aifactory_train.recipe import shuffled
+from aifactory_train.recipe import (DatasetLineage, InvalidRecords, SameBytes, SplitLineage, digest_files,
                                      file_digests, inside_root, read_datacard, shared_across_splits)
-from aifactory_train.recipes.crop_detection.config import REQUIRED_SPLITS, check_data_files
+from .config import REQUIRED_SPLITS, check_data_files
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,8 @@ def collate_detection(batch):
 
 
 class CropDetectionDataModule(L.LightningDataModule):
+
+    MATCH_ON_RESUME = ("class_names",)  # data_info keys a checkpoint must agree on (resume, eval)
     def __init__(self, root: str, format: str = "coco", splits: dict[str, dict[str, str]] | None = None,
                  class_names: list[str] | None = None, batch_size: int = 4, num_workers: int = 2,
                  augment: dict[str, Any] | None = None, on_invalid: str = "error"):

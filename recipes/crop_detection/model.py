@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 
-from aifactory_train.errors import ConfigError
+from aifactory_train.recipe import ConfigError
 
 # name -> (torchvision builder, accepts min_size/max_size, anchor generator keyword or None)
 DETECTORS = {
@@ -73,7 +73,7 @@ def build_detector(name: str, num_classes: int, min_size: int | None = None, max
         load_backbone_weights(model, backbone_weights_path)
         freeze_backbone(model, trainable_backbone_layers)
     if weights_path:
-        from aifactory_train.models import load_local_weights
+        from aifactory_train.recipe import load_local_weights
 
         load_local_weights(model, weights_path, key="model.weights_path")
     return model
@@ -88,8 +88,8 @@ def load_backbone_weights(model, path: str) -> None:
     """Load an ImageNet classifier's weights (e.g. torchvision's ``resnet50-0676ba61.pth`` or
     ``mobilenet_v3_large-8738ca79.pth`` copied onto the cluster) into the detector's backbone; every backbone
     tensor must be in the file, with its shape (another architecture fails, naming what is missing)."""
-    from aifactory_train.errors import CheckpointError
-    from aifactory_train.models import read_state_dict
+    from aifactory_train.recipe import CheckpointError
+    from aifactory_train.recipe import read_state_dict
 
     body = _backbone_body(model, "model.backbone_weights_path")
     state = read_state_dict(path, key="model.backbone_weights_path")
@@ -122,7 +122,7 @@ def freeze_backbone(model, trainable_layers: int | None) -> None:
     """As torchvision fine-tunes from a pretrained backbone: only the last ``trainable_layers`` stages train
     (default 3), and the backbone's BatchNorm layers keep their pretrained statistics and scales (their affine
     parameters are frozen here; the module keeps them in eval mode, see ``frozen_norm_layers``)."""
-    from aifactory_train.errors import ConfigError
+    from aifactory_train.recipe import ConfigError
 
     stages = backbone_stages(model)
     trainable = 3 if trainable_layers is None else trainable_layers

@@ -15,9 +15,9 @@ from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
-from aifactory_train.errors import ConfigError
-from aifactory_train.recipes.crop_detection.model import build_detector, freeze_backbone, frozen_norm_layers
-from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
+from aifactory_train.recipe import ConfigError
+from .model import build_detector, freeze_backbone, frozen_norm_layers
+from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, warmup_cosine
 
 # torchmetrics' default COCO backend is pycocotools; faster_coco_eval computes the same COCOeval numbers
 # (cross-checked against pycocotools in tests/test_crop_detection.py) several times faster on large val sets.
@@ -285,10 +285,7 @@ class CropDetectionModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.hparams.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        if cfg["name"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-        else:
-            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        optimizer = build_optimizer(params, cfg)
         scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -300,13 +297,15 @@ class CropDetectionModule(L.LightningModule):
     def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]):
         """One dict per image: ``file``, ``width``, ``height`` and its ``detections`` (``class``, ``category_id``
         as in the training data's COCO file, ``score``, ``bbox`` as COCO's [x, y, width, height])."""
-        from aifactory_train.recipes.crop_detection.predict import predict_files
+        from .predict import predict_files
 
         return predict_files(self, files, batch_size, options)
 
     # -- export ----------------------------------------------------------------------------------
+    EXPORT_FORMATS = ("onnx",)  # the format= values of `aift export`
+
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
-        from aifactory_train.recipes.crop_detection.export import export_onnx
+        from .export import export_onnx
 
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': crop_detection exports 'onnx', not '{fmt}'")

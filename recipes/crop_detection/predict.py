@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import torch
 from torchvision.transforms import v2
 
-from aifactory_train.errors import DataError
-from aifactory_train.predict import read_in_batches
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import read_in_batches
 
 
 # one colour per class, in the order of the class names (weeds and crops apart at a glance); repeats after 8

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aifactory_train.errors import DataError
-from aifactory_train.synth import prepare_output_folder, write_datacard
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import prepare_output_folder, write_datacard
 
 CATEGORIES = [{"id": 3, "name": "crop", "supercategory": "plant"}, {"id": 7, "name": "weed", "supercategory": "plant"}]
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.25, "test": 0.25}

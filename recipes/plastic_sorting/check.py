@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aifactory_train.data_check import DataDescription, Sample, SplitDescription
+from aifactory_train.recipe import DataDescription, Sample, SplitDescription
 
 SIZE_SAMPLE = 2000
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from aifactory_train.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
-from aifactory_train.errors import ConfigError, DataError
+from aifactory_train.recipe import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import ConfigError, DataError
 
 FORMATS = ("imagefolder", "manifest")
-ON_INVALID = ("error", "skip")  # as aifactory_train.lineage.ON_INVALID (not imported: keeps this module light)
+ON_INVALID = ("error", "skip")  # as aifactory_train.records.lineage.ON_INVALID (not imported: keeps this module light)
 REQUIRED_SPLITS = ("train", "val")
 OPTIONAL_SPLITS = ("test",)
 
@@ -58,7 +58,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    _target_: str = "aifactory_train.recipes.plastic_sorting.data.PlasticSortingDataModule"
+    _target_: str = f"{__package__}.data.PlasticSortingDataModule"  # this package's, also in a copy
     root: str = "data/plastic_sorting"
     format: str = "imagefolder"
     manifest: Dict[str, str] = field(default_factory=dict)
@@ -115,7 +115,7 @@ class ModelConfig:
     compile: bool = False
 
     def check(self) -> None:
-        from aifactory_train.models import classifier_names  # imports torchvision: only when validating
+        from aifactory_train.recipe import classifier_names  # imports torchvision: only when validating
 
         check_choice("model.name", self.name, classifier_names())
         check(self.channels_last in ("auto", True, False), "model.channels_last", self.channels_last, "auto, true or false")

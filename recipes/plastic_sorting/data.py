@@ -31,12 +31,12 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from aifactory_train.errors import DataError
-from aifactory_train.resume import ResumableDataLoader as DataLoader  # resumes mid-epoch (torchdata)
-from aifactory_train.resume import shuffled
-from aifactory_train.lineage import (DatasetLineage, InvalidRecords, SameBytes, SplitLineage, digest_files,
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import DataLoader  # resumes mid-epoch (torchdata)
+from aifactory_train.recipe import shuffled
+from aifactory_train.recipe import (DatasetLineage, InvalidRecords, SameBytes, SplitLineage, digest_files,
                                      file_digests, inside_root, read_datacard, shared_across_splits)
-from aifactory_train.recipes.plastic_sorting.config import (OPTIONAL_SPLITS, REQUIRED_SPLITS, check_data_files,
+from .config import (OPTIONAL_SPLITS, REQUIRED_SPLITS, check_data_files,
                                                            check_on_corrupt)
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,8 @@ class BatchMix:
 
 
 class PlasticSortingDataModule(L.LightningDataModule):
+
+    MATCH_ON_RESUME = ("class_names",)  # data_info keys a checkpoint must agree on (resume, eval)
     def __init__(
         self,
         root: str,

@@ -30,7 +30,7 @@ class DeployableClassifier(torch.nn.Module):
 
 def training_normalisation(info: dict) -> tuple[list[float], list[float]]:
     """The (mean, std) a checkpoint was trained with, from its ``data_info``."""
-    from aifactory_train.errors import CheckpointError
+    from aifactory_train.recipe import CheckpointError
 
     if "mean" not in info or "std" not in info:
         raise CheckpointError("ckpt_path: this plastic_sorting checkpoint does not record the normalisation it was "

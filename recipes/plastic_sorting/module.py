@@ -21,9 +21,9 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from aifactory_train.models import build_torchvision_classifier
-from aifactory_train.recipes.plastic_sorting.data import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS
-from aifactory_train.schedules import planned_optimizer_steps, warmup_cosine
+from aifactory_train.recipe import build_torchvision_classifier
+from .data import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS
+from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, warmup_cosine
 
 
 def _eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -83,7 +83,7 @@ class PlasticSortingModule(L.LightningModule):
     def measure_flops(self, batch_size: int) -> int:
         """Training FLOPs (forward + backward) of one batch, counted on the meta device (no compute).
 
-        aifactory_train.callbacks.TrainingThroughput turns ``flops_per_sample`` into FLOP/s and, on GPUs
+        aifactory_train.run.callbacks.TrainingThroughput turns ``flops_per_sample`` into FLOP/s and, on GPUs
         Lightning knows, MFU.
         """
         from lightning.fabric.utilities.throughput import measure_flops
@@ -180,29 +180,28 @@ class PlasticSortingModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.hparams.optim
-        if cfg["name"] == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                        weight_decay=cfg["weight_decay"], nesterov=True)
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        optimizer = build_optimizer(self.parameters(), cfg, {"sgd": {"nesterov": True}})
         scheduler = warmup_cosine(optimizer, lambda: planned_optimizer_steps(self.trainer), cfg["warmup_steps"],
                                   cfg["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- predict ---------------------------------------------------------------------------------
     PREDICT_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS  # the kinds of file `aift predict` reads
+    PREDICT_DRAWS = False  # predict.draw=true is refused
 
     def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]):
         """One dict per file: ``file``, ``class``, ``probability`` and ``probabilities`` (per class)."""
-        from aifactory_train.recipes.plastic_sorting.predict import predict_files
+        from .predict import predict_files
 
         return predict_files(self, files, batch_size, options)
 
     # -- export ----------------------------------------------------------------------------------
+    EXPORT_FORMATS = ("onnx",)  # the format= values of `aift export`
+
     def export_model(self, fmt: str, out_dir: Path, options: dict[str, Any]) -> list[Path]:
         """``format=onnx``: ``model.onnx`` (normalisation inside, softmax out) and ``model.json``."""
-        from aifactory_train.errors import ConfigError
-        from aifactory_train.recipes.plastic_sorting.export import export_onnx
+        from aifactory_train.recipe import ConfigError
+        from .export import export_onnx
 
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': plastic_sorting exports 'onnx', not '{fmt}'")

@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import torch
 from torchvision.transforms import v2
 
-from aifactory_train.errors import DataError
-from aifactory_train.predict import read_in_batches
-from aifactory_train.recipes.plastic_sorting.data import load_file
-from aifactory_train.recipes.plastic_sorting.export import DeployableClassifier, training_normalisation
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import read_in_batches
+from .data import load_file
+from .export import DeployableClassifier, training_normalisation
 
 
 def read_image(path: Path, channels: list[str], size: int) -> torch.Tensor:

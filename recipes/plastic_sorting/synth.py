@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aifactory_train.errors import DataError
-from aifactory_train.synth import prepare_output_folder, write_datacard
+from aifactory_train.recipe import DataError
+from aifactory_train.recipe import prepare_output_folder, write_datacard
 
 # class name -> (RGB colour, shape, NIR reflectance)
 CLASSES = {

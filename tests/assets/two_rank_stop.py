@@ -23,7 +23,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from aifactory_train.resume import JobStopped, SignalCheckpoint
+from aifactory_train.run.preemption import JobStopped, SignalCheckpoint
 
 STEPS = 12
 

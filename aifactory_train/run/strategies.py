@@ -139,7 +139,7 @@ def _classes(paths: list[str]) -> set:
 
 
 def build_strategy(strategy_cfg: dict[str, Any], accelerator: str):
-    from aifactory_train.config import GPU_STRATEGIES
+    from aifactory_train.records.config import GPU_STRATEGIES
     from aifactory_train.errors import ConfigError
 
     name = strategy_cfg["name"]

@@ -30,8 +30,6 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
-        from aifactory_train.resume import find_resume_checkpoint
-
         return find_resume_checkpoint(run_dir)
     if ckpt_path == "last":
         last = run_dir / CHECKPOINT_DIR / "last.ckpt"
@@ -102,16 +100,18 @@ def load_trained_module(module_class, path: str):
         raise CheckpointError(f"ckpt_path '{path}': {err}") from None
 
 
-def check_data_matches(path: str, data_info: dict[str, Any]) -> None:
-    """A checkpoint trained on another class set (or with another tokenizer) cannot be resumed or scored here."""
-    if "class_names" in data_info:
-        check_classes_match(path, data_info["class_names"])
-        return
+def check_data_matches(path: str, data_info: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A checkpoint trained on other data than this (another class set, another tokenizer) cannot be resumed or
+    scored here. ``keys``: the ``data_info`` entries that must agree, as the recipe's DataModule declares them
+    (``MATCH_ON_RESUME``)."""
     saved = read_hyperparameters(path).get("data_info", {})
-    for key in ("tokenizer_sha256",):
-        if key in data_info and saved.get(key) != data_info[key]:
-            raise CheckpointError(f"ckpt_path: '{path}' was trained with another tokenizer ({key} {saved.get(key)} vs "
-                                  f"{data_info[key]} here); resume or evaluate with the tokenizer stored in it")
+    for key in keys:
+        if key == "class_names" and key in data_info:
+            check_classes_match(path, data_info["class_names"])
+        elif key in data_info and saved.get(key) != data_info[key]:
+            raise CheckpointError(f"ckpt_path: '{path}' was trained with data_info.{key} {saved.get(key)!r}, but "
+                                  f"the data here has {data_info[key]!r}; resume or evaluate with what is stored in "
+                                  f"that checkpoint, or start from its weights")
 
 
 def saved_world_size(path: str) -> int | None:
@@ -290,3 +290,19 @@ def consolidate(checkpoint_dir: str, output: str | None = None, trust: bool = Fa
         raise CheckpointError(f"'{source}' could not be consolidated as a DeepSpeed ZeRO checkpoint: {first}") from None
     partial.replace(target)  # a reader never sees half a file
     return target, unverified
+
+
+def find_resume_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint a requeued or restarted job should continue from, or None for a fresh start."""
+    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if is_checkpoint(p)]
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    if is_checkpoint(last):
+        candidates.append(last)
+    if not candidates:
+        return None
+    # the furthest step wins; not the newest file: a DeepSpeed checkpoint is a folder whose own mtime stays at its
+    # creation while it is rewritten
+    def progress(path: Path) -> tuple[int, float]:
+        return int(load_checkpoint_state(str(path)).get("global_step", -1)), path.stat().st_mtime
+
+    return str(max(candidates, key=progress))

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aifactory_train import slurm_env
 from aifactory_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class EnergyLedger:
         started = time.strftime("%Y%m%dT%H%M%S")
         self.path = self.folder / f"{started}-{node_name()}-{os.getpid()}-rank{rank}-{counter.kind}.json"
         self.record = {"meter": counter.kind, "devices": counter.devices, "host": node_name(), "rank": rank,
-                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time(),
+                       "slurm_job_id": slurm_env.job_id(), "started": time.time(),
                        "joules": 0.0, "seconds": 0.0}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

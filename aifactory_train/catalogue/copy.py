@@ -59,7 +59,7 @@ def _data_and_experiments(recipe_file: Path, source: str) -> list[tuple[Path, st
 
 def copy_recipe(source: str, name: str, to: str | Path) -> list[Path]:
     """Copy recipe ``source`` as ``name`` into ``to``; return the files written."""
-    from aifactory_train.resources import recipe_files, recipe_info
+    from aifactory_train.locations import recipe_files, recipe_info
 
     files = recipe_files()
     info = recipe_info(source)  # an unknown source lists the valid ones

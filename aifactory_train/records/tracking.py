@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_train.errors import TrackingError
-from aifactory_train.records import connectable, has_credentials, redact_text, redact_uri, redacted
+from aifactory_train.records.masking import connectable, has_credentials, redact_text, redact_uri, redacted
 
 log = logging.getLogger(__name__)
 

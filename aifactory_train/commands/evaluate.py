@@ -14,42 +14,34 @@ def run_evaluation(cfg) -> dict[str, Any]:
     started = time.time()
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import build, check_choice, check_data, require_checkpoint, validate
+    from aifactory_train.commands.preamble import open_checkpoint_command
+    from aifactory_train.records.config import build, check_choice, check_data
 
-    typed = validate(cfg)
-    require_checkpoint(cfg, "aift eval")
+    command = open_checkpoint_command(cfg, "aift eval")
     check_choice("split", cfg.split, ("test", "val"))
-    usage = check_data(typed, stage="eval")  # the owner's terms: scoring is a use too; before the tracking store is opened and Lightning imported
-    run_dir = Path(cfg.paths.output_dir)
-    from aifactory_train.checkpoints import resolve_checkpoint
-
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)  # a missing file: before anything is tracked
+    # the owner's terms: scoring is a use too; before the tracking store is opened and Lightning imported
+    usage = check_data(command.typed, stage="eval")
+    resolved, run_dir = command.resolved, command.run_dir
+    ckpt_path = command.find_checkpoint()  # a missing file, another task's: before anything is tracked
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
 
     import lightning as L
-    from hydra.utils import get_class
 
-    from aifactory_train.checkpoints import check_checkpoint_task, check_data_matches, load_trained_module
     from aifactory_train.errors import DataError
-    from aifactory_train.strategies import resolve_precision
+    from aifactory_train.recipe import adopts_checkpoint, resume_keys
+    from aifactory_train.records.tracking import Tracker
+    from aifactory_train.run.checkpoints import check_data_matches
+    from aifactory_train.run.strategies import resolve_precision
 
-    from aifactory_train.train import use_hydra_logging
-
-    use_hydra_logging()
-    from aifactory_train.tracking import Tracker
-
-    check_checkpoint_task(ckpt_path, resolved["recipe"])  # before the tracking store is opened
     tracker = Tracker(resolved["tracking"], run_dir, resume=False)  # fails fast on an unreachable store
     datamodule = build(cfg.data, _convert_="all")
-    if hasattr(datamodule, "adopt_checkpoint"):
+    if adopts_checkpoint(datamodule):
         datamodule.adopt_checkpoint(ckpt_path)
     datamodule.setup("test" if cfg.split == "test" else "validate")
     if not datamodule.has_split(cfg.split):
         raise DataError(f"data.root '{resolved['data']['root']}': there is no '{cfg.split}' split to evaluate on")
-    check_data_matches(ckpt_path, datamodule.data_info)
-    module_class = get_class(resolved["recipe"]["module"]["_target_"])
-    module = load_trained_module(module_class, ckpt_path)
+    check_data_matches(ckpt_path, datamodule.data_info, resume_keys(datamodule))
+    module = command.load_module()
 
     accelerator = resolved["trainer"]["accelerator"]
     trainer = L.Trainer(
@@ -66,7 +58,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     results = run(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     lineage = datamodule.lineage()
-    from aifactory_train.provenance import training_origin
+    from aifactory_train.run.provenance import training_origin
 
     trained_run_id, trained_on = training_origin(ckpt_path)
     report = {
@@ -89,7 +81,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         # one MLflow run per evaluation, next to the training runs, linked to the one that made the checkpoint
         tracker.lightning_logger()
         config_yaml = run_dir / "config.yaml"
-        from aifactory_train.records import redacted
+        from aifactory_train.records.masking import redacted
 
         record = redacted(resolved)  # no passwords in the file or the params
         config_yaml.write_text(OmegaConf.to_yaml(record))
@@ -98,7 +90,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         tracker.set_tags({"aift.run_kind": "eval", "aift.eval.checkpoint": report["checkpoint"], "aift.eval.split": cfg.split,
                           "aift.eval.trained_run_id": trained_run_id or ""})
         if usage is not None:
-            from aifactory_train.usage_terms import usage_tags
+            from aifactory_train.records.usage_terms import usage_tags
 
             tracker.set_tags(usage_tags(usage))
         report["mlflow_run_id"] = tracker.run_id

@@ -8,36 +8,26 @@ from typing import Any
 
 
 def run_export(cfg) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    from aifactory_train.config import require_checkpoint, validate
-
-    validate(cfg)
-    require_checkpoint(cfg, "aift export")
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-
-    from hydra.utils import get_class
-
-    from aifactory_train.checkpoints import check_checkpoint_task, load_trained_module, resolve_checkpoint
+    from aifactory_train.commands.preamble import open_checkpoint_command
     from aifactory_train.errors import ConfigError
-    from aifactory_train.train import use_hydra_logging
+    from aifactory_train.recipe import Exports
 
-    use_hydra_logging()
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
-    module_class = get_class(resolved["recipe"]["module"]["_target_"])
-    if not hasattr(module_class, "export_model"):
-        raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no export; nothing to do for format={cfg.format}")
-    from aifactory_train.provenance import PROVENANCE_FILE, write_export_provenance
+    command = open_checkpoint_command(cfg, "aift export", Exports, f"has no export; nothing to do for format={cfg.format}")
+    formats = command.recipe.module_class.EXPORT_FORMATS
+    if cfg.format not in formats:
+        raise ConfigError(f"config key 'format': {command.recipe.name} exports "
+                          f"{' or '.join(repr(valid) for valid in formats)}, not '{cfg.format}'")
+    resolved, run_dir = command.resolved, command.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = command.find_checkpoint()
+    from aifactory_train.run.provenance import PROVENANCE_FILE, write_export_provenance
 
     register = resolved["export"].get("register")
     # the checkpoint's record names its store without the password; this config's tracking.uri may hold it
     tracking = resolved.get("tracking") or {}
     live_uri = tracking.get("uri") if tracking.get("backend") == "mlflow" else None
     training_run = registry_target(ckpt_path, live_uri) if register else None  # refused before anything is written
-    check_checkpoint_task(ckpt_path, resolved["recipe"])
-    module = load_trained_module(module_class, ckpt_path)
+    module = command.load_module()
     files = module.export_model(cfg.format, run_dir, resolved["export"])
     # which data and run made this model, beside it, in its folder and in an ONNX file's metadata
     document = write_export_provenance(ckpt_path, cfg.format, files, run_dir, live_uri)
@@ -61,9 +51,9 @@ def registry_target(ckpt_path: str, live_uri: str | None = None) -> dict[str, st
     password: ``live_uri`` (this command's tracking.uri) is used when it is the same store, else MLflow's
     credential environment variables are."""
     from aifactory_train.errors import ConfigError, TrackingError
-    from aifactory_train.provenance import read_provenance
-    from aifactory_train.records import connectable
-    from aifactory_train.tracking import check_tracking_uri
+    from aifactory_train.run.provenance import read_provenance
+    from aifactory_train.records.masking import connectable
+    from aifactory_train.records.tracking import check_tracking_uri
 
     record = read_provenance(ckpt_path) or {}
     run = (record.get("runs") or [{}])[-1]
@@ -95,7 +85,7 @@ def register_export(training_run: dict[str, str], name: str, document: dict[str,
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from aifactory_train.provenance import onnx_metadata
+    from aifactory_train.run.provenance import onnx_metadata
 
     client = MlflowClient(tracking_uri=training_run.get("connect_uri", training_run["tracking_uri"]))
     run_id = training_run["run_id"]

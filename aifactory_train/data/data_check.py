@@ -194,7 +194,7 @@ def _boxes(split: SplitDescription) -> dict[str, Any] | None:
 def file_hashes(root: Path, files: list[str]) -> dict[str, str]:
     """SHA-256 of each file (relative to ``root``), as the digest computed it: from this process's memory of the
     digest's hashes, else the user's digest cache; a file neither holds is hashed once."""
-    from aifactory_train.lineage import DigestCache
+    from aifactory_train.records.lineage import DigestCache
 
     unique = {posixpath.normpath(f): root / posixpath.normpath(f) for f in files}
     return DigestCache.for_root(root.resolve()).file_digests(unique)
@@ -241,8 +241,8 @@ def duplicates_and_leakage(root: Path, splits: dict[str, SplitDescription]):
 # -- the owner's terms ------------------------------------------------------------------------------------------
 def usage_terms(resolved: dict[str, Any]) -> dict[str, Any]:
     """Whether this user, recipe, host and account may use the data, by the one check every command uses
-    (aifactory_train.usage_terms): its record, plus ``allowed`` and the ``refusal``."""
-    from aifactory_train.usage_terms import check_usage, data_paths, datacards_for, describe_cards, os_user
+    (aifactory_train.records.usage_terms): its record, plus ``allowed`` and the ``refusal``."""
+    from aifactory_train.records.usage_terms import check_usage, data_paths, datacards_for, describe_cards, os_user
 
     paths = data_paths(resolved["data"])
     result = {"allowed": True, "refusal": None, "user": os_user(), "recipe": resolved["recipe"].get("name"),
@@ -263,14 +263,14 @@ def _account(resolved: dict[str, Any]) -> str | None:
 
 # -- the check ------------------------------------------------------------------------------------------------
 def _datamodule(resolved: dict[str, Any]):
-    from aifactory_train.config import build
+    from aifactory_train.records.config import build
 
     return build(resolved["data"], _convert_="all")
 
 
 def inspect(resolved: dict[str, Any], typed=None, cheap: bool = False) -> dict[str, Any]:
     """The report (without pictures) and, for the pictures, the description and the DataModule."""
-    from aifactory_train.lineage import DigestCache, read_datacard
+    from aifactory_train.records.lineage import DigestCache, read_datacard
 
     started = time.time()
     recipe = resolved["recipe"]["name"]
@@ -376,8 +376,8 @@ def cheap_data_check(cfg, account: str | None = None, queued: bool = False) -> d
     {split: count}. ``cfg``: the resolved train config (dict or DictConfig)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from aifactory_train.lineage import DigestCache
-    from aifactory_train.usage_terms import card_terms, check_usage, data_paths, datacards_for, kernel_host
+    from aifactory_train.records.lineage import DigestCache
+    from aifactory_train.records.usage_terms import card_terms, check_usage, data_paths, datacards_for, kernel_host
 
     from fnmatch import fnmatchcase
 
@@ -602,7 +602,7 @@ def run_data_check(overrides: list[str], out: str | None) -> int:
 
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import compose_train_config, validate
+    from aifactory_train.records.config import compose_train_config, validate
 
     with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
         cfg = compose_train_config(overrides, run_dir)

@@ -1,4 +1,4 @@
-"""Print a run's summary.json for people: `python -m aifactory_train.show_summary PATH`."""
+"""Print a run's summary.json for people: `python -m aifactory_train.commands.show_summary PATH`."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ STARTING_WEIGHTS_KEYS = ("weights_path", "backbone_weights_path", "pretrained_pa
 def path_sha256(path: str | Path, cached: bool = True) -> str:
     """SHA-256 of a file, or of a folder: over (relative path, SHA-256) of every file in it. ``cached`` reuses
     the data digest's per-file cache, so a large pretrained model is read once, not at every run."""
-    from aifactory_train.lineage import DigestCache
+    from aifactory_train.records.lineage import DigestCache
 
     path = Path(path).resolve()
     root = path.parent if path.is_file() else path
@@ -65,7 +65,7 @@ def training_provenance(resolved: dict[str, Any], lineage, tracker, run_dir: Pat
     model = resolved["model"]
     weights = {key: {"path": str(Path(model[key]).resolve()), "sha256": path_sha256(model[key])}
                for key in STARTING_WEIGHTS_KEYS if model.get(key)}
-    from aifactory_train.records import redact_uri
+    from aifactory_train.records.masking import redact_uri
 
     # the record travels with every checkpoint and export: the store's URI without its password
     uri = redact_uri(_absolute(tracker.uri)) if tracker.enabled else None
@@ -120,7 +120,7 @@ def provenance_callback():
             return merged(self.loaded, self.record)
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            from aifactory_train.records import redacted
+            from aifactory_train.records.masking import redacted
 
             # the resumed weights' history, kept in the next checkpoints (a record written before passwords were
             # masked is masked now)
@@ -131,7 +131,7 @@ def provenance_callback():
 
 def read_provenance(ckpt_path: str) -> dict[str, Any] | None:
     """A checkpoint's record, or None for a checkpoint written before records were kept (or by another tool)."""
-    from aifactory_train.checkpoints import load_checkpoint_state
+    from aifactory_train.run.checkpoints import load_checkpoint_state
 
     record = load_checkpoint_state(ckpt_path).get("callbacks", {}).get(STATE_KEY)
     return record or None
@@ -140,7 +140,7 @@ def read_provenance(ckpt_path: str) -> dict[str, Any] | None:
 def training_origin(ckpt_path: str) -> tuple[str | None, list[dict[str, Any]] | None]:
     """(the MLflow run that wrote the checkpoint, the datasets it was trained on): from the checkpoint's own record,
     else the run id from the ``tracking.json`` of the run folder around it (and no datasets)."""
-    from aifactory_train.tracking import TRACKING_STATE_FILE
+    from aifactory_train.records.tracking import TRACKING_STATE_FILE
 
     record = read_provenance(ckpt_path)
     if record and record.get("runs"):
@@ -156,7 +156,7 @@ def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir
     the exported files (``out_dir / PROVENANCE_FILE``), copied into each exported folder and embedded in each ONNX
     file. Returns the document. ``live_uri``: this command's tracking.uri, to reach the training run's store when
     it is the same one (the record's URI has no password)."""
-    from aifactory_train.records import redacted
+    from aifactory_train.records.masking import redacted
 
     # a checkpoint written before passwords were masked still holds one: it must not reach the exported model
     record = redacted(read_provenance(ckpt_path))
@@ -193,8 +193,8 @@ def record_export_in_training_run(document: dict[str, Any], out_dir: Path, live_
     <folder> <time>``), so `aift data runs` tells a data owner where the models trained on their data went.
     Returns what was done, for the log; a store that is not here or not reachable is said, not an error (exports
     are often made elsewhere)."""
-    from aifactory_train.records import connectable, redact_text
-    from aifactory_train.tracking import check_tracking_uri
+    from aifactory_train.records.masking import connectable, redact_text
+    from aifactory_train.records.tracking import check_tracking_uri
 
     run = (document.get("runs") or [{}])[-1]
     uri, run_id = run.get("tracking_uri"), run.get("mlflow_run_id")

@@ -412,12 +412,12 @@ def run_bench(suite: str, profile_name: str | None, quick: bool, out: str | None
                           + ", ".join(sorted(p.stem for p in profiles_dir().glob("*.yaml"))))
     profile = load_profile(profile_name) if profile_name else None  # before any measurement
     if tracking_uri:
-        from aifactory_train.tracking import check_tracking_uri
+        from aifactory_train.records.tracking import check_tracking_uri
 
         check_tracking_uri(tracking_uri)
     import torch
 
-    from aifactory_train.tracking import hardware, package_versions
+    from aifactory_train.records.tracking import hardware, package_versions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
@@ -483,7 +483,7 @@ def _load_average() -> float | None:
 def _log_to_mlflow(uri: str, report: dict, files: list[Path]) -> None:
     from mlflow.tracking import MlflowClient
 
-    from aifactory_train.records import has_credentials
+    from aifactory_train.records.masking import has_credentials
 
     if has_credentials(uri):  # MLflow prints the run's link, built from the URI with its password
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"

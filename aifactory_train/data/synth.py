@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from aifactory_train.errors import DataError
-from aifactory_train.lineage import DATACARD_FILE
+from aifactory_train.records.lineage import DATACARD_FILE
 
 
 def prepare_output_folder(out: str | Path, overwrite: bool, owned: tuple[str, ...]) -> Path:

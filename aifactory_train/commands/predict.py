@@ -17,68 +17,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+
+from aifactory_train.data.files import input_files
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "predict.json"
 STAGING_PREFIX = ".predict-"  # a private folder of results until every file was read
 AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
-
-
-def input_files(path: str, extensions: tuple[str, ...]) -> list[Path]:
-    """The files under ``path`` (a folder, searched recursively, in sorted order) or ``path`` itself."""
-    from aifactory_train.errors import DataError
-
-    kinds = ", ".join(extensions)
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"config key 'input': '{path}' does not exist; give a folder of files ({kinds}) or one file")
-    if root.is_file():
-        if not root.name.lower().endswith(extensions):
-            raise DataError(f"config key 'input': '{path}' is not a kind of file this recipe reads; valid: {kinds}")
-        return [root]
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.name.lower().endswith(extensions))
-    if not files:
-        raise DataError(f"config key 'input': the folder '{path}' holds no files this recipe reads ({kinds})")
-    return files
-
-
-class _FileReads:
-    """A map-style dataset of ``read(file)``: what DataLoader workers run. A file the reader refuses comes back as
-    its message, so the main process raises the reader's DataError as it is (a worker's exception would arrive
-    wrapped in the worker's traceback)."""
-
-    def __init__(self, files: list[Path], read: Callable[[Path], Any]):
-        self.files, self.read = files, read
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[Any, str | None]:
-        from aifactory_train.errors import DataError
-
-        try:
-            return self.read(self.files[index]), None
-        except DataError as err:
-            return None, str(err)
-
-
-def read_in_batches(files: list[Path], read: Callable[[Path], Any], batch_size: int,
-                    num_workers: int) -> Iterator[tuple[list[Path], list[Any]]]:
-    """(files, what ``read`` made of each) per batch, in file order, read by ``num_workers`` DataLoader worker
-    processes while the model works on the batch before (0: in this process). For recipes whose files take real
-    work to decode (images); ``read`` must be picklable where workers are spawned (a module-level function, or a
-    functools.partial of one)."""
-    from torch.utils.data import DataLoader
-
-    from aifactory_train.errors import DataError
-
-    loader = DataLoader(_FileReads(files, read), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    for start, items in zip(range(0, len(files), batch_size), loader):
-        for _, error in items:
-            if error is not None:
-                raise DataError(error)
-        yield files[start:start + batch_size], [item for item, _ in items]
 
 
 def earlier_outputs(run_dir: Path) -> set[str] | None:
@@ -125,24 +71,16 @@ def check_replaceable(run_dir: Path, names: list[str], ours: set[str] | None) ->
             f"this run would replace, and {why}; valid: an empty or new folder, or one an earlier `aift predict` wrote")
 
 
-def datacard_root(path: Path) -> Path | None:
-    """The folder of the nearest data card at or above ``path`` (resolved), whose fields describe these files; the
-    owner's terms of it and of every card above it apply (usage_terms.datacards_for)."""
-    from aifactory_train.usage_terms import datacards_for
-
-    cards = datacards_for(path)
-    return cards[0].parent if cards else None
-
-
 def run_prediction(cfg) -> dict[str, Any]:
     started = time.time()
-    from omegaconf import OmegaConf
+    from aifactory_train.commands.preamble import open_checkpoint_command
+    from aifactory_train.recipe import Predicts
+    from aifactory_train.records.config import check
 
-    from aifactory_train.config import check, require_checkpoint, validate
-
-    validate(cfg)
-    require_checkpoint(cfg, "aift predict")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    command = open_checkpoint_command(cfg, "aift predict", Predicts,
+                                      "has no `aift predict`; export the model (`aift export`) and run it where it is "
+                                      "used")
+    resolved, module_class = command.resolved, command.recipe.module_class
     options = resolved["predict"]
     check(isinstance(options.get("batch_size"), int) and options["batch_size"] >= 1, "predict.batch_size",
           options.get("batch_size"), "an integer >= 1")
@@ -153,7 +91,7 @@ def run_prediction(cfg) -> dict[str, Any]:
           threshold, "null (the recipe's) or a score in [0, 1]")
     draw = options.get("draw", False)
     check(isinstance(draw, bool), "predict.draw", draw, "true or false")
-    from aifactory_train.strategies import resolve_precision
+    from aifactory_train.run.strategies import resolve_precision
 
     trainer = resolved["trainer"]
     precision = resolve_precision(trainer["precision"], trainer["accelerator"])  # auto: bf16-mixed on a GPU
@@ -161,20 +99,14 @@ def run_prediction(cfg) -> dict[str, Any]:
           "auto, 32-true, bf16-mixed or 16-mixed: aift predict keeps the weights in fp32 and runs the model under "
           "autocast for a mixed precision, as eval does")
 
-    from hydra.utils import get_class
-
     from aifactory_train.errors import ConfigError
 
-    module_class = get_class(resolved["recipe"]["module"]["_target_"])
-    if not hasattr(module_class, "predict_files"):
-        raise ConfigError(f"recipe '{resolved['recipe']['name']}' has no `aift predict`; export the model "
-                          f"(`aift export`) and run it where it is used")
-    if draw and not getattr(module_class, "PREDICT_DRAWS", False):
+    if draw and not module_class.PREDICT_DRAWS:
         raise ConfigError(f"config key 'predict.draw': recipe '{resolved['recipe']['name']}' draws no pictures of its "
-                          f"predictions; valid: predict.draw=false (crop_detection draws its boxes)")
+                          f"predictions; valid: predict.draw=false")
     files = input_files(cfg.input, module_class.PREDICT_EXTENSIONS)  # before the checkpoint is read
-    from aifactory_train.lineage import read_datacard
-    from aifactory_train.usage_terms import check_usage
+    from aifactory_train.records.lineage import read_datacard
+    from aifactory_train.records.usage_terms import check_usage
 
     # the owner of the new files may limit their use, as a training data owner may: every card at or above the
     # input and each file (resolved: a symlink into other data is covered by that data's cards)
@@ -190,15 +122,11 @@ def run_prediction(cfg) -> dict[str, Any]:
 
     import torch
 
-    from aifactory_train.checkpoints import check_checkpoint_task, load_trained_module, resolve_checkpoint
-    from aifactory_train.provenance import training_origin
-    from aifactory_train.strategies import gpu_available
-    from aifactory_train.train import use_hydra_logging
+    from aifactory_train.run.provenance import training_origin
+    from aifactory_train.run.strategies import gpu_available
 
-    use_hydra_logging()
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
-    check_checkpoint_task(ckpt_path, resolved["recipe"])
-    module = load_trained_module(module_class, ckpt_path)
+    ckpt_path = command.find_checkpoint()
+    module = command.load_module()
     device = torch.device("cuda" if gpu_available(trainer["accelerator"]) else "cpu")
     module = module.to(device).eval()
     autocast = torch.autocast(device.type, dtype=getattr(torch, AUTOCAST_DTYPES.get(precision, "bfloat16")),

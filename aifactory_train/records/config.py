@@ -257,7 +257,7 @@ class TrackingConfig:
 
 @dataclass
 class EnergyConfig:
-    """Energy per training run from hardware counters (aifactory_train.energy), into summary.json and MLflow."""
+    """Energy per training run from hardware counters (aifactory_train.records.energy), into summary.json and MLflow."""
 
     meter: str = "auto"  # auto: NVML for GPUs and powercap (RAPL) for CPU packages, each where it can be read
     sample_every_s: float = 30.0
@@ -292,11 +292,23 @@ class RecipeSection:
         check("_target_" in self.module, "recipe.module", self.module, "a mapping with a _target_ class path")
 
 
+def _is_optimizer_class(path: str) -> bool:
+    try:
+        from hydra.utils import get_class
+        import torch
+
+        return issubclass(get_class(path), torch.optim.Optimizer)
+    except Exception:  # noqa: BLE001 - not importable, not a class: not an optimizer
+        return False
+
+
 @dataclass
 class OptimConfig:
-    """Optimizer + warmup/cosine schedule (aifactory_train.schedules), shared by the recipes."""
+    """Optimizer + warmup/cosine schedule (aifactory_train.run.schedules), shared by the recipes."""
 
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | sgd; or any optimizer class with _target_ (run/optim.py)
+    _target_: Optional[str] = None  # e.g. torch.optim.RAdam; then `args` are its keyword arguments
+    args: Dict[str, Any] = field(default_factory=dict)
     lr: float = 0.002
     weight_decay: float = 0.05
     momentum: float = 0.9
@@ -305,6 +317,9 @@ class OptimConfig:
 
     def check(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "sgd"))
+        if self._target_ is not None:
+            check(isinstance(self._target_, str) and _is_optimizer_class(self._target_), "optim._target_",
+                  self._target_, "the class path of a torch.optim.Optimizer, e.g. torch.optim.RAdam")
         check(_is_number(self.lr) and self.lr > 0, "optim.lr", self.lr, "a finite number > 0, e.g. 1e-3")
         check(_is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
               "a finite number >= 0 (0: none)")
@@ -395,7 +410,7 @@ def compose_train_config(overrides: list[str], run_dir: Any):
     from hydra.errors import HydraException
     from omegaconf import open_dict
 
-    from aifactory_train.resources import config_dir, use_user_recipes
+    from aifactory_train.locations import config_dir, use_user_recipes
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -419,7 +434,7 @@ def validate(cfg) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
-    from aifactory_train.resources import load_object
+    from aifactory_train.locations import load_object
 
     try:
         plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
@@ -597,11 +612,11 @@ def check_data(typed, stage: str = "fit", account: str | None = None, queued: bo
     """The quick half of the data checks, run before a job starts or is queued: the files the config points
     at for ``stage`` ("fit": training, "eval": ``aift eval``) are there (the recipe's ``DataConfig.check_files``:
     data root, split files, what the recipe requires of the data card), the data card is readable, and this use
-    is inside the owner's usage terms (aifactory_train/usage_terms.py: recipe, user, node, Slurm account: the
+    is inside the owner's usage terms (aifactory_train/records/usage_terms.py: recipe, user, node, Slurm account: the
     verified job's, or ``account``, the one a ``queued`` job will be charged to). A wrong ``data.root`` then fails
     in about a second, before Lightning is imported, a tracking store is opened or a Slurm job has waited in the queue.
     What the files hold (rows, boxes, classes) is checked by the DataModule when it reads them."""
-    from aifactory_train.usage_terms import check_usage, data_paths
+    from aifactory_train.records.usage_terms import check_usage, data_paths
 
     data = getattr(typed, "data", None)
     check_files = getattr(data, "check_files", None)
@@ -636,7 +651,7 @@ def _check_model_task(plain: dict) -> None:
     model_task = (plain.get("model") or {}).get("task")
     recipe = plain.get("recipe") or {}
     if model_task is not None and model_task != recipe.get("task"):
-        from aifactory_train.resources import model_configs_for_task
+        from aifactory_train.locations import model_configs_for_task
 
         valid = ", ".join("model=" + m for m in model_configs_for_task(recipe.get("task")))
         raise ConfigError(f"config key 'model': this is a {model_task} model, but recipe {recipe.get('name')} needs "
@@ -730,7 +745,7 @@ def _composed_keys(config_name: str, overrides: list[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from aifactory_train.resources import config_dir
+    from aifactory_train.locations import config_dir
 
     overrides = [o for o in overrides if "=" in o and not o.startswith("-")]
     GlobalHydra.instance().clear()

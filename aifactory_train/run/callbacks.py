@@ -137,11 +137,11 @@ class TrainingThroughput(L.Callback):
 
 class EnergyMeter(L.Callback):
     """Reads this process's energy counters from the start of fit to ``finish()`` (after the test stage), into
-    ``<run>/energy`` (see :mod:`aifactory_train.energy`). It starts in ``setup``, which every rank runs after it is
+    ``<run>/energy`` (see :mod:`aifactory_train.records.energy`). It starts in ``setup``, which every rank runs after it is
     launched and has its device."""
 
     def __init__(self, meters: tuple[str, ...], energy_cfg: dict, run_dir) -> None:
-        self.meters = meters  # set once the device is known (aifactory_train.energy.check_meter)
+        self.meters = meters  # set once the device is known (aifactory_train.records.energy.check_meter)
         self.energy_cfg = energy_cfg
         self.run_dir = run_dir
         self.ledgers: list = []
@@ -153,7 +153,7 @@ class EnergyMeter(L.Callback):
         self.started = True
         from pathlib import Path
 
-        from aifactory_train.energy import ENERGY_DIR, open_ledger, record_failure
+        from aifactory_train.records.energy import ENERGY_DIR, open_ledger, record_failure
 
         for meter in self.meters:
             try:

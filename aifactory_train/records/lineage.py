@@ -21,7 +21,7 @@ is always re-read.
 A data root may carry a ``datacard.yaml`` (owner, license, consent, source, contact); its fields are
 logged with the run and copied into summary.json. `aift data synth` writes one. Its ``usage`` section holds
 the owner's terms (recipes, users, Slurm accounts, hosts, an end date), checked before a run uses the data, with
-those of every card above it (aifactory_train/usage_terms.py).
+those of every card above it (aifactory_train/records/usage_terms.py).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
-# The owner's terms live in aifactory_train/usage_terms.py; these names stay importable from here.
-from aifactory_train.usage_terms import (DATACARD_FILE, USAGE_KEYS, UsageTerms, check_usage,  # noqa: E402,F401
+# The owner's terms live in aifactory_train/records/usage_terms.py; these names stay importable from here.
+from aifactory_train.records.usage_terms import (DATACARD_FILE, USAGE_KEYS, UsageTerms, check_usage,  # noqa: E402,F401
                                          datacards_for, describe_cards, load_datacard, read_usage_terms)
 
 DATACARD_FIELDS = ("name", "owner", "license", "consent", "source", "contact", "description", "deidentified",

@@ -384,7 +384,7 @@ def running_recipe(recipe_cfg: dict[str, Any]) -> str:
     the MLflow experiment and the run folders go by."""
     import importlib.util
 
-    from aifactory_train.resources import config_dir, recipe_files, user_recipe_roots
+    from aifactory_train.locations import config_dir, recipe_files, user_recipe_roots
 
     target = str((recipe_cfg.get("module") or {}).get("_target_") or "")
     named = recipe_cfg.get("name")

@@ -1,19 +1,18 @@
-"""What an exact resume needs beyond Lightning's own checkpoint (model, optimizer, LR scheduler, loop counters).
+"""The recipes' DataLoader: where a run resumed mid-epoch continues, and the same augmentation whichever worker
+draws a sample.
 
-* **Data position**: the recipes' DataLoaders are torchdata's ``StatefulDataLoader``; Lightning saves its state
+* **Data position**: ``ResumableDataLoader`` is torchdata's ``StatefulDataLoader``; Lightning saves its state
   (sampler order, batches already served, worker states) in the checkpoint and restores it, so a run resumed
   mid-epoch continues with the next batch instead of replaying the epoch.
-* **Random number generators**: Lightning does not save them. ``RNGStateCallback`` keeps every rank's torch,
-  numpy and Python RNG states in the checkpoint and gives each rank its own back (dropout, MixUp and whatever
-  else the main process draws continue as if never interrupted).
 * **Augmentation in DataLoader workers**: no checkpoint can hold the workers' RNG states (they have drawn ahead
   for prefetched batches). ``ResumableDataLoader`` instead seeds torch, numpy and ``random`` for each sample from
   (seed, epoch, sample index) while the dataset reads it (``SeededSamples``), so a sample's augmentation is the
   same whichever worker makes it, whenever, and however many workers there are.
-* **Atomic files**: ``AtomicCheckpointIO`` writes ``<file>.tmp`` and renames it, so a kill while saving leaves the
-  previous checkpoint whole (Lightning writes the final path directly).
-* **Where to resume from**: ``find_resume_checkpoint`` (``ckpt_path=auto``) picks, of the stop/requeue checkpoints
-  (``hpc_ckpt_*.ckpt``) and ``checkpoints/last.ckpt`` in the run folder, the one furthest in training.
+* **Elastic resume**: ``ResumableSampler`` and ``ElasticEpochProgress`` finish an interrupted epoch exactly when
+  the job comes back on another number of ranks.
+
+The rest of an exact resume: ``resume_state`` (RNG states, atomic checkpoint files, step boundaries) and
+``preemption`` (signals, Slurm requeue).
 """
 
 from __future__ import annotations
@@ -23,13 +22,11 @@ import math
 import os
 import random
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -265,244 +262,3 @@ def shuffled(dataset, trainer: L.Trainer | None = None, seed: int | None = None)
     if trainer is not None:
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)  # restored before this is called
     return sampler
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".tmp")
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)  # atomic on POSIX: readers see the old file or the new one
-
-
-def is_epoch_last_batch(trainer: L.Trainer) -> bool:
-    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
-
-
-class StepBoundary:
-    """Whether the batch that just ended stepped the optimizer. With gradient accumulation (or a global batch
-    spread over fewer ranks) most batches only add to the gradients, which no checkpoint holds: a state saved after
-    one of them resumes with that part of the step lost (measured: other weights than the uninterrupted run). The
-    callbacks that save mid-epoch save only where this says so. It compares the optimizer step count before and after
-    the batch (public, and the same for every strategy) rather than asking Lightning's private accumulation test."""
-
-    def __init__(self) -> None:
-        self._step_before: int | None = None
-
-    def batch_started(self, trainer: L.Trainer) -> None:
-        self._step_before = trainer.global_step
-
-    def stepped(self, trainer: L.Trainer) -> bool:
-        return self._step_before is None or trainer.global_step != self._step_before
-
-
-def periodic_checkpoint(dirpath: Path, every_n_train_steps: int | None, every_n_minutes: float | None):
-    """``last.ckpt`` every N steps and/or minutes, except on an epoch's last batch.
-
-    Why the exception: Lightning 2.6 cannot resume exactly from a state saved after the last batch of an epoch
-    but before the epoch's end (it skips the next epoch, and the epoch's validation). The epoch-end checkpoint of
-    the recipe's monitor callback follows a moment later, so nothing is lost; without one (validation less often
-    than every epoch) the next periodic save comes one interval later."""
-    from datetime import timedelta
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class PeriodicCheckpoint(ModelCheckpoint):
-        def __init__(self, **kwargs) -> None:
-            super().__init__(**kwargs)
-            self.boundary = StepBoundary()  # every N minutes could otherwise land between two accumulated batches
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.boundary.batch_started(trainer)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if not is_epoch_last_batch(trainer) and self.boundary.stepped(trainer):
-                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    return PeriodicCheckpoint(
-        dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False,
-        every_n_train_steps=every_n_train_steps,
-        train_time_interval=timedelta(minutes=every_n_minutes) if every_n_minutes else None)
-
-
-def _rng_states() -> dict[str, Any]:
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    # tensors and plain numbers only, so checkpoints still load with weights_only=True
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(states["python"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class RNGStateCallback(L.Callback):
-    """Every rank's RNG states in the checkpoint (gathered to the rank that writes it), each rank's back on load."""
-
-    def __init__(self) -> None:
-        self._pending: list | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        states = _rng_states()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, states)
-            return {"ranks": gathered}
-        return {"ranks": [states]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("ranks")
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # restored after Lightning's own set-up (which may draw random numbers), right before the first batch
-        if self._pending:
-            rank = trainer.global_rank
-            if rank < len(self._pending):
-                _set_rng_states(self._pending[rank])
-            self._pending = None
-
-
-def find_resume_checkpoint(run_dir: Path) -> str | None:
-    """The checkpoint a requeued or restarted job should continue from, or None for a fresh start."""
-    from aifactory_train.checkpoints import CHECKPOINT_DIR, is_checkpoint
-
-    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if is_checkpoint(p)]
-    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
-    if is_checkpoint(last):
-        candidates.append(last)
-    if not candidates:
-        return None
-    # the furthest step wins; not the newest file: a DeepSpeed checkpoint is a folder whose own mtime stays at its
-    # creation while it is rewritten
-    from aifactory_train.checkpoints import load_checkpoint_state
-
-    def progress(path: Path) -> tuple[int, float]:
-        return int(load_checkpoint_state(str(path)).get("global_step", -1)), path.stat().st_mtime
-
-    return str(max(candidates, key=progress))
-
-
-class JobStopped(BaseException):
-    """Raised on every rank after the stop checkpoint is saved: the process ends without a summary, and the
-    MLflow run stays open for the continuing job (``ckpt_path=auto``) to log into."""
-
-
-class JobRequeued(JobStopped):
-    """JobStopped, and the job was requeued with ``scontrol requeue``."""
-
-
-class SignalCheckpoint(L.Callback):
-    """Save ``hpc_ckpt_<n>.ckpt`` at the next optimizer-step boundary the ranks agree on (with gradient
-    accumulation, not between two accumulated batches: see ``StepBoundary``), then stop, when a signal asks:
-
-    * SIGTERM (preemption, ``scancel``, the time limit, ``kill``): save and stop. No requeue from here: Slurm
-      requeues a preempted job itself (``--requeue``), and a cancelled one should stay cancelled.
-    * the requeue signal, under Slurm (``--signal=USR1@<s>``, sent to every rank before the time limit): save,
-      ``scontrol requeue`` the job, and stop.
-
-    Why not Lightning's own handling: its auto-requeue saves from inside the signal handler, at whatever point the
-    signal lands; a checkpoint taken in the middle of a step counts that step's batch as served but not trained,
-    and the requeued run then ended one step short (measured: 119 of 120 steps). On SIGTERM Lightning stops after
-    the step without saving at all. Saving between steps keeps the step count, data position and RNG states
-    consistent. ``train.py`` turns Lightning's Slurm handler off (``SLURMEnvironment(auto_requeue=False)``); this
-    callback's SIGTERM handler replaces Lightning's, and passes the signal on to ranks Lightning started itself.
-
-    With several ranks the ranks agree through a small all-reduce (MAX of the flags) on a gloo group of its own,
-    started at one boundary and read at the next: a signal is acted on one step later, at the same step on every
-    rank, and the training step never waits for it. The blocking way (an all-reduce of a device tensor and
-    ``.item()``) made every step wait for the GPU to finish before the host could queue the next one. For the
-    same reason Lightning's own per-step SIGTERM broadcast (Lightning 2.6, ``_broadcast_sigterm_tensor``, a
-    broadcast from rank 0 and ``.item()`` on the root device; Lightning issue #21487) is turned off while this
-    callback runs: its flag is set only by Lightning's SIGTERM handler, which this callback's handler replaces, so it
-    could only ever send 0. An epoch's last batch is skipped as a boundary (see ``periodic_checkpoint``); the
-    epoch-end checkpoint is written right after it.
-    """
-
-    NONE, REQUEUE, TERMINATE = 0, 1, 2
-
-    def __init__(self, requeue_signal: int | None = None) -> None:
-        self.requeue_signal = requeue_signal
-        self.received = self.NONE
-        self._group = None  # the ranks' gloo group for the decision; None with one rank
-        self._pending = None  # (work, flags) of the all-reduce started at the last boundary
-        self._boundary = StepBoundary()  # boundaries are optimizer steps: accumulated gradients are in no checkpoint
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        import signal
-
-        def on_requeue(signum, frame) -> None:
-            self.received = max(self.received, self.REQUEUE)
-
-        def on_terminate(signum, frame) -> None:
-            self.received = self.TERMINATE
-            launcher = trainer.strategy.launcher
-            if launcher is not None and hasattr(launcher, "kill"):  # ranks Lightning started as our children
-                launcher.kill(signum)
-
-        if self.requeue_signal is not None:
-            signal.signal(self.requeue_signal, on_requeue)
-        signal.signal(signal.SIGTERM, on_terminate)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank calls this here, as new_group requires; gloo, so the flags never touch the GPU
-            self._group = torch.distributed.new_group(backend="gloo")
-            epoch_loop = trainer.fit_loop.epoch_loop
-            if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # see the class docstring
-                epoch_loop._broadcast_sigterm_tensor = lambda: None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._boundary.batch_started(trainer)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if is_epoch_last_batch(trainer) or not self._boundary.stepped(trainer):
-            return
-        decision = self.received if self._group is None else self._agreed_decision()
-        if decision == self.NONE:
-            return
-        self._finish_pending()
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        trainer.save_checkpoint(path)
-        if decision == self.TERMINATE:
-            raise JobStopped(str(path))
-        if trainer.is_global_zero:
-            import subprocess
-
-            job = os.environ.get("SLURM_JOB_ID", "")
-            if os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"saved {path}, but `scontrol requeue {job}` failed ({result.returncode}): "
-                                   f"{result.stderr.strip()}; resubmit the same `aift launch` (ckpt_path=auto resumes)")
-        raise JobRequeued(str(path))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._finish_pending()
-
-    def _agreed_decision(self) -> int:
-        """What the ranks agreed on at the last boundary (NONE at the first), and this boundary's flags sent off.
-        Every rank calls this at the same boundaries, so the all-reduces pair up and all ranks read the same
-        decision; the flags are a CPU tensor, so reading the result waits for no device."""
-        decision = self.NONE
-        if self._pending is not None:
-            work, flags = self._pending
-            work.wait()
-            decision = int(flags.item())
-        flags = torch.tensor([self.received], dtype=torch.int32)
-        work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True)
-        self._pending = (work, flags)
-        return decision
-
-    def _finish_pending(self) -> None:
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
-

@@ -46,7 +46,7 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    from aifactory_train.records import redact_text
+    from aifactory_train.records.masking import redact_text
 
     text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
     return redact_text(text) or type(err).__name__  # a tracking URI's password never reaches a message
@@ -66,14 +66,14 @@ def exit_code(err: BaseException) -> int:
 
 
 def _header(err: BaseException) -> str:
-    from aifactory_train.records import redact_text
+    from aifactory_train.records.masking import redact_text
 
     return (f"{time.strftime('%Y-%m-%d %H:%M:%S')} aift {redact_text(' '.join(sys.argv[1:]))}\n"
             f"error: {describe(err)}\n")
 
 
 def _traceback(err: BaseException) -> str:
-    from aifactory_train.records import redact_text
+    from aifactory_train.records.masking import redact_text
 
     return redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
 

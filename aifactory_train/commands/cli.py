@@ -59,7 +59,7 @@ SRUN_WARNING = r"The `srun` command is available on your system but is not used"
 
 
 def _fail(message: str) -> int:
-    from aifactory_train.records import redact_text
+    from aifactory_train.records.masking import redact_text
 
     print(f"error: {redact_text(message)}", file=sys.stderr)
     return 2
@@ -85,13 +85,13 @@ def _preflight(cfg, command: str) -> None:
     then fails in a second or two, leaving nothing behind."""
     from pathlib import Path
 
-    from aifactory_train.config import check_data, check_devices, require_checkpoint, validate
+    from aifactory_train.records.config import check_data, check_devices, require_checkpoint, validate
 
     typed = validate(cfg)
     if command in ("train", "eval"):
         check_data(typed, stage="fit" if command == "train" else "eval")
     if command in ("eval", "predict", "export"):
-        from aifactory_train.checkpoints import resolve_checkpoint
+        from aifactory_train.run.checkpoints import resolve_checkpoint
 
         require_checkpoint(cfg, f"aift {command}")
         resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.output_dir))
@@ -107,7 +107,7 @@ def _redact_hydra_files() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from aifactory_train.records import redact_yaml_file
+    from aifactory_train.records.masking import redact_yaml_file
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.output_subdir is not None:
@@ -125,7 +125,7 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
 
     import hydra
 
-    from aifactory_train.resources import config_dir
+    from aifactory_train.locations import config_dir
 
     original_argv = list(sys.argv)
     given = _given_run_dirs(args)
@@ -138,28 +138,28 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
         _redact_hydra_files()  # before anything else reads or copies the run folder
         from hydra.core.hydra_config import HydraConfig
 
-        from aifactory_train.failures import fresh_run_dir, report_job_failure
+        from aifactory_train.commands.failures import fresh_run_dir, report_job_failure
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         fresh = fresh_run_dir(run_dir, given)
         try:
             _preflight(cfg, command)
             if command == "train":
-                from aifactory_train.train import run_training
+                from aifactory_train.commands.train import run_training
 
                 outcome = run_training(cfg)
                 if isinstance(outcome, dict) and outcome.get("status") == "stopped":
                     sys.exit(143)  # 128 + SIGTERM: stopped, not finished (the checkpoint is saved)
             elif command == "eval":
-                from aifactory_train.evaluate import run_evaluation
+                from aifactory_train.commands.evaluate import run_evaluation
 
                 run_evaluation(cfg)
             elif command == "predict":
-                from aifactory_train.predict import run_prediction
+                from aifactory_train.commands.predict import run_prediction
 
                 run_prediction(cfg)
             else:
-                from aifactory_train.export import run_export
+                from aifactory_train.commands.export import run_export
 
                 run_export(cfg)
         except (Exception, KeyboardInterrupt) as err:
@@ -172,7 +172,7 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
     try:
         hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
     except Exception as err:
-        from aifactory_train.config import composition_error
+        from aifactory_train.records.config import composition_error
 
         raise composition_error(err, config_name, [*(searchpath or []), *args]) from err
     finally:
@@ -187,7 +187,7 @@ RECIPES_LIST_WIDTH = 100
 
 
 def _recipes_list() -> int:
-    from aifactory_train.resources import recipe_info, recipe_names
+    from aifactory_train.locations import recipe_info, recipe_names
 
     rows = [("NAME", "TASK", "DEFAULT MODEL", "", "")]
     sources = {}
@@ -215,7 +215,7 @@ def _recipes_list() -> int:
 def _recipes_copy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aifactory_train.recipe_copy import copy_recipe
+    from aifactory_train.catalogue.copy import copy_recipe
 
     written = copy_recipe(args.source, args.name, args.to)
     root = Path(args.to).expanduser().resolve()
@@ -231,7 +231,7 @@ def _recipes_copy(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from aifactory_train.resources import load_object, recipe_info
+    from aifactory_train.locations import load_object, recipe_info
 
     info = recipe_info(args.recipe)
     synthesize = load_object(info.synth)
@@ -246,7 +246,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 def _data_use_allowed(resolved: dict) -> None:
     """Reading a dataset to digest it is a use too: the owner's terms are checked as for training."""
-    from aifactory_train.usage_terms import check_usage, data_paths
+    from aifactory_train.records.usage_terms import check_usage, data_paths
 
     check_usage(data_paths(resolved["data"]), resolved["recipe"])
 
@@ -257,7 +257,7 @@ def _validated_train_config(overrides: list[str]):
 
     from omegaconf import OmegaConf
 
-    from aifactory_train.config import compose_train_config, validate
+    from aifactory_train.records.config import compose_train_config, validate
 
     with tempfile.TemporaryDirectory() as run_dir:  # nothing is written there; paths.output_dir must resolve
         cfg = compose_train_config(overrides, run_dir)
@@ -269,13 +269,13 @@ def _data_deidentify(args: argparse.Namespace) -> int:
     import json
 
     from aifactory_train.errors import ConfigError
-    from aifactory_train.resources import load_object
+    from aifactory_train.locations import load_object
 
     _, resolved = _validated_train_config(args.overrides)
     recipe = resolved["recipe"]
     if not recipe.get("deidentify"):
         raise ConfigError(f"recipe '{recipe['name']}' has no de-identification step (recipe.deidentify is empty)")
-    from aifactory_train.usage_terms import check_usage, data_paths
+    from aifactory_train.records.usage_terms import check_usage, data_paths
 
     # a step on the data is a use of it: the source's terms are checked as a training run's are, before it is read
     check_usage(data_paths(resolved["data"]), recipe)
@@ -297,9 +297,9 @@ def _data_runs(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from aifactory_train.config import build
+    from aifactory_train.records.config import build
     from aifactory_train.errors import ConfigError
-    from aifactory_train.tracking import runs_trained_on
+    from aifactory_train.records.tracking import runs_trained_on
 
     cfg, resolved = _validated_train_config(args.overrides)
     _data_use_allowed(resolved)
@@ -310,7 +310,7 @@ def _data_runs(args: argparse.Namespace) -> int:
     datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
     lineage = datamodule.lineage()
     runs = runs_trained_on(tracking["uri"], lineage)
-    from aifactory_train.records import redact_uri
+    from aifactory_train.records.masking import redact_uri
 
     shown = redact_uri(tracking["uri"])  # printed and written: no password
     _print_digests(lineage)
@@ -335,7 +335,7 @@ def _data_runs(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from aifactory_train.data_check import run_data_check
+    from aifactory_train.data.data_check import run_data_check
 
     return run_data_check(args.overrides, args.out)
 
@@ -345,9 +345,9 @@ def _data_digest(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from aifactory_train.config import build
+    from aifactory_train.records.config import build
 
-    if args.recompute:  # read every byte once and rewrite this user's cache (aifactory_train/lineage.py)
+    if args.recompute:  # read every byte once and rewrite this user's cache (aifactory_train/records/lineage.py)
         os.environ["AIFT_DIGEST_CACHE"] = "refresh"
     cfg, resolved = _validated_train_config(args.overrides)
     _data_use_allowed(resolved)
@@ -364,10 +364,10 @@ def _data_digest(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from aifactory_train.bench import run_bench
+    from aifactory_train.bench.suites import run_bench
 
     tracking_uri = None if args.no_tracking else (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-    from aifactory_train.records import redact_text
+    from aifactory_train.records.masking import redact_text
 
     command = redact_text("aift " + " ".join(shlex.quote(a) for a in sys.argv[1:]))  # goes into the report
     return run_bench(args.suite, args.profile, args.quick, args.out, tracking_uri, command)
@@ -383,7 +383,7 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("--local runs one job on this machine; for a local sweep use `aift train -m ...`")
         strategy = [] if any(o.startswith("strategy=") for o in args.overrides) else ["strategy=ddp"]
         shape = [o for o in args.overrides if o.split("=")[0] not in ("trainer.devices", "trainer.num_nodes")]
-        from aifactory_train.resources import use_user_recipes
+        from aifactory_train.locations import use_user_recipes
 
         return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"],
                           use_user_recipes())
@@ -549,8 +549,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends here as one line on stderr (plus, for an unexpected one, the log file that holds its
-    traceback) and an exit code: see aifactory_train.failures."""
-    from aifactory_train.failures import report_failure
+    traceback) and an exit code: see aifactory_train.commands.failures."""
+    from aifactory_train.commands.failures import report_failure
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv  # global: before or after the subcommand (Hydra would take it for an override)
@@ -564,13 +564,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], verbose: bool) -> int:
-    from aifactory_train.records import redact_log_records
-    from aifactory_train.telemetry import switch_off_telemetry
+    from aifactory_train.records.masking import redact_log_records
+    from aifactory_train.records.telemetry import switch_off_telemetry
 
     switch_off_telemetry()  # data sovereignty: before any library that reports usage is imported
     redact_log_records()  # a password in a URI never reaches a log line (console or the run's log file)
     from aifactory_train.errors import AiftError
-    from aifactory_train.resources import use_user_recipes
+    from aifactory_train.locations import use_user_recipes
 
     searchpath = use_user_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
     if argv and argv[0] in ("train", "eval", "predict", "export"):
@@ -590,7 +590,7 @@ def _main(argv: list[str], verbose: bool) -> int:
                        "synth": _data_synth}
             return actions[args.data_command](args)
         if args.command == "checkpoint":
-            from aifactory_train.checkpoints import consolidate
+            from aifactory_train.run.checkpoints import consolidate
 
             target, unverified = consolidate(args.checkpoint, args.out, trust=args.trust_checkpoint)
             for line in unverified:  # on record: what --trust-checkpoint let through
