@@ -21,43 +21,86 @@ def config_dir() -> Path:
     return _PACKAGE_DIR.parent / "configs"
 
 
+SHIPPED_PACKAGE = "aifactory_train.recipes"
+
+
+def shipped_recipes_root() -> Path:
+    """The folder of the shipped recipes: ``recipes/`` in a checkout, inside the package when installed. It is laid
+    out as any folder of ``$AIFT_RECIPES_PATH``: one folder per recipe, its configs beside its code."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SHIPPED_PACKAGE)
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def _recipe_folders(root: Path) -> list[Path]:
+    return sorted(folder for folder in root.iterdir()
+                  if (folder / "configs" / "recipe" / f"{folder.name}.yaml").is_file())
+
+
 def user_recipe_roots() -> list[Path]:
-    """The recipe folders named by ``$AIFT_RECIPES_PATH``. Each holds ``configs/recipe/<name>.yaml`` (and
-    ``configs/data``, ``configs/experiment``) and the recipe's Python package ``<name>/``."""
+    """The recipe folders named by ``$AIFT_RECIPES_PATH``. Each holds recipes ``<name>/``: the recipe's Python
+    package with its configs in ``<name>/configs/{recipe,data,experiment}/``."""
     from aifactory_train.errors import ConfigError
 
     roots = []
     for entry in filter(None, os.environ.get(RECIPES_PATH_ENV, "").split(os.pathsep)):
         root = Path(entry).expanduser().resolve()
-        if not (root / "configs" / "recipe").is_dir():
+        if not root.is_dir() or not _recipe_folders(root):
             raise ConfigError(f"${RECIPES_PATH_ENV}: '{entry}' is not a recipes folder: expected "
-                              f"{root}/configs/recipe/<name>.yaml beside the recipe's package {root}/<name>/, as "
-                              f"`aift recipes copy SOURCE NAME --to {entry}` writes")
+                              f"{root}/<name>/configs/recipe/<name>.yaml in the recipe's package {root}/<name>/, as "
+                              f"`aift recipes copy SOURCE NAME --to {entry}` and `aift recipes new NAME --to {entry}` "
+                              f"write")
         roots.append(root)
     return roots
 
 
+def recipe_roots() -> list[tuple[Path, str]]:
+    """(folder, import prefix) of every recipes folder: the shipped one (``aifactory_train.recipes.<name>``), then
+    those of ``$AIFT_RECIPES_PATH`` (importable as ``<name>``). Every command discovers, searches, copies and lists
+    recipes through these, in the same way."""
+    return [(shipped_recipes_root(), SHIPPED_PACKAGE + "."), *((root, "") for root in user_recipe_roots())]
+
+
+def recipe_folders() -> dict[str, Path]:
+    """Recipe name -> its folder. A name given twice is an error: Hydra would silently take one of the two."""
+    from aifactory_train.errors import ConfigError
+
+    found: dict[str, Path] = {}
+    for root, _ in recipe_roots():
+        for folder in _recipe_folders(root):
+            if folder.name in found:
+                raise ConfigError(f"recipe '{folder.name}' is defined twice: {found[folder.name]} and {folder}; "
+                                  f"rename one (a copy: `aift recipes copy {folder.name} NEW_NAME --to DIR`)")
+            found[folder.name] = folder
+    return found
+
+
+def recipe_package(name: str) -> str:
+    """The import name of a recipe's package."""
+    folder = recipe_folders()[name]
+    return (SHIPPED_PACKAGE + "." if folder.parent == shipped_recipes_root() else "") + name
+
+
 def config_dirs() -> list[Path]:
-    """Every Hydra config tree: the package's, then those of ``$AIFT_RECIPES_PATH``."""
-    return [config_dir(), *(root / "configs" for root in user_recipe_roots())]
+    """Every Hydra config tree: the shared groups (``configs/``), then each recipe's ``configs/``."""
+    return [config_dir(), *(folder / "configs" for folder in recipe_folders().values())]
 
 
-def use_user_recipes() -> list[str]:
-    """Make the recipes of ``$AIFT_RECIPES_PATH`` usable in this process: their packages importable, and the
-    Hydra override that adds their configs to the search path (empty when there are none)."""
+def use_recipes() -> list[str]:
+    """Make every recipe usable in this process: the packages of ``$AIFT_RECIPES_PATH`` importable, and the Hydra
+    override that adds each recipe's configs to the search path."""
     roots = user_recipe_roots()
     for root in reversed(roots):
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-    if not roots:
-        return []
-    recipe_files()  # a recipe name given twice is an error here, before Hydra silently picks one of them
-    return ["hydra.searchpath=[" + ",".join(f"file://{root / 'configs'}" for root in roots) + "]"]
+    folders = recipe_folders()  # a recipe name given twice is an error here, before Hydra silently picks one
+    return ["hydra.searchpath=[" + ",".join(f"file://{folder / 'configs'}" for folder in folders.values()) + "]"]
 
 
 @dataclass(frozen=True)
 class RecipeInfo:
-    """What `aift recipes list` shows, read from ``configs/recipe/<name>.yaml`` without importing torch."""
+    """What `aift recipes list` shows, read from ``<recipe>/configs/recipe/<name>.yaml`` without importing torch."""
 
     name: str
     task: str
@@ -68,21 +111,12 @@ class RecipeInfo:
     schema: str  # "module:Class", the recipe's config schema
     deidentify: str = ""  # "module:function" of `aift data deidentify`, for recipes on sensitive text
     source: str = "shipped"  # "shipped", or the $AIFT_RECIPES_PATH folder it comes from
+    folder: str = ""  # the recipe's folder: its code and configs
 
 
 def recipe_files() -> dict[str, Path]:
-    """Recipe name -> its config file, shipped ones and those of ``$AIFT_RECIPES_PATH``. A name given twice is an
-    error: Hydra would silently take one of the two."""
-    from aifactory_train.errors import ConfigError
-
-    found: dict[str, Path] = {}
-    for directory in config_dirs():
-        for path in sorted((directory / "recipe").glob("*.yaml")):
-            if path.stem in found:
-                raise ConfigError(f"recipe '{path.stem}' is defined twice: {found[path.stem]} and {path}; rename "
-                                  f"one (a copy: `aift recipes copy {path.stem} NEW_NAME --to DIR`)")
-            found[path.stem] = path
-    return found
+    """Recipe name -> its recipe config file (``<folder>/configs/recipe/<name>.yaml``)."""
+    return {name: folder / "configs" / "recipe" / f"{name}.yaml" for name, folder in recipe_folders().items()}
 
 
 def recipe_names() -> list[str]:
@@ -116,7 +150,8 @@ def recipe_info(name: str) -> RecipeInfo:
         synth=recipe.synth,
         schema=recipe.schema,
         deidentify=recipe.get("deidentify", ""),
-        source="shipped" if path.parent.parent == config_dir() else str(path.parent.parent.parent),
+        source="shipped" if path.parents[3] == shipped_recipes_root() else str(path.parents[3]),
+        folder=str(path.parents[2]),
     )
 
 

@@ -1,9 +1,10 @@
 """`aift recipes copy SOURCE NAME --to DIR`: a recipe, copied and renamed into a folder of your own, to adapt for
 a use case (the expertise centre's way of starting a company's recipe), as torchtune's ``tune cp`` does.
 
-The copy gets the recipe's package (``DIR/NAME/``), its recipe, data and experiment configs
-(``DIR/configs/...``), with the package path, the class names (``PlasticSorting...`` -> ``TulipGrading...``)
-and the config names renamed, so every ``_target_`` points at the copy's code, never at the original's.
+A recipe is one folder (its code and its ``configs/``), and its code imports only ``aifactory_train.recipe`` and
+its own files (relative imports), so the copy is the folder, with the recipe's names renamed: the package path in
+the configs' ``_target_``s (``aifactory_train.recipes.plastic_sorting...`` -> ``tulip_grading...``), the class
+prefixes (``PlasticSorting...`` -> ``TulipGrading...``) and the config names. No import line is rewritten.
 ``AIFT_RECIPES_PATH=DIR`` then makes every ``aift`` command find it. Nothing that exists is overwritten.
 """
 
@@ -23,15 +24,6 @@ def camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def _source_package(schema: str) -> tuple[str, Path]:
-    """The recipe's Python package (dotted) and its folder, from its schema ("pkg.config:Class")."""
-    package = schema.partition(":")[0].rpartition(".")[0]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"recipe.schema '{schema}': its package '{package}' cannot be found to copy")
-    return package, Path(list(spec.submodule_search_locations)[0])
-
-
 def _check_name(name: str, known: list[str]) -> None:
     if not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"recipe name '{name}' is not valid: use lower-case letters, digits and '_', starting with a "
@@ -44,29 +36,15 @@ def _check_name(name: str, known: list[str]) -> None:
                           f"e.g. {name}_recipe")
 
 
-def _data_and_experiments(recipe_file: Path, source: str) -> list[tuple[Path, str]]:
-    """(config file, group) of the source's data config and of the experiments built on it."""
-    configs = recipe_file.parent.parent
-    found = []
-    data = configs / "data" / f"{source}.yaml"
-    if data.is_file():
-        found.append((data, "data"))
-    for experiment in sorted((configs / "experiment").glob("*.yaml")):
-        if re.search(rf"override /recipe:\s*{re.escape(source)}\s*$", experiment.read_text(), re.MULTILINE):
-            found.append((experiment, "experiment"))
-    return found
-
-
 def copy_recipe(source: str, name: str, to: str | Path) -> list[Path]:
     """Copy recipe ``source`` as ``name`` into ``to``; return the files written."""
-    from aifactory_train.locations import recipe_files, recipe_info
+    from aifactory_train.locations import recipe_folders, recipe_info, recipe_package
 
-    files = recipe_files()
-    info = recipe_info(source)  # an unknown source lists the valid ones
-    _check_name(name, sorted(files))
-    package, package_dir = _source_package(info.schema)
+    folders = recipe_folders()
+    recipe_info(source)  # an unknown source lists the valid ones
+    _check_name(name, sorted(folders))
     to = Path(to).expanduser().resolve()
-    renames = {package: name, camel(source): camel(name), source: name}
+    renames = {recipe_package(source): name, camel(source): camel(name), source: name}
     # one pass, longest first: a new name that contains the old one (crop_detection -> my_crop_detection) must not
     # be renamed again
     pattern = re.compile("|".join(re.escape(old) for old in sorted(renames, key=len, reverse=True)))
@@ -74,13 +52,10 @@ def copy_recipe(source: str, name: str, to: str | Path) -> list[Path]:
     def renamed(text: str) -> str:
         return pattern.sub(lambda match: renames[match.group(0)], text)
 
-    plan: list[tuple[Path, Path]] = []  # (from, to) of every file
-    for path in sorted(package_dir.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-            plan.append((path, to / name / path.relative_to(package_dir)))
-    plan.append((files[source], to / "configs" / "recipe" / f"{name}.yaml"))
-    for path, group in _data_and_experiments(files[source], source):
-        plan.append((path, to / "configs" / group / renamed(path.name)))
+    source_dir = folders[source]
+    plan = [(path, to / name / Path(*map(renamed, path.relative_to(source_dir).parts)))
+            for path in sorted(source_dir.rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo")]
     existing = [str(target) for _, target in plan if target.exists()]
     if (to / name).exists():
         existing.insert(0, str(to / name))

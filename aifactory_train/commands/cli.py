@@ -226,7 +226,7 @@ def _recipes_copy(args: argparse.Namespace) -> int:
         print(f"make aift find it:  export AIFT_RECIPES_PATH={root}{os.pathsep + '$AIFT_RECIPES_PATH' if path else ''}")
     print(f"then:  aift data synth {args.name} --out data/{args.name}   (the demo data of {args.source})")
     print(f"       aift train recipe={args.name} data.root=data/{args.name} debug=smoke")
-    print(f"adapt: {root / args.name}/ (data.py, module.py, config.py) and {root / 'configs'}/")
+    print(f"adapt: {root / args.name}/ (data.py, module.py, config.py, configs/)")
     return 0
 
 
@@ -383,10 +383,10 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("--local runs one job on this machine; for a local sweep use `aift train -m ...`")
         strategy = [] if any(o.startswith("strategy=") for o in args.overrides) else ["strategy=ddp"]
         shape = [o for o in args.overrides if o.split("=")[0] not in ("trainer.devices", "trainer.num_nodes")]
-        from aifactory_train.locations import use_user_recipes
+        from aifactory_train.locations import use_recipes
 
         return _hydra_app("train", "train", [*shape, *strategy, f"trainer.devices={args.local}", "trainer.num_nodes=1"],
-                          use_user_recipes())
+                          use_recipes())
     from hydra.errors import HydraException
 
     from aifactory_train.errors import ConfigError
@@ -570,9 +570,9 @@ def _main(argv: list[str], verbose: bool) -> int:
     switch_off_telemetry()  # data sovereignty: before any library that reports usage is imported
     redact_log_records()  # a password in a URI never reaches a log line (console or the run's log file)
     from aifactory_train.errors import AiftError
-    from aifactory_train.locations import use_user_recipes
+    from aifactory_train.locations import use_recipes
 
-    searchpath = use_user_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
+    searchpath = use_recipes()  # $AIFT_RECIPES_PATH: importable, and its configs found by Hydra
     if argv and argv[0] in ("train", "eval", "predict", "export"):
         return _hydra_app(argv[0], argv[0], argv[1:], searchpath, verbose)
     args = _parser().parse_args(argv)

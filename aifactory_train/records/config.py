@@ -410,11 +410,11 @@ def compose_train_config(overrides: list[str], run_dir: Any):
     from hydra.errors import HydraException
     from omegaconf import open_dict
 
-    from aifactory_train.locations import config_dir, use_user_recipes
+    from aifactory_train.locations import config_dir, use_recipes
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=[*use_user_recipes(), *overrides], return_hydra_config=True)
+            cfg = compose("train", overrides=[*use_recipes(), *overrides], return_hydra_config=True)
     except HydraException as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     with open_dict(cfg):

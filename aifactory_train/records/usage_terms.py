@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DATACARD_FILE = "datacard.yaml"
 USAGE_KEYS = ("recipes", "users", "accounts", "hosts", "until")
-SHIPPED_RECIPES_PACKAGE = "aifactory_train.recipes."
 
 
 # -- the cards -------------------------------------------------------------------------------------------------
@@ -384,24 +383,27 @@ def running_recipe(recipe_cfg: dict[str, Any]) -> str:
     the MLflow experiment and the run folders go by."""
     import importlib.util
 
-    from aifactory_train.locations import config_dir, recipe_files, user_recipe_roots
+    from aifactory_train.locations import recipe_folders, recipe_package
 
     target = str((recipe_cfg.get("module") or {}).get("_target_") or "")
     named = recipe_cfg.get("name")
-    registered = recipe_files()
-    shipped = {name for name, path in registered.items() if path.parent.parent == config_dir()}
-    if target.startswith(SHIPPED_RECIPES_PACKAGE):
-        identity = target[len(SHIPPED_RECIPES_PACKAGE):].split(".")[0]
-        known = identity in shipped
-    else:
-        identity = target.split(".")[0]
-        spec = importlib.util.find_spec(identity) if identity.isidentifier() else None
-        location = Path(spec.origin).resolve().parent.parent if spec is not None and spec.origin else None
-        known = (identity in registered and identity not in shipped and location in user_recipe_roots())
+    registered = recipe_folders()
+    identity, known = "", False
+    for name, folder in registered.items():
+        package = recipe_package(name)
+        if target.startswith(package + "."):
+            # the package imported from that name must be the registered recipe's folder, not a module of the same
+            # name found elsewhere on sys.path
+            spec = importlib.util.find_spec(package)
+            location = Path(list(spec.submodule_search_locations)[0]).resolve() if spec and \
+                spec.submodule_search_locations else None
+            identity, known = name, location == folder.resolve()
+            break
     if not known:
         raise ConfigError(f"config key 'recipe.module._target_': '{target}' is not the code of a registered recipe "
-                          f"(aifactory_train.recipes.<name>.* or a recipe package of $AIFT_RECIPES_PATH); valid "
+                          f"(a shipped recipe's package or a recipe package of $AIFT_RECIPES_PATH); valid "
                           f"recipes: {', '.join(sorted(registered))}")
+    identity = identity or target.split(".")[0]
     if named != identity:
         raise ConfigError(f"config key 'recipe.name': '{named}' is not the recipe that runs: recipe.module._target_ "
                           f"'{target}' is recipe {identity}'s code; valid: recipe.name={identity} (to run {named}, "
