@@ -88,14 +88,34 @@ def config_dirs() -> list[Path]:
 
 
 def use_recipes() -> list[str]:
-    """Make every recipe usable in this process: the packages of ``$AIFT_RECIPES_PATH`` importable, and the Hydra
-    override that adds each recipe's configs to the search path."""
+    """Make every recipe usable in this process: the packages of ``$AIFT_RECIPES_PATH`` importable, and each
+    recipe's ``configs/`` on Hydra's search path, through a search-path plugin (Hydra's own mechanism, so every
+    entry point sees the recipe groups: the apps, the compose API, ``--help``). Returns extra Hydra overrides
+    (none today; kept so callers need not change when one is needed)."""
     roots = user_recipe_roots()
     for root in reversed(roots):
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-    folders = recipe_folders()  # a recipe name given twice is an error here, before Hydra silently picks one
-    return ["hydra.searchpath=[" + ",".join(f"file://{folder / 'configs'}" for folder in folders.values()) + "]"]
+    recipe_folders()  # a recipe name given twice is an error here, before Hydra silently picks one
+    from hydra.core.plugins import Plugins
+
+    if not any(getattr(plugin, "aift_recipes", False) for plugin in Plugins.instance().discover()):
+        Plugins.instance().register(_recipes_search_path_plugin())
+    return []
+
+
+def _recipes_search_path_plugin():
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class AiftRecipesSearchPath(SearchPathPlugin):
+        aift_recipes = True
+
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            for folder in recipe_folders().values():  # read when Hydra starts: also recipes added meanwhile
+                search_path.append(provider="aift-recipe", path=f"file://{folder / 'configs'}")
+
+    return AiftRecipesSearchPath
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,22 @@ from omegaconf import open_dict
 
 from aifactory_train.records.config import validate
 from aifactory_train.errors import ConfigError
-from aifactory_train.locations import config_dir
+from aifactory_train.locations import config_dir, config_dirs, use_recipes
 
-CONFIGS = config_dir()
+CONFIGS = config_dir()  # the shared groups; each recipe's own groups are in <recipe>/configs/ (config_dirs())
+
+
+def config_file(group: str, name: str) -> Path:
+    return next(d / group / f"{name}.yaml" for d in config_dirs() if (d / group / f"{name}.yaml").is_file())
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
 
 
 def compose_run(overrides: list[str], tmp_path: Path, root: str = "train"):
     GlobalHydra.instance().clear()
+    use_recipes()  # each recipe's configs/ on Hydra's search path
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(root, overrides=overrides, return_hydra_config=True)
         with open_dict(cfg):
@@ -38,9 +43,9 @@ def recipe_of(group: str, name: str) -> str:
     """The recipe a group option belongs to: by the model's task, an experiment's own recipe, else the default."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml"))
+    raw = OmegaConf.to_container(OmegaConf.load(config_file(group, name)))
     if group == "model":
-        tasks = {OmegaConf.load(p).recipe.task: p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
+        tasks = {OmegaConf.load(config_file("recipe", r)).recipe.task: r for r in options("recipe")}
         return tasks[raw["task"]]
     for entry in raw.get("defaults", []):
         if isinstance(entry, dict) and "override /recipe" in entry:
@@ -58,7 +63,7 @@ def every_override() -> list[list[str]]:
 
 def test_every_config_file_is_covered():
     covered = {f"{o[0].split('=')[0]}/{o[0].split('=')[1]}.yaml" for o in every_override()}
-    on_disk = {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml")}
+    on_disk = {str(p.relative_to(d)) for d in config_dirs() for p in d.glob("*/*.yaml")}
     assert on_disk <= covered | {p for p in on_disk if p.startswith("data/")}, on_disk - covered
     recipes_with_data = {o[1].split("=")[1] for o in every_override() if len(o) > 1} | set(options("recipe"))
     assert {f"data/{r}.yaml" for r in recipes_with_data} == {p for p in on_disk if p.startswith("data/")}

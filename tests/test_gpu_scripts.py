@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from aifactory_train.records.config import validate
-from aifactory_train.locations import config_dir
+from aifactory_train.locations import config_dir, recipe_files
 from test_config import compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_every_benchmark_command_parses_with_its_scripts_parser(script, args):
     if model is not None:  # a model config of that recipe's task
         from omegaconf import OmegaConf
 
-        task = OmegaConf.load(CONFIGS / "recipe" / f"{parsed.recipe}.yaml").recipe.task
+        task = OmegaConf.load(recipe_files()[parsed.recipe]).recipe.task
         assert OmegaConf.load(CONFIGS / "model" / f"{model}.yaml").task == task, model
 
 

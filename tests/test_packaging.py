@@ -35,7 +35,7 @@ def test_wheel_contains_every_config_and_recipe_file(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in (REPO / "configs").rglob("*.yaml"):
         assert f"aifactory_train/configs/{config.relative_to(REPO / 'configs').as_posix()}" in names
-    for source in (REPO / "recipes").rglob("*.py"):
+    for source in [*(REPO / "recipes").rglob("*.py"), *(REPO / "recipes").rglob("configs/*/*.yaml")]:
         assert f"aifactory_train/recipes/{source.relative_to(REPO / 'recipes').as_posix()}" in names
     assert "aifactory_train/slurm/sbatch.sh.j2" in names
     for source in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "benchmarks").glob("profiles/*.yaml")]:

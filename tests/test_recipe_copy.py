@@ -28,14 +28,15 @@ def test_a_copied_recipe_is_listed_trains_with_its_own_code_and_launches(tmp_pat
     import aifactory_train.recipes
 
     # the shipped configs and recipe code, before (only those: other tests build wheels in the checkout meanwhile)
-    shipped_folders = [config_dir(), Path(aifactory_train.recipes.__file__).parent]
+    shipped_folders = [config_dir(), Path(aifactory_train.recipes.__file__).parent]  # recipes/ holds their configs
     shipped = [digest_of(folder) for folder in shipped_folders]
     mine = tmp_path / "my_recipes"
     copied = aift("recipes", "copy", "plastic_sorting", "tulip_grading", "--to", str(mine), cwd=tmp_path)
     assert copied.returncode == 0, copied.stderr[-3000:]
     assert f"export AIFT_RECIPES_PATH={mine}" in copied.stdout
-    assert (mine / "tulip_grading" / "module.py").is_file() and (mine / "configs/recipe/tulip_grading.yaml").is_file()
-    assert (mine / "configs/experiment/tulip_grading_gpu.yaml").is_file()
+    recipe = mine / "tulip_grading"  # one folder: its code and its configs
+    assert (recipe / "module.py").is_file() and (recipe / "configs/recipe/tulip_grading.yaml").is_file()
+    assert (recipe / "configs/experiment/tulip_grading_gpu.yaml").is_file()
     for path in mine.rglob("*"):  # renamed throughout: nothing points back at the original
         if path.is_file():
             assert "plastic_sorting" not in path.read_text() and "PlasticSorting" not in path.read_text(), path
@@ -100,7 +101,7 @@ def test_copy_refusals_name_the_problem_and_overwrite_nothing(tmp_path):
         result = aift("recipes", "copy", *args, "--to", str(mine), cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
     assert (mine / "tulip_grading" / "module.py").read_text() == "# my work\n"
-    assert not (mine / "configs").exists()  # nothing half-written
+    assert sorted(p.name for p in (mine / "tulip_grading").iterdir()) == ["module.py"]  # nothing half-written
 
 
 def test_a_bad_recipes_path_is_named_before_anything_runs(tmp_path):
@@ -108,8 +109,8 @@ def test_a_bad_recipes_path_is_named_before_anything_runs(tmp_path):
     assert missing.returncode == 2
     assert f"$AIFT_RECIPES_PATH: '{tmp_path / 'nowhere'}' is not a recipes folder" in missing.stderr
     clash = tmp_path / "clash"
-    (clash / "configs" / "recipe").mkdir(parents=True)
-    (clash / "configs" / "recipe" / "plastic_sorting.yaml").write_text("recipe: {name: plastic_sorting}\n")
+    (clash / "plastic_sorting" / "configs" / "recipe").mkdir(parents=True)
+    (clash / "plastic_sorting" / "configs" / "recipe" / "plastic_sorting.yaml").write_text("recipe: {name: plastic_sorting}\n")
     twice = aift("train", "recipe=plastic_sorting", "--cfg", "job", cwd=tmp_path, env={"AIFT_RECIPES_PATH": str(clash)})
     assert twice.returncode == 2, twice.stdout[-2000:]
     assert "recipe 'plastic_sorting' is defined twice" in twice.stderr
