@@ -51,6 +51,20 @@ def test_a_new_recipe_is_shown_with_its_own_options(tmp_path, monkeypatch):
     assert "none in benchmarks/results/" in text
 
 
+def test_a_copied_recipe_is_shown_as_its_original(tmp_path, monkeypatch):
+    from aifactory_train.catalogue.copy import copy_recipe
+
+    mine = tmp_path / "mine"
+    copy_recipe("plastic_sorting", "tulip_grading", mine)
+    monkeypatch.setenv("AIFT_RECIPES_PATH", str(mine))
+    monkeypatch.syspath_prepend(str(mine))
+    text = show_recipe("tulip_grading")
+    assert text.startswith("tulip_grading: image_classification")
+    assert "aift launch recipe=tulip_grading experiment=tulip_grading_gpu cluster=CLUSTER" in text
+    assert "format=onnx" in text  # its own module class, imported from the copy
+    assert "none in benchmarks/results/" in text  # the original's benchmarks are not the copy's
+
+
 def test_the_newest_result_naming_the_recipe_is_chosen(tmp_path):
     (tmp_path / "demo_step_cpu_2026-01-02.json").write_text(json.dumps({"date": "2026-01-02", "step": [
         {"recipe_samples_per_s": 10.0, "plain_samples_per_s": 9.0}]}))
