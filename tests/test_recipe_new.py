@@ -99,3 +99,41 @@ def test_the_default_folder_is_recipes_local(tmp_path, capsys, monkeypatch):
     code, out, err = new(capsys, "demo_default", "--task", "image_classification")
     assert code == 0, err
     assert (tmp_path / "recipes_local" / "demo_default" / "configs" / "recipe" / "demo_default.yaml").is_file()
+
+
+def test_the_templates_refuse_bad_data_in_one_line_naming_the_file(tmp_path, monkeypatch):
+    """Each template's own checks (in this process: the written modules imported from the folder)."""
+    import importlib
+
+    from aifactory_train.catalogue.new import new_recipe
+    from aifactory_train.errors import DataError
+
+    mine = tmp_path / "mine"
+    for name, task in [("tpl_err_cls", "image_classification"), ("tpl_err_det", "object_detection"),
+                       ("tpl_err_lm", "causal_lm")]:
+        new_recipe(name, task, mine)
+    monkeypatch.syspath_prepend(str(mine))
+
+    for name in ("tpl_err_cls", "tpl_err_det", "tpl_err_lm"):  # a data.root that is not there: how to make one
+        config = importlib.import_module(f"{name}.config")
+        with pytest.raises(DataError, match=f"does not exist.*aift data synth {name} --out"):
+            config.DataConfig(root=str(tmp_path / "nowhere")).check_files()
+
+    cls = importlib.import_module("tpl_err_cls.synth").synthesize(tmp_path / "cls", size=6)
+    (cls / "val" / "purple").mkdir()
+    datamodule = importlib.import_module("tpl_err_cls.data").TplErrClsDataModule(root=str(cls))
+    with pytest.raises(DataError, match=r"purple.*class 'purple' is not in train"):
+        datamodule.setup("fit")
+
+    det = importlib.import_module("tpl_err_det.synth").synthesize(tmp_path / "det", size=2)
+    labels = det / "val" / "labels.jsonl"
+    labels.write_text(labels.read_text() + '{"image": "x.png", "boxes": [[5, 5, 1, 1]], "labels": ["square"]}\n')
+    datamodule = importlib.import_module("tpl_err_det.data").TplErrDetDataModule(root=str(det))
+    with pytest.raises(DataError, match=rf"'{labels}' line 2: expected .* x1 < x2"):
+        datamodule.setup("fit")
+
+    lm = importlib.import_module("tpl_err_lm.synth").synthesize(tmp_path / "lm", size=4)
+    (lm / "val.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    datamodule = importlib.import_module("tpl_err_lm.data").TplErrLmDataModule(root=str(lm))
+    with pytest.raises(DataError, match=r"val.jsonl' line 2: expected one object"):
+        datamodule.setup("fit")
