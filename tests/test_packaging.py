@@ -38,6 +38,9 @@ def test_wheel_contains_every_config_and_recipe_file(installed):
     for source in [*(REPO / "recipes").rglob("*.py"), *(REPO / "recipes").rglob("configs/*/*.yaml")]:
         assert f"aifactory_train/recipes/{source.relative_to(REPO / 'recipes').as_posix()}" in names
     assert "aifactory_train/slurm/sbatch.sh.j2" in names
+    templates = REPO / "aifactory_train" / "catalogue" / "templates"  # `aift recipes new`
+    for template in templates.rglob("*.tmpl"):
+        assert f"aifactory_train/catalogue/templates/{template.relative_to(templates).as_posix()}" in names
     for source in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "benchmarks").glob("profiles/*.yaml")]:
         assert f"aifactory_train/benchmarks/{source.relative_to(REPO / 'benchmarks').as_posix()}" in names
 

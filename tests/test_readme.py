@@ -50,9 +50,13 @@ def as_overrides(args: list[str]) -> tuple[str, list[str]]:
     return command, overrides
 
 
-# the README's copied recipe (tulip_grading) exists only after `aift recipes copy`: tests/test_recipe_copy.py trains it
+# the README's copied and new recipes (tulip_grading, seed_counting) exist only after `aift recipes copy|new`:
+# tests/test_recipe_copy.py and tests/test_recipe_new.py train such recipes
+WRITTEN_RECIPES = ("recipe=tulip_grading", "recipe=seed_counting")
+
+
 @pytest.mark.parametrize("args", [c for c in COMMANDS if c[0] in (*HYDRA_COMMANDS, "launch")
-                                  and "recipe=tulip_grading" not in c], ids=lambda a: " ".join(a)[:90])
+                                  and not set(WRITTEN_RECIPES) & set(c)], ids=lambda a: " ".join(a)[:90])
 def test_every_readme_config_composes_and_validates(args, tmp_path):
     root, overrides = as_overrides(args)
     try:

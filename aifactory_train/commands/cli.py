@@ -24,6 +24,10 @@ usage:
   aift recipes list                        the recipes: task, default model, data format
   aift recipes copy SOURCE NAME --to DIR   a recipe copied and renamed into DIR, to adapt; use it with
                                            AIFT_RECIPES_PATH=DIR (every command then finds it)
+  aift recipes new NAME --task TASK [--to DIR]
+                                           a minimal working recipe for a task (image_classification,
+                                           object_detection, causal_lm) from a template, to grow
+  aift recipes show NAME                   a recipe's data layout, experiments, options, exports, benchmark
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
                                            de-identify sensitive text (clinical_notes: deduce) before training
@@ -230,6 +234,31 @@ def _recipes_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes_new(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aifactory_train.catalogue.new import new_recipe
+
+    written = new_recipe(args.name, args.task, args.to)
+    root = Path(args.to).expanduser().resolve()
+    print(f"wrote {len(written)} files: {root / args.name}/")
+    path = os.environ.get("AIFT_RECIPES_PATH")
+    listed = path and str(root) in [str(Path(p).expanduser().resolve()) for p in path.split(os.pathsep)]
+    if not listed:
+        print(f"make aift find it:  export AIFT_RECIPES_PATH={root}{os.pathsep + '$AIFT_RECIPES_PATH' if path else ''}")
+    print(f"then:  aift data synth {args.name} --out data/{args.name}")
+    print(f"       aift train recipe={args.name} data.root=data/{args.name} debug=smoke")
+    print(f"adapt: {root / args.name}/ (synth.py, data.py, module.py, config.py, configs/)")
+    return 0
+
+
+def _recipes_show(args: argparse.Namespace) -> int:
+    from aifactory_train.catalogue.show import show_recipe
+
+    print(show_recipe(args.name))
+    return 0
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     from aifactory_train.locations import load_object, recipe_info
 
@@ -411,7 +440,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("predict", help="a checkpoint's predictions for new files (Hydra app; `aift predict --help`)",
                    add_help=False)
     sub.add_parser("export", help="export a checkpoint (Hydra app; `aift export --help`)", add_help=False)
-    recipes = sub.add_parser("recipes", prog="aift recipes", help="list or copy the recipes",
+    recipes = sub.add_parser("recipes", prog="aift recipes", help="list, show, copy or create recipes",
                              description="The recipes this install knows (shipped, and those of $AIFT_RECIPES_PATH).")
     recipes_sub = recipes.add_subparsers(dest="recipes_command", metavar="ACTION", required=True)
     recipes_sub.add_parser("list", prog="aift recipes list", help="name, task, default model, description, data format",
@@ -427,6 +456,24 @@ def _parser() -> argparse.ArgumentParser:
                       help="the new recipe's name: lower-case letters, digits and _, e.g. tulip_grading")
     copy.add_argument("--to", required=True, metavar="DIR",
                       help="the folder of your recipes (created if new; shared by several)")
+    from aifactory_train.catalogue.new import tasks
+
+    new = recipes_sub.add_parser(
+        "new", prog="aift recipes new", help="a minimal working recipe for a task, from a template",
+        description="Write a minimal working recipe (DIR/NAME/: code, configs, demo data generator) for TASK from "
+                    "a small template, to grow into your use case. Nothing that exists is overwritten. Use it with "
+                    "AIFT_RECIPES_PATH=DIR.")
+    new.add_argument("name", metavar="NAME",
+                     help="the new recipe's name: lower-case letters, digits and _, e.g. tulip_grading")
+    new.add_argument("--task", required=True, choices=tasks(), help="what the recipe learns")
+    new.add_argument("--to", default="recipes_local", metavar="DIR",
+                     help="the folder of your recipes (created if new; shared by several; default: recipes_local)")
+    show = recipes_sub.add_parser(
+        "show", prog="aift recipes show", help="one recipe: task, data layout, experiments, options, exports",
+        description="Show a recipe: its task, the data layout it reads, its experiments with their launch lines, "
+                    "the key options with their defaults, the demo-data command, its export formats and its latest "
+                    "benchmark figure.")
+    show.add_argument("name", metavar="NAME", help="the recipe (see `aift recipes list`)")
     data = sub.add_parser("data", prog="aift data", help="data tools", description="Data tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     synth = data_sub.add_parser(
@@ -584,7 +631,9 @@ def _main(argv: list[str], verbose: bool) -> int:
         return 0
     try:
         if args.command == "recipes":
-            return _recipes_list() if args.recipes_command == "list" else _recipes_copy(args)
+            actions = {"list": lambda _: _recipes_list(), "copy": _recipes_copy, "new": _recipes_new,
+                       "show": _recipes_show}
+            return actions[args.recipes_command](args)
         if args.command == "data":
             actions = {"check": _data_check, "deidentify": _data_deidentify, "digest": _data_digest, "runs": _data_runs,
                        "synth": _data_synth}
