@@ -10,7 +10,7 @@ DEDUCE_PIN := deduce==3.0.6
 DEMO_DIR ?= demo
 DEMO_ARGS ?= trainer.max_epochs=4
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ test: venv
 	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(if $(TEST_THREADS),OMP_NUM_THREADS=$(TEST_THREADS)) \
 		$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=20; status=$$?; \
 		bash slurm/local_cluster.sh stop $(SLURM_DIR) >/dev/null 2>&1; exit $$status
+
+## test-fast: the fast tier only (no `aift` processes, no training, no Slurm; tests/conftest.py says what counts as
+## end-to-end): feedback in under two minutes while you work. `make test` runs everything and is what CI runs.
+test-fast: venv
+	$(if $(TEST_THREADS),OMP_NUM_THREADS=$(TEST_THREADS)) $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not e2e" \
+		--durations=10
 
 clean:
 	rm -rf $(DEMO_DIR) outputs multirun mlruns mlflow.db

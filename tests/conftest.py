@@ -173,7 +173,32 @@ LONGEST_FIRST = ["test_resume.py", "test_crop_detection.py", "test_slurm.py", "t
                  "test_usage_terms.py", "test_data_check.py", "test_mlflow_server.py", "test_energy.py"]
 
 
+# Two tiers (`make test-fast`: not e2e; `make test`: all). A test is end-to-end when it is marked so, uses a fixture
+# that trains, serves or builds something (a run, a de-identified corpus, an MLflow server, a wheel), or starts a
+# process itself (`aift`, a subprocess, a Slurm job) or a Trainer: what takes seconds to minutes, not milliseconds.
+E2E_FIXTURES = {"acceptance", "canary_raw", "clinical_data", "clinical_raw", "crop_run", "data_roots", "hf_root",
+                "installed", "lora_run", "mlflow_server", "notes_checkpoint", "pretrained_lm", "runs", "smoke_run",
+                "strategy_runs", "summariser", "tokenizer", "mobilenet_imagenet_file"}
+E2E_CALLS = ("aift(", "subprocess", "Trainer(", "run_training(", ".fit(", "sbatch", "local_cluster", "Popen")
+
+
+def _is_end_to_end(item) -> bool:
+    import inspect
+
+    if item.get_closest_marker("e2e") or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return True
+    return any(call in source for call in E2E_CALLS)
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if _is_end_to_end(item) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: in-file order kept
 
