@@ -142,7 +142,7 @@ def test_broken_profiles_are_refused_before_measuring(text, message, tmp_path):
 # The pairing and verdict arithmetic, on fixed series (no timing).
 
 def test_paired_ratios_are_plain_over_recipe_seconds_pair_by_pair_with_median_and_quartiles():
-    from aifactory_train.benchmarks.recipe_step import paired_summary
+    from aifactory_train.bench.paired import paired_summary
 
     recipe = [1.0, 1.0, 2.0, 1.0, 1.0]          # a burst slowed the third recipe block
     plain = [1.0, 0.9, 1.0, 1.1, 4.0]           # ... and the fifth plain block
@@ -156,7 +156,7 @@ def test_paired_ratios_are_plain_over_recipe_seconds_pair_by_pair_with_median_an
 
 def test_best_of_each_side_would_fail_what_the_pairs_pass():
     # The defect: plain runs of one recipe spread 3.8-12.1 samples/s; best recipe / best plain = 0.51.
-    from aifactory_train.benchmarks.recipe_step import paired_summary
+    from aifactory_train.bench.paired import paired_summary
 
     recipe_rate = [6.1, 11.8, 3.9, 6.0, 8.2, 5.9, 6.2]
     plain_rate = [6.0, 12.1, 3.8, 6.2, 8.0, 6.0, 6.1]  # each pair ran under the same load
@@ -166,7 +166,7 @@ def test_best_of_each_side_would_fail_what_the_pairs_pass():
 
 
 def test_one_pair_has_no_spread_and_unequal_blocks_are_refused():
-    from aifactory_train.benchmarks.recipe_step import paired_summary
+    from aifactory_train.bench.paired import paired_summary
 
     result = paired_summary([2.0], [1.0], samples_per_block=4)
     assert result["ratio"] == result["iqr"][0] == result["iqr"][1] == 0.5
@@ -175,7 +175,7 @@ def test_one_pair_has_no_spread_and_unequal_blocks_are_refused():
 
 
 def test_blocks_alternate_abba():
-    from aifactory_train.benchmarks.recipe_step import pair_order
+    from aifactory_train.bench.paired import pair_order
 
     assert pair_order(1) == "RP" and pair_order(4) == "RPPRRPPR"
 
@@ -200,14 +200,14 @@ def test_verdict_needs_the_whole_band_on_one_side_of_the_threshold(value, rule, 
 
 
 def test_one_failure_fails_the_profile_and_otherwise_one_inconclusive_check_makes_it_inconclusive():
-    from aifactory_train.bench.suites import check, overall
+    from aifactory_train.bench.suites import judge_thresholds, overall
 
     profile = {"thresholds": {"memory_gbps": {"min": 1}, "plastic_sorting_ratio": {"min": 0.85},
                               "crop_detection_ratio": {"min": 0.85}, "h2d_gbps": {"min": 1}}, "required": []}
     summary = {"memory_gbps": 20, "plastic_sorting_ratio": 0.99, "crop_detection_ratio": 0.9}
-    checks = check(profile, summary, [], {"plastic_sorting_ratio": (0.97, 1.01), "crop_detection_ratio": (0.7, 1.1)})
+    checks = judge_thresholds(profile, summary, [], {"plastic_sorting_ratio": (0.97, 1.01), "crop_detection_ratio": (0.7, 1.1)})
     assert [c["status"] for c in checks] == ["pass", "pass", "inconclusive", "skipped"]
     assert checks[2]["band"] == [0.7, 1.1] and overall(checks) == "inconclusive"
     summary["memory_gbps"] = 0.5
-    assert overall(check(profile, summary, [], {"crop_detection_ratio": (0.7, 1.1)})) == "fail"
-    assert overall(check(profile, {"memory_gbps": 2}, [], {})) == "pass"
+    assert overall(judge_thresholds(profile, summary, [], {"crop_detection_ratio": (0.7, 1.1)})) == "fail"
+    assert overall(judge_thresholds(profile, {"memory_gbps": 2}, [], {})) == "pass"
