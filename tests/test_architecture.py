@@ -23,6 +23,10 @@ OUTSIDE = ("aifactory_train.recipes", "aifactory_train.benchmarks")  # shipped a
 OUTSIDE_FROM_LAYER = 4
 # TODO(lead): configs/predict.yaml and configs/export.yaml are being rewritten by the lead; they still name recipes.
 NOT_YET_SCRUBBED = {Path("configs/predict.yaml"), Path("configs/export.yaml")}
+# TODO(lead): the default recipe of `aift train` (configs/train.yaml's defaults list; Makefile's demo and `aift
+# launch` read it from there). Dropping it makes `recipe=` mandatory, a behaviour change, and ~10 tests compose
+# without naming a recipe. The one line allowed, by its start:
+DEFAULT_RECIPE_LINE = (Path("configs/train.yaml"), "- recipe: ")
 # Profiles bind one machine's thresholds to recipes (benchmarks/profiles/*.yaml), results record what ran: data
 # about the recipes, as the README, not framework code.
 DATA_FOLDERS = (Path("benchmarks/results"), Path("benchmarks/profiles"))
@@ -54,6 +58,8 @@ def test_no_framework_file_names_a_shipped_recipe():
     found = []
     for path in framework_files():
         for number, line in enumerate(path.read_text().splitlines(), 1):
+            if (path.relative_to(ROOT), line.strip()[:len(DEFAULT_RECIPE_LINE[1])]) == DEFAULT_RECIPE_LINE:
+                continue
             if match := pattern.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {match.group()}: {line.strip()[:100]}")
     assert len(framework_files()) > 50

@@ -13,19 +13,24 @@ from omegaconf import open_dict
 
 from aifactory_train.records.config import validate
 from aifactory_train.errors import ConfigError
-from aifactory_train.locations import config_dir
+from aifactory_train.locations import config_dir, config_dirs, use_recipes
 
 CONFIGS = config_dir()
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    """The options of a config group across the shared configs and every recipe's own configs/."""
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
+
+
+def group_file(group: str, name: str) -> Path:
+    return next(d / group / f"{name}.yaml" for d in config_dirs() if (d / group / f"{name}.yaml").is_file())
 
 
 def compose_run(overrides: list[str], tmp_path: Path, root: str = "train"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(root, overrides=overrides, return_hydra_config=True)
+        cfg = compose(root, overrides=[*use_recipes(), *overrides], return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
         HydraConfig.instance().set_config(cfg)
@@ -38,9 +43,9 @@ def recipe_of(group: str, name: str) -> str:
     """The recipe a group option belongs to: by the model's task, an experiment's own recipe, else the default."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml"))
+    raw = OmegaConf.to_container(OmegaConf.load(group_file(group, name)))
     if group == "model":
-        tasks = {OmegaConf.load(p).recipe.task: p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
+        tasks = {OmegaConf.load(group_file("recipe", n)).recipe.task: n for n in options("recipe")}
         return tasks[raw["task"]]
     for entry in raw.get("defaults", []):
         if isinstance(entry, dict) and "override /recipe" in entry:
