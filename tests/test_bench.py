@@ -211,3 +211,48 @@ def test_one_failure_fails_the_profile_and_otherwise_one_inconclusive_check_make
     summary["memory_gbps"] = 0.5
     assert overall(judge_thresholds(profile, summary, [], {"crop_detection_ratio": (0.7, 1.1)})) == "fail"
     assert overall(judge_thresholds(profile, {"memory_gbps": 2}, [], {})) == "pass"
+
+
+def test_bench_adapters_are_found_like_recipes_and_a_lacking_one_is_refused_naming_what_it_lacks(tmp_path, monkeypatch):
+    import sys
+
+    from aifactory_train.bench.adapters import bench_adapters
+    from aifactory_train.bench.suites import known_metrics
+    from aifactory_train.errors import ConfigError
+    from aifactory_train.locations import recipe_names
+
+    shipped = bench_adapters()
+    assert set(shipped) == set(recipe_names())  # every shipped recipe has one
+    metrics = known_metrics()
+    assert all(f"{name}_ratio" in metrics for name in shipped) and "memory_gbps" in metrics
+    recipe = tmp_path / "tulip_bench_probe"
+    (recipe / "configs" / "recipe").mkdir(parents=True)
+    (recipe / "configs" / "recipe" / "tulip_bench_probe.yaml").write_text("recipe: {name: tulip_bench_probe}\n")
+    (recipe / "__init__.py").write_text("")
+    (recipe / "bench.py").write_text("METRICS = {'ratio': ('recipe/plain samples/s', False)}\nDEFAULTS = {}\n"
+                                     "def build(args, device):\n    return None\n")
+    monkeypatch.setenv("AIFT_RECIPES_PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ConfigError) as refused:
+        bench_adapters()
+    message = str(refused.value)
+    assert "\n" not in message and str(recipe / "bench.py") in message and "lacks settings" in message
+    with (recipe / "bench.py").open("a") as bench:
+        bench.write("def settings(gpu, quick):\n    return {}\n")
+    sys.modules.pop("tulip_bench_probe.bench", None)
+    assert "tulip_bench_probe" in bench_adapters() and "tulip_bench_probe_ratio" in known_metrics()
+    sys.modules.pop("tulip_bench_probe.bench", None)
+    sys.modules.pop("tulip_bench_probe", None)
+
+
+def test_a_profile_dataloader_recipe_without_an_image_pipeline_and_an_unknown_adapter_are_refused_in_one_line(tmp_path):
+    from aifactory_train.bench.adapters import bench_adapter
+    from aifactory_train.bench.suites import load_profile
+    from aifactory_train.errors import ConfigError
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("thresholds:\n  memory_gbps: {min: 0.1}\ndataloader_recipe: crop_detection\n")
+    with pytest.raises(ConfigError, match=r"dataloader_recipe 'crop_detection' offers no image pipeline.*valid: plastic_sorting$"):
+        load_profile(str(profile))
+    with pytest.raises(ConfigError, match=r"recipe 'nope' has no benchmark adapter .*recipes with one: clinical_notes"):
+        bench_adapter("nope")

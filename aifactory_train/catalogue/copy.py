@@ -65,7 +65,7 @@ def copy_recipe(source: str, name: str, to: str | Path) -> list[Path]:
     written = []
     for origin, target in plan:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if origin.suffix in (".py", ".yaml", ".yml", ".md", ".txt", ".json"):
+        if origin.suffix in (".py", ".yaml", ".yml", ".md", ".txt", ".json", ".sh"):
             target.write_text(renamed(origin.read_text()))
         else:
             shutil.copy2(origin, target)
