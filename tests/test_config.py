@@ -63,7 +63,7 @@ def every_override() -> list[list[str]]:
 
 def test_every_config_file_is_covered():
     covered = {f"{o[0].split('=')[0]}/{o[0].split('=')[1]}.yaml" for o in every_override()}
-    on_disk = {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml")}
+    on_disk = {str(p.relative_to(d)) for d in config_dirs() for p in d.glob("*/*.yaml")}
     assert on_disk <= covered | {p for p in on_disk if p.startswith("data/")}, on_disk - covered
     recipes_with_data = {o[1].split("=")[1] for o in every_override() if len(o) > 1} | set(options("recipe"))
     assert {f"data/{r}.yaml" for r in recipes_with_data} == {p for p in on_disk if p.startswith("data/")}
