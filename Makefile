@@ -5,10 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # deduce pins regex<2025, transformers 5 needs regex>=2025.10.22: deduce goes in without its pins (its other
-# dependencies come from pyproject). See recipes/clinical_notes/deidentify.py.
+# dependencies come from pyproject). See the text recipe's deidentify.py (recipes/*/deidentify.py).
 DEDUCE_PIN := deduce==3.0.6
 DEMO_DIR ?= demo
 DEMO_ARGS ?= trainer.max_epochs=4
+# The demo trains the recipe `aift train` runs when none is named (configs/train.yaml's default).
+DEMO_RECIPE ?= $(shell sed -n 's/^ *- recipe: *\([A-Za-z0-9_]*\).*/\1/p' configs/train.yaml)
 
 .PHONY: demo test test-fast venv clean
 
@@ -25,11 +27,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-## demo: set up, make demo data, train plastic_sorting on CPU, show the results and how to open MLflow
+## demo: set up, make demo data, train the default recipe on CPU, show the results and how to open MLflow
 demo: venv
 	@mkdir -p $(DEMO_DIR)
-	cd $(DEMO_DIR) && ../$(BIN)/aift data synth plastic_sorting --out data/plastic_sorting --overwrite
-	cd $(DEMO_DIR) && ../$(BIN)/aift train recipe=plastic_sorting $(DEMO_ARGS) hydra.run.dir=outputs/demo \
+	cd $(DEMO_DIR) && ../$(BIN)/aift data synth $(DEMO_RECIPE) --out data/$(DEMO_RECIPE) --overwrite
+	cd $(DEMO_DIR) && ../$(BIN)/aift train recipe=$(DEMO_RECIPE) $(DEMO_ARGS) hydra.run.dir=outputs/demo \
 		trainer.enable_progress_bar=false
 	@$(BIN)/python -m aifactory_train.commands.show_summary $(DEMO_DIR)/outputs/demo/summary.json
 	@echo "Open the MLflow UI:  cd $(DEMO_DIR) && ../$(BIN)/mlflow ui   (then http://127.0.0.1:5000)"

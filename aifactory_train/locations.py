@@ -82,6 +82,16 @@ def recipe_package(name: str) -> str:
     return (SHIPPED_PACKAGE + "." if folder.parent == shipped_recipes_root() else "") + name
 
 
+def default_recipe() -> str:
+    """The recipe ``aift train`` runs when none is named: the ``recipe`` entry of configs/train.yaml's defaults."""
+    from omegaconf import OmegaConf
+
+    for entry in OmegaConf.load(config_dir() / "train.yaml").get("defaults", []):
+        if not isinstance(entry, str) and "recipe" in entry:
+            return str(entry["recipe"])
+    raise LookupError(f"{config_dir() / 'train.yaml'}: no recipe in its defaults")
+
+
 def config_dirs() -> list[Path]:
     """Every Hydra config tree: the shared groups (``configs/``), then each recipe's ``configs/``."""
     return [config_dir(), *(folder / "configs" for folder in recipe_folders().values())]

@@ -71,6 +71,13 @@ _LAZY = {
     "planned_optimizer_steps": ("aifactory_train.run.schedules", "planned_optimizer_steps"),
     "warmup_cosine": ("aifactory_train.run.schedules", "warmup_cosine"),
     "load_checkpoint_state": ("aifactory_train.run.checkpoints", "load_checkpoint_state"),
+    # for <recipe>/bench.py (BenchAdapter)
+    "BENCH_OPTIM": ("aifactory_train.run.timing", "BENCH_OPTIM"),
+    "device_sync": ("aifactory_train.run.timing", "device_sync"),
+    "median_ms": ("aifactory_train.run.timing", "median_ms"),
+    "loader_rate": ("aifactory_train.run.timing", "loader_rate"),
+    "model_config": ("aifactory_train.run.timing", "model_config"),
+    "import_onnxruntime": ("aifactory_train.records.telemetry", "import_onnxruntime"),
 }
 
 
@@ -101,6 +108,8 @@ __all__ = [
     # models, optimizers, schedules, checkpoints
     "build_torchvision_classifier", "classifier_names", "load_local_weights", "read_state_dict", "build_optimizer",
     "planned_optimizer_steps", "warmup_cosine", "load_checkpoint_state",
+    # benchmark adapters
+    "BENCH_OPTIM", "device_sync", "median_ms", "loader_rate", "model_config", "import_onnxruntime",
     # config base classes and checks, errors
     "RunConfig", "OptimConfig", "check", "check_choice", "missing_data_root",
     "AiftError", "ConfigError", "DataError", "CheckpointError",
@@ -177,12 +186,26 @@ class CountsFlops(Protocol):
 
 
 class BenchAdapter(Protocol):
-    """``<recipe>/bench.py``: the same model and batch trained by the recipe and by a plain PyTorch loop, for
-    ``aift bench recipes``. ``METRICS``: the summary keys the acceptance report shows for this recipe."""
+    """``<recipe>/bench.py`` (a module): the same model and batch trained by the recipe and by a plain PyTorch loop,
+    for ``aift bench recipes`` and benchmarks/recipe_step.py (the loops: aifactory_train/bench/paired.py).
 
-    METRICS: tuple[str, ...]
+    ``METRICS``: the summary metrics a profile may set thresholds on, without the ``<recipe>_`` prefix the bench
+    adds (``{"ratio": ("recipe/plain samples/s", False), ...}``: what it is, whether it needs a GPU).
+    ``DEFAULTS``: benchmarks/recipe_step.py's shape (model, batch_size, image_size, steps, seq_len).
+    ``settings(gpu, quick)``: the shape ``aift bench`` measures (plus ``warmup`` and ``split_steps``).
+    ``build(args, device)``: the adapter instance: ``batches`` (in memory, on ``device``), ``module()`` ->
+    (LightningModule, gradient clip), ``plain()`` -> (net, step function returning the loss, gradient clip),
+    ``datamodule(workers)``, ``input_pipeline(workers)``; optionally ``optim``, ``fused_adamw``,
+    ``tokens_per_sample`` and ``onnx_latency()``. Optional module functions ``image_files(files)`` and
+    ``image_datamodule(root, image_size, batch_size, workers)`` offer the recipe's image pipeline to the micro
+    suite's data-loading measurement."""
 
-    def build(self, args: Any) -> Any: ...
+    METRICS: dict[str, tuple[str, bool]]
+    DEFAULTS: dict[str, Any]
+
+    def settings(self, gpu: bool, quick: bool) -> dict[str, Any]: ...
+
+    def build(self, args: Any, device: Any) -> Any: ...
 
 
 # -- checks the commands run when they load a recipe -------------------------------------------------------------

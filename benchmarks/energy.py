@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 
-class EnergyMeter:
-    """Joules over a window, from the library's NVML counter (the one training runs use for their energy)."""
+class NvmlEnergyWindow:
+    """Joules of one GPU over a timed window (start/stop), from the library's NVML counter (the one training runs use for their energy)."""
 
     def __init__(self, device_index: int = 0):
         self.joules = None

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from aifactory_train.run.timing import loader_rate
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -108,24 +110,14 @@ def allreduce(world: int, backend: str, sizes: list[int]) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def dataloader(workers: list[int], image_size: int, batch_size: int, files: int) -> list[dict]:
-    """Images/s of plastic_sorting's input pipeline (decode + augment real PNGs) per worker count."""
-    from aifactory_train.recipes.plastic_sorting.data import PlasticSortingDataModule
-    from aifactory_train.recipes.plastic_sorting.synth import synthesize
-
-    root = synthesize(Path(tempfile.mkdtemp()) / "plastic", size=files, seed=0)
+def dataloader(adapter, workers: list[int], image_size: int, batch_size: int, files: int) -> list[dict]:
+    """Images/s of a recipe's image pipeline (decode + augment real PNGs) per worker count. ``adapter``: a recipe's
+    bench adapter offering ``image_files`` and ``image_datamodule`` (``BenchAdapter`` in aifactory_train/recipe.py)."""
+    root = adapter.image_files(files)
     rows = []
     for count in workers:
-        dm = PlasticSortingDataModule(root=str(root), image_size=image_size, batch_size=batch_size,
-                                      num_workers=count, verify_files=False)
-        dm.setup("fit")
-        loader = dm.train_dataloader()
-        rate = 0.0
-        for _ in range(2):  # the first pass starts the workers
-            start, samples = time.perf_counter(), 0
-            for images, _ in loader:
-                samples += len(images)
-            rate = samples / (time.perf_counter() - start)
+        loader = adapter.image_datamodule(root, image_size, batch_size, count)
+        rate = loader_rate(loader, count)["samples_per_s"]
         rows.append({"metric": "dataloader_images_per_s", "value": rate, "unit": "images/s",
                      "params": {"workers": count, "image_size": image_size, "files": files}})
     return rows

@@ -1,8 +1,10 @@
 """What a recipe's Lightning step does that the plain PyTorch loop does not: host-device sync points and tensor
 ops per training step, counted, not timed (so it means the same on a shared 2-core machine and on a GPU).
 
-    python benchmarks/step_overhead.py crop_detection --markdown benchmarks/results/crop_detection_step_overhead_cpu_<date>.md
-    python benchmarks/step_overhead.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 --batch-size 16
+    python benchmarks/step_overhead.py NAME --markdown benchmarks/results/NAME_step_overhead_cpu_<date>.md
+    python benchmarks/step_overhead.py NAME --model fasterrcnn_resnet50_fpn_v2 --image-size 640 --batch-size 16
+
+NAME: any recipe with a bench adapter (``<recipe>/bench.py``).
 
 Both loops are those of benchmarks/recipe_step.py (same model, batch, precision and in-memory data). Each is run
 twice, with 1 and with 1 + N steps after the warm-up, and the difference is divided by N, so one-time work
@@ -69,9 +71,9 @@ class SyncCounter:
         torch.Tensor.item, torch.Tensor.__bool__ = self._item, self._bool
 
 
-def measure(loop, spec_class, args, device, precision: str, steps: int) -> tuple[collections.Counter, collections.Counter]:
+def measure(loop, adapter, args, device, precision: str, steps: int) -> tuple[collections.Counter, collections.Counter]:
     run_args = SimpleNamespace(**{**vars(args), "steps": steps})
-    spec = spec_class(run_args, device)
+    spec = adapter.build(run_args, device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, SyncCounter() as syncs:
         loop(spec, run_args, device, precision)
     ops = collections.Counter({event.key: event.count for event in profile.key_averages() if event.key.startswith("aten::")})
@@ -97,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from aifactory_train.benchmarks.recipe_step import RECIPES, plain_loop, recipe_loop
+    from aifactory_train.bench.adapters import bench_adapter
+    from aifactory_train.bench.paired import plain_loop, recipe_loop
 
     args = build_parser().parse_args(argv)
-    spec_class = RECIPES[args.recipe]
-    for key, value in spec_class.defaults.items():
+    adapter = bench_adapter(args.recipe)
+    for key, value in adapter.DEFAULTS.items():
         if key != "steps" and getattr(args, key, None) is None:
             setattr(args, key, value)
     args.repeats, args._compile = 1, False
@@ -115,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
               "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size, "precision": precision,
               "loops": {}}
     for name, loop in (("plain", plain_loop), ("recipe", recipe_loop)):
-        ops_1, syncs_1 = measure(loop, spec_class, args, device, precision, 1)
-        ops_n, syncs_n = measure(loop, spec_class, args, device, precision, 1 + args.steps)
+        ops_1, syncs_1 = measure(loop, adapter, args, device, precision, 1)
+        ops_n, syncs_n = measure(loop, adapter, args, device, precision, 1 + args.steps)
         ops, syncs = per_step(ops_1, ops_n, args.steps), per_step(syncs_1, syncs_n, args.steps)
         result["loops"][name] = {"aten_ops_per_step": sum(ops.values()), "syncs_per_step": sum(syncs.values()),
                                  "ops": ops, "sync_sites": syncs}

@@ -4,16 +4,16 @@ CPU (default): one model, 2 processes on this machine (gloo, with the CPU smoke 
 says what each strategy costs in memory and time for the same work, not how it scales (2 processes on 2 cores
 share one memory bus).
 
-    python benchmarks/strategies.py --out benchmarks/results/strategies_cpu-2proc_<date>.json --markdown ....md
+    python benchmarks/strategies.py RECIPE --out benchmarks/results/strategies_cpu-2proc_<date>.json --markdown ....md
 
-GPU (--gpu): one process on one GPU, `experiment=clinical_notes_gpu` (Llama 374M, 8 x 2048 tokens, bf16-mixed,
+GPU (--gpu): one process on one GPU, `experiment=RECIPE_gpu` (Llama 374M, 8 x 2048 tokens, bf16-mixed,
 eager) under single, ddp, deepspeed_zero2 and deepspeed_zero3: tokens/s is the last windowed value of the
 run's own throughput metric (steady state, MLflow), memory is the run's peak_device_memory_gib. On one GPU
 the sharded strategies have nothing to shard over, so this shows their fixed cost; see README for where they pay.
 
-    python benchmarks/strategies.py --gpu --steps 60 --out $OUT/strategies_gpu.json --markdown $OUT/strategies_gpu.md
+    python benchmarks/strategies.py RECIPE --gpu --steps 60 --out $OUT/strategies_gpu.json --markdown $OUT/strategies_gpu.md
 
-Each strategy runs `aift launch --local 2` of clinical_notes with a 25M-parameter Llama (hidden 512, 8 layers),
+Each strategy runs `aift launch --local 2` of RECIPE (a causal-LM recipe) with a 25M-parameter Llama (hidden 512, 8 layers),
 full fine-tuning, batch 4 x 256 tokens per process, fp32, for --steps steps. Peak memory is the largest resident
 set of any one process (getrusage of the finished children); step time comes from the run's summary.json.
 """
@@ -39,7 +39,7 @@ STRATEGIES = {
 }
 MODEL = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.intermediate_size=1376"]
 GPU_STRATEGIES = {"single": [], "ddp": [], "deepspeed_zero2": [], "deepspeed_zero3": []}
-GPU_RUN = ["experiment=clinical_notes_gpu", "model.compile=false", "trainer.devices=1", "trainer.log_every_n_steps=10",
+GPU_RUN = ["model.compile=false", "trainer.devices=1", "trainer.log_every_n_steps=10",
            "trainer.limit_val_batches=0", "run_test=false", "trainer.enable_progress_bar=false"]
 
 
@@ -48,12 +48,12 @@ ON_CPU = ["trainer.accelerator=cpu", "model=llama_tiny", "trainer.precision=32-t
           "data.max_target_length=64", "data.num_workers=0"]
 
 
-def run_gpu(strategy: str, data: Path, work: Path, steps: int, extra: list[str]) -> dict:
+def run_gpu(recipe: str, strategy: str, data: Path, work: Path, steps: int, extra: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{work}/mlflow.db"
     args = [sys.executable, "-m", "aifactory_train.commands.cli", "train", f"data.root={data}", f"strategy={strategy}",
-            *GPU_STRATEGIES[strategy], *GPU_RUN, f"trainer.max_steps={steps}", f"tracking.uri={uri}", *extra,
+            *GPU_STRATEGIES[strategy], f"experiment={recipe}_gpu", *GPU_RUN, f"trainer.max_steps={steps}", f"tracking.uri={uri}", *extra,
             f"hydra.run.dir={work / strategy}"]
     started = time.time()
     result = subprocess.run(args, capture_output=True, text=True, cwd=work)
@@ -67,8 +67,8 @@ def run_gpu(strategy: str, data: Path, work: Path, steps: int, extra: list[str])
             "global_step": summary["global_step"]}
 
 
-def run(strategy: str, data: Path, work: Path, steps: int) -> dict:
-    args = [sys.executable, "-m", "aifactory_train.commands.cli", "launch", "--local", "2", "recipe=clinical_notes",
+def run(recipe: str, strategy: str, data: Path, work: Path, steps: int) -> dict:
+    args = [sys.executable, "-m", "aifactory_train.commands.cli", "launch", "--local", "2", f"recipe={recipe}",
             f"data.root={data}", f"strategy={strategy}", *STRATEGIES[strategy], *MODEL, "trainer.accelerator=cpu",
             f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "run_test=false", "tracking=none",
             "data.batch_size=4", "data.max_length=256", "data.packing=true", "trainer.enable_progress_bar=false",
@@ -91,6 +91,9 @@ def run(strategy: str, data: Path, work: Path, steps: int) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (tests/test_gpu_scripts.py parses the GPU scripts' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="a causal-LM recipe (its model overrides, `<recipe>_gpu` experiment and a "
+                        "synth variant --variant of already de-identified notes)")
+    parser.add_argument("--variant", default="tagged", help="the recipe's synth variant to train on")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpu", action="store_true", help="one GPU: single, ddp, ZeRO-2, ZeRO-3 on the 374M model")
     parser.add_argument("--notes", type=int, default=None, help="synthetic notes to train on")
@@ -121,19 +124,21 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure(args, work: Path):
     """(report, title, about, table rows) of the strategies run in ``work``."""
-    from aifactory_train.recipes.clinical_notes.synth import synthesize
+    from aifactory_train.locations import load_object, recipe_info, use_recipes
 
-    data = synthesize(work / "notes", size=args.notes or (4000 if args.gpu else 200), seed=0, variant="tagged")
+    use_recipes()
+    synthesize = load_object(recipe_info(args.recipe).synth)
+    data = synthesize(work / "notes", size=args.notes or (4000 if args.gpu else 200), seed=0, variant=args.variant)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     date = time.strftime("%Y-%m-%d")
     if args.gpu:
         plan = {s: ON_CPU + (["strategy.cpu_smoke=true"] if s.startswith("deepspeed") else []) if args.on_cpu else []
                 for s in GPU_STRATEGIES}
-        rows = [run_gpu(strategy, data, work, args.steps, extra) for strategy, extra in plan.items()]
+        rows = [run_gpu(args.recipe, strategy, data, work, args.steps, extra) for strategy, extra in plan.items()]
         report = {"benchmark": "strategies_gpu", "model": "llama_374m", "processes": 1,
                   "batch": "8 x 2048 tokens, bf16-mixed, eager"}
         title = "Strategies on one GPU" if not args.on_cpu else "Strategies: the one-GPU plan checked on CPU"
-        about = (f"clinical_notes, Llama 374M, 8 x 2048 tokens, bf16-mixed, eager, {args.steps} steps, one process."
+        about = (f"{args.recipe}, Llama 374M, 8 x 2048 tokens, bf16-mixed, eager, {args.steps} steps, one process."
                  if not args.on_cpu else f"A check of the plan on CPU: llama_tiny, 8 x 256 tokens, fp32, {args.steps} steps.")
         table = ["| strategy | tokens/s (steady) | tokens/s (whole run) | peak GPU memory (GiB) |", "|---|---|---|---|"]
         for r in rows:
@@ -144,11 +149,11 @@ def measure(args, work: Path):
             table.append(f"| {r['strategy']} | {f'{steady:.0f}' if steady else '—'} | "
                          f"{r['tokens_per_s_whole_run']:.0f} | {f'{peak:.2f}' if peak else '— (CPU)'} |")
     else:
-        rows = [run(strategy, data, work, args.steps) for strategy in STRATEGIES]
+        rows = [run(args.recipe, strategy, data, work, args.steps) for strategy in STRATEGIES]
         report = {"benchmark": "strategies_cpu", "model": "llama 25M (hidden 512, 8 layers)", "processes": 2,
                   "batch_per_process": "4 x 256 tokens"}
         title = "Strategies on 2 CPU processes"
-        about = ("clinical_notes, Llama 25M (hidden 512, 8 layers), full fine-tuning, 4 x 256 tokens per process, fp32, "
+        about = (f"{args.recipe}, Llama 25M (hidden 512, 8 layers), full fine-tuning, 4 x 256 tokens per process, fp32, "
                  f"{args.steps} steps; FSDP and DeepSpeed through the CPU smoke path (gloo).")
         table = ["| strategy | step time (s) | tokens/s (both processes) | peak RSS of the largest process (GiB) |",
                  "|---|---|---|---|"]

@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 
 from aifactory_train.records.config import _gpu_driver_present, check_devices, composition_error, validate
 from aifactory_train.errors import ConfigError
+from aifactory_train.locations import use_recipes
 from conftest import aift
 from test_config import compose_run
 
@@ -108,7 +109,7 @@ def test_devices_and_precision_this_machine_cannot_run_are_refused(overrides, ke
 def test_a_misspelt_key_or_option_gets_the_closest_valid_one(override, message, tmp_path):
     with pytest.raises(ConfigCompositionException) as err:
         compose_run(["recipe=plastic_sorting", override], tmp_path)
-    translated = composition_error(err.value, "train", ["recipe=plastic_sorting", override])
+    translated = composition_error(err.value, "train", [*use_recipes(), "recipe=plastic_sorting", override])
     assert isinstance(translated, ConfigError)
     assert message in str(translated) and "\n" not in str(translated), str(translated)
 

@@ -142,7 +142,7 @@ def test_broken_profiles_are_refused_before_measuring(text, message, tmp_path):
 # The pairing and verdict arithmetic, on fixed series (no timing).
 
 def test_paired_ratios_are_plain_over_recipe_seconds_pair_by_pair_with_median_and_quartiles():
-    from aifactory_train.benchmarks.recipe_step import paired_summary
+    from aifactory_train.bench.paired import paired_summary
 
     recipe = [1.0, 1.0, 2.0, 1.0, 1.0]          # a burst slowed the third recipe block
     plain = [1.0, 0.9, 1.0, 1.1, 4.0]           # ... and the fifth plain block
@@ -156,7 +156,7 @@ def test_paired_ratios_are_plain_over_recipe_seconds_pair_by_pair_with_median_an
 
 def test_best_of_each_side_would_fail_what_the_pairs_pass():
     # The defect: plain runs of one recipe spread 3.8-12.1 samples/s; best recipe / best plain = 0.51.
-    from aifactory_train.benchmarks.recipe_step import paired_summary
+    from aifactory_train.bench.paired import paired_summary
 
     recipe_rate = [6.1, 11.8, 3.9, 6.0, 8.2, 5.9, 6.2]
     plain_rate = [6.0, 12.1, 3.8, 6.2, 8.0, 6.0, 6.1]  # each pair ran under the same load
@@ -166,7 +166,7 @@ def test_best_of_each_side_would_fail_what_the_pairs_pass():
 
 
 def test_one_pair_has_no_spread_and_unequal_blocks_are_refused():
-    from aifactory_train.benchmarks.recipe_step import paired_summary
+    from aifactory_train.bench.paired import paired_summary
 
     result = paired_summary([2.0], [1.0], samples_per_block=4)
     assert result["ratio"] == result["iqr"][0] == result["iqr"][1] == 0.5
@@ -175,7 +175,7 @@ def test_one_pair_has_no_spread_and_unequal_blocks_are_refused():
 
 
 def test_blocks_alternate_abba():
-    from aifactory_train.benchmarks.recipe_step import pair_order
+    from aifactory_train.bench.paired import pair_order
 
     assert pair_order(1) == "RP" and pair_order(4) == "RPPRRPPR"
 
@@ -200,14 +200,59 @@ def test_verdict_needs_the_whole_band_on_one_side_of_the_threshold(value, rule, 
 
 
 def test_one_failure_fails_the_profile_and_otherwise_one_inconclusive_check_makes_it_inconclusive():
-    from aifactory_train.bench.suites import check, overall
+    from aifactory_train.bench.suites import judge_thresholds, overall
 
     profile = {"thresholds": {"memory_gbps": {"min": 1}, "plastic_sorting_ratio": {"min": 0.85},
                               "crop_detection_ratio": {"min": 0.85}, "h2d_gbps": {"min": 1}}, "required": []}
     summary = {"memory_gbps": 20, "plastic_sorting_ratio": 0.99, "crop_detection_ratio": 0.9}
-    checks = check(profile, summary, [], {"plastic_sorting_ratio": (0.97, 1.01), "crop_detection_ratio": (0.7, 1.1)})
+    checks = judge_thresholds(profile, summary, [], {"plastic_sorting_ratio": (0.97, 1.01), "crop_detection_ratio": (0.7, 1.1)})
     assert [c["status"] for c in checks] == ["pass", "pass", "inconclusive", "skipped"]
     assert checks[2]["band"] == [0.7, 1.1] and overall(checks) == "inconclusive"
     summary["memory_gbps"] = 0.5
-    assert overall(check(profile, summary, [], {"crop_detection_ratio": (0.7, 1.1)})) == "fail"
-    assert overall(check(profile, {"memory_gbps": 2}, [], {})) == "pass"
+    assert overall(judge_thresholds(profile, summary, [], {"crop_detection_ratio": (0.7, 1.1)})) == "fail"
+    assert overall(judge_thresholds(profile, {"memory_gbps": 2}, [], {})) == "pass"
+
+
+def test_bench_adapters_are_found_like_recipes_and_a_lacking_one_is_refused_naming_what_it_lacks(tmp_path, monkeypatch):
+    import sys
+
+    from aifactory_train.bench.adapters import bench_adapters
+    from aifactory_train.bench.suites import known_metrics
+    from aifactory_train.errors import ConfigError
+    from aifactory_train.locations import recipe_names
+
+    shipped = bench_adapters()
+    assert set(shipped) == set(recipe_names())  # every shipped recipe has one
+    metrics = known_metrics()
+    assert all(f"{name}_ratio" in metrics for name in shipped) and "memory_gbps" in metrics
+    recipe = tmp_path / "tulip_bench_probe"
+    (recipe / "configs" / "recipe").mkdir(parents=True)
+    (recipe / "configs" / "recipe" / "tulip_bench_probe.yaml").write_text("recipe: {name: tulip_bench_probe}\n")
+    (recipe / "__init__.py").write_text("")
+    (recipe / "bench.py").write_text("METRICS = {'ratio': ('recipe/plain samples/s', False)}\nDEFAULTS = {}\n"
+                                     "def build(args, device):\n    return None\n")
+    monkeypatch.setenv("AIFT_RECIPES_PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ConfigError) as refused:
+        bench_adapters()
+    message = str(refused.value)
+    assert "\n" not in message and str(recipe / "bench.py") in message and "lacks settings" in message
+    with (recipe / "bench.py").open("a") as bench:
+        bench.write("def settings(gpu, quick):\n    return {}\n")
+    sys.modules.pop("tulip_bench_probe.bench", None)
+    assert "tulip_bench_probe" in bench_adapters() and "tulip_bench_probe_ratio" in known_metrics()
+    sys.modules.pop("tulip_bench_probe.bench", None)
+    sys.modules.pop("tulip_bench_probe", None)
+
+
+def test_a_profile_dataloader_recipe_without_an_image_pipeline_and_an_unknown_adapter_are_refused_in_one_line(tmp_path):
+    from aifactory_train.bench.adapters import bench_adapter
+    from aifactory_train.bench.suites import load_profile
+    from aifactory_train.errors import ConfigError
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("thresholds:\n  memory_gbps: {min: 0.1}\ndataloader_recipe: crop_detection\n")
+    with pytest.raises(ConfigError, match=r"dataloader_recipe 'crop_detection' offers no image pipeline.*valid: plastic_sorting$"):
+        load_profile(str(profile))
+    with pytest.raises(ConfigError, match=r"recipe 'nope' has no benchmark adapter .*recipes with one: clinical_notes"):
+        bench_adapter("nope")

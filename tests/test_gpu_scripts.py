@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from aifactory_train.records.config import validate
-from aifactory_train.locations import config_dir, recipe_files
+from aifactory_train.locations import config_dir
 from test_config import compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "benchmarks" / "gpu").glob("*.sh"))
+# the framework's (acceptance, prepare) and each recipe's own checks, beside its code (recipes/<name>/gpu*.sh)
+SCRIPTS = sorted([*(ROOT / "benchmarks" / "gpu").glob("*.sh"), *(ROOT / "recipes").glob("*/gpu*.sh")])
 CONFIGS = config_dir()
 
 
@@ -51,12 +52,13 @@ def script_commands(script: Path) -> list[list[str]]:
     return commands
 
 
-COMMANDS = [(script.name, command) for script in SCRIPTS for command in script_commands(script)]
+COMMANDS = [(str(script.relative_to(ROOT)), command) for script in SCRIPTS for command in script_commands(script)]
 
 
 def test_every_gpu_script_is_valid_bash_and_has_commands():
-    assert {s.name for s in SCRIPTS} >= {"acceptance.sh", "crop_detection.sh", "plastic_sorting.sh",
-                                         "clinical_notes.sh", "strategies.sh", "prepare.sh"}
+    assert {str(s.relative_to(ROOT)) for s in SCRIPTS} >= {
+        "benchmarks/gpu/acceptance.sh", "benchmarks/gpu/prepare.sh", "recipes/crop_detection/gpu.sh",
+        "recipes/plastic_sorting/gpu.sh", "recipes/clinical_notes/gpu.sh", "recipes/clinical_notes/gpu_strategies.sh"}
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, (script.name, result.stderr)
@@ -78,6 +80,8 @@ def test_every_benchmark_command_parses_with_its_scripts_parser(script, args):
     model = getattr(parsed, "model", None)
     if model is not None:  # a model config of that recipe's task
         from omegaconf import OmegaConf
+
+        from aifactory_train.locations import recipe_files
 
         task = OmegaConf.load(recipe_files()[parsed.recipe]).recipe.task
         assert OmegaConf.load(CONFIGS / "model" / f"{model}.yaml").task == task, model

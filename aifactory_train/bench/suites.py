@@ -35,8 +35,9 @@ from aifactory_train.errors import ConfigError
 SUITES = ("micro", "recipes", "acceptance")
 SCHEMA_VERSION = 2  # 2: paired ratios and the three-way verdict (see the docstring)
 INCONCLUSIVE_EXIT = 3  # 2 is argparse's and the CLI's usage error
-# summary metrics a profile may set thresholds on: name -> (how it is made from the rows, needs a GPU)
-METRICS = {
+# hardware metrics a profile may set thresholds on: name -> (how it is made from the rows, needs a GPU); each
+# recipe's come from its bench adapter (known_metrics)
+HARDWARE_METRICS = {
     "gemm_fp32_tflops": ("max gemm_tflops dtype=float32", False),
     "gemm_bf16_tflops": ("max gemm_tflops dtype=bfloat16", True),
     "memory_gbps": ("memory_gbps", False),
@@ -44,24 +45,14 @@ METRICS = {
     "d2h_gbps": ("d2h_gbps", True),
     "allreduce_busbw_gbps": ("max allreduce_busbw_gbps", False),
     "dataloader_images_per_s": ("max dataloader_images_per_s", False),
-    "plastic_sorting_ratio": ("recipe/plain samples/s", False),
-    "plastic_sorting_samples_per_s": ("recipe samples/s", False),
-    "plastic_sorting_mfu": ("recipe model FLOP/s / peak", True),
-    "plastic_sorting_joules_per_sample": ("GPU energy / samples", True),
-    "crop_detection_ratio": ("recipe/plain samples/s", False),
-    "crop_detection_samples_per_s": ("recipe samples/s", False),
-    "crop_detection_mfu": ("recipe model FLOP/s / peak", True),
-    "crop_detection_joules_per_sample": ("GPU energy / samples", True),
-    "clinical_notes_ratio": ("recipe/plain tokens/s", False),
-    "clinical_notes_samples_per_s": ("recipe rows/s", False),
-    "clinical_notes_tokens_per_s": ("recipe tokens/s", False),
-    "clinical_notes_mfu": ("recipe model FLOP/s / peak", True),
-    "clinical_notes_joules_per_sample": ("GPU energy / rows", True),
-    "clinical_notes_joules_per_1k_tokens": ("GPU energy / 1k tokens", True),
-    "clinical_notes_data_wait_fraction": ("share of step time waiting for data (real files)", False),
-    "plastic_sorting_data_wait_fraction": ("share of step time waiting for data (real files)", False),
-    "crop_detection_data_wait_fraction": ("share of step time waiting for data (real files)", False),
 }
+
+
+def known_metrics() -> dict[str, tuple[str, bool]]:
+    """Every metric a profile may name: the hardware's, then ``<recipe>_<metric>`` of each recipe's bench adapter."""
+    from aifactory_train.bench.adapters import recipe_metrics
+
+    return {**HARDWARE_METRICS, **recipe_metrics()}
 
 
 def profiles_dir() -> Path:
@@ -84,15 +75,24 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     thresholds = profile.get("thresholds")
     if not isinstance(thresholds, dict) or not thresholds:
         raise ConfigError(f"profile '{path}': 'thresholds' is missing or empty; it maps metrics to {{min: X}} or {{max: X}}")
+    metrics = known_metrics()
     for metric, rule in thresholds.items():
-        if metric not in METRICS:
-            raise ConfigError(f"profile '{path}': thresholds.{metric} is not a known metric; valid: {', '.join(METRICS)}")
+        if metric not in metrics:
+            raise ConfigError(f"profile '{path}': thresholds.{metric} is not a known metric; valid: {', '.join(metrics)}")
         if not isinstance(rule, dict) or not ({"min", "max"} & set(rule)) or not all(
                 isinstance(rule.get(k, 0), (int, float)) for k in ("min", "max")):
             raise ConfigError(f"profile '{path}': thresholds.{metric} must be {{min: number}} and/or {{max: number}}, got {rule!r}")
     profile["path"] = str(path)
     profile["name"] = path.stem
     profile.setdefault("required", [])
+    loader = profile.get("dataloader_recipe")
+    if loader is not None:
+        from aifactory_train.bench.adapters import bench_adapters
+
+        offering = sorted(n for n, m in bench_adapters().items() if hasattr(m, "image_datamodule"))
+        if loader not in offering:
+            raise ConfigError(f"profile '{path}': dataloader_recipe '{loader}' offers no image pipeline to measure; "
+                              f"valid: {', '.join(offering) or 'none'}")
     unknown = [m for m in profile["required"] if m not in thresholds]
     if unknown:
         raise ConfigError(f"profile '{path}': required lists {unknown} without a threshold; add them to thresholds")
@@ -111,7 +111,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def micro_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
+def micro_suite(device, quick: bool, log, dataloader_recipe: str | None = None) -> tuple[list[dict], list[dict]]:
     import torch
 
     from aifactory_train.benchmarks import micro
@@ -138,54 +138,61 @@ def micro_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
         rows += micro.allreduce(world, "nccl" if gpu else "gloo", message_sizes)
     else:
         skipped.append({"metric": "allreduce_busbw_gbps", "reason": "one GPU: all-reduce needs at least two"})
-    log("micro: data loading from real PNG files")
+    adapter = _image_pipeline(dataloader_recipe)
+    if adapter is None:
+        skipped.append({"metric": "dataloader_images_per_s", "reason": "no recipe's bench adapter offers an image pipeline"})
+        return rows, skipped
+    log(f"micro: data loading from real PNG files ({adapter.__name__.rsplit('.', 2)[-2]}'s pipeline)")
     cpus = len(__import__("os").sched_getaffinity(0))
     workers = [w for w in ([0, 1, 2] if quick else [0, 1, 2, 4, 8, 12]) if w <= cpus]
-    rows += micro.dataloader(workers, image_size=224 if gpu else 64, batch_size=64, files=140 if quick else 560)
+    rows += micro.dataloader(adapter, workers, image_size=224 if gpu else 64, batch_size=64, files=140 if quick else 560)
     return rows, skipped
+
+
+def _image_pipeline(name: str | None):
+    """The bench adapter whose image pipeline the micro suite measures: the profile's ``dataloader_recipe``, else
+    the first recipe (by name) whose adapter offers ``image_datamodule``; None if none does."""
+    from aifactory_train.bench.adapters import bench_adapters
+
+    adapters = bench_adapters()
+    if name is not None:
+        return adapters[name]  # checked by load_profile
+    return next((adapters[n] for n in sorted(adapters) if hasattr(adapters[n], "image_datamodule")), None)
 
 
 def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
     import torch
 
-    from aifactory_train.benchmarks.energy import EnergyMeter
-    from aifactory_train.benchmarks.recipe_step import RECIPES, data_wait_split, paired_blocks
+    from aifactory_train.bench.adapters import bench_adapters
+    from aifactory_train.bench.paired import data_wait_split, paired_blocks
+    from aifactory_train.benchmarks.energy import NvmlEnergyWindow
 
     gpu = device.type == "cuda"
     precision = "bf16-mixed" if gpu else "32-true"
-    settings = {
-        "plastic_sorting": (dict(model="resnet50", batch_size=256, image_size=224, warmup=10, split_steps=40) if gpu else
-                            dict(model="resnet18", batch_size=16 if quick else 32, image_size=64, warmup=2 if quick else 5,
-                                 split_steps=5 if quick else 20)),
-        "crop_detection": (dict(model="fasterrcnn_resnet50_fpn_v2", batch_size=16, image_size=640, warmup=3, split_steps=20)
-                           if gpu else dict(model="fasterrcnn_mobilenet_v3_large_320_fpn", batch_size=2 if quick else 4,
-                                            image_size=256, warmup=1 if quick else 2, split_steps=2 if quick else 8)),
-        "clinical_notes": (dict(model="llama_374m", batch_size=8, seq_len=2048, image_size=None, warmup=5, split_steps=20)
-                           if gpu else dict(model="llama_tiny", batch_size=8 if quick else 16, seq_len=256 if quick else 512,
-                                            image_size=None, warmup=3, split_steps=10)),
-    }
+    metrics = known_metrics()
     # The ratio is measured pair by pair: a block of recipe steps and a block of plain-loop steps back to back,
-    # `pairs` times (even: RP PR ends balanced), in ABBA order (recipe_step.paired_blocks); the figure is the median of the paired ratios and
+    # `pairs` times (even: RP PR ends balanced), in ABBA order (bench.paired.paired_blocks); the figure is the median of the paired ratios and
     # a verdict must clear their interquartile range. The old rule, each side's best of 3 separate runs, let one
     # lucky plain run set the bar: on the shared 2-core machine quick runs failed at 0.51 and 0.84 for recipes
     # whose ratio is ~1.0, as plain runs of one recipe ranged 3.8-12.1 samples/s.
     # A block lasts >= block_seconds (its steps are calibrated from one timed step of each side); on GPUs 2 s, as
     # the NVML energy counter needs windows of seconds. split_steps: the timed steps of the run on real files.
     # On CPUs the pairs are timed in this process's CPU time: wall time also counts the time the scheduler gave
-    # to the machine's other processes. Beside a load of ~8 on the 2 cores (1 thread), crop_detection's paired
+    # to the machine's other processes. Beside a load of ~8 on the 2 cores (1 thread), the detection recipe's paired
     # ratios had an IQR of 0.98-1.03 in CPU time and 0.75-0.97 in wall time, the same blocks: the wall clock
     # could not have decided against the 0.85 floor. Samples/s rows stay wall-clock: what a user waits for.
     pairs, block_seconds = (6, 2.0) if gpu else ((6, 0.5) if quick else (8, 2.0))
     clock = "wall" if gpu else "cpu"
     rows, skipped = [], []
-    for name, spec_class in RECIPES.items():
-        split_steps = settings[name].pop("split_steps")
-        args = SimpleNamespace(**settings[name], steps=None, repeats=1, _compile=False)
+    for name, adapter in bench_adapters().items():
+        settings = dict(adapter.settings(gpu, quick))
+        split_steps = settings.pop("split_steps")
+        args = SimpleNamespace(**settings, steps=None, repeats=1, _compile=False)
         shape = f"{args.seq_len} tokens" if getattr(args, "seq_len", None) else f"{args.image_size} px"
         log(f"recipes: {name} ({args.model}, batch {args.batch_size}, {shape}, {precision}; "
             f"{pairs} pairs of >= {block_seconds:g} s blocks)")
-        spec = spec_class(args, device)
-        recipe_meter = EnergyMeter()
+        spec = adapter.build(args, device)
+        recipe_meter = NvmlEnergyWindow()
         paired = paired_blocks(spec, args, device, precision, pairs, block_seconds, meter=recipe_meter, clock=clock)
         args.steps = paired["steps_per_block"]
         wall = paired["wall"]
@@ -229,7 +236,7 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
             if peak:
                 mfu = flops * recipe / peak
                 rows.append({"metric": f"{name}_mfu", "value": mfu, "unit": "fraction", "params": {**params, "peak_flops": peak}})
-        elif f"{name}_mfu" in METRICS:
+        elif f"{name}_mfu" in metrics:
             skipped.append({"metric": f"{name}_mfu", "reason": "MFU needs a GPU with a known peak (and measured FLOPs)"})
         workers = min(8, len(__import__("os").sched_getaffinity(0))) if gpu else 2
         log(f"recipes: {name} step time split on real files ({workers} workers)")
@@ -289,7 +296,7 @@ def overall(checks: list[dict]) -> str:
     return "fail" if "fail" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
 
 
-def check(profile: dict, summary: dict[str, float], skipped: list[dict],
+def judge_thresholds(profile: dict, summary: dict[str, float], skipped: list[dict],
           spread: dict[str, tuple[float, float]] | None = None) -> list[dict]:
     """pass / fail / inconclusive / skipped per threshold. A metric not measured here (a GPU metric on a CPU
     machine, a recipe metric in the micro suite) is skipped with the reason, and fails only if the profile lists
@@ -428,13 +435,13 @@ def run_bench(suite: str, profile_name: str | None, quick: bool, out: str | None
 
     rows, skipped = [], []
     if suite in ("micro", "acceptance"):
-        r, s = micro_suite(device, quick, log)
+        r, s = micro_suite(device, quick, log, profile.get("dataloader_recipe") if profile else None)
         rows, skipped = rows + r, skipped + s
     if suite in ("recipes", "acceptance"):
         r, s = recipes_suite(device, quick, log)
         rows, skipped = rows + r, skipped + s
     summary = summarize(rows)
-    checks = check(profile, summary, skipped, bands(rows)) if profile else None
+    checks = judge_thresholds(profile, summary, skipped, bands(rows)) if profile else None
     verdict = None if checks is None else overall(checks)
     passed = None if verdict is None else verdict == "pass"
     date = time.strftime("%Y-%m-%d")

@@ -3,8 +3,8 @@ a use case (the expertise centre's way of starting a company's recipe), as torch
 
 A recipe is one folder (its code and its ``configs/``), and its code imports only ``aifactory_train.recipe`` and
 its own files (relative imports), so the copy is the folder, with the recipe's names renamed: the package path in
-the configs' ``_target_``s (``aifactory_train.recipes.plastic_sorting...`` -> ``tulip_grading...``), the class
-prefixes (``PlasticSorting...`` -> ``TulipGrading...``) and the config names. No import line is rewritten.
+the configs' ``_target_``s (``aifactory_train.recipes.fruit_sorting...`` -> ``tulip_grading...``), the class
+prefixes (``FruitSorting...`` -> ``TulipGrading...``) and the config names. No import line is rewritten.
 ``AIFT_RECIPES_PATH=DIR`` then makes every ``aift`` command find it. Nothing that exists is overwritten.
 """
 
@@ -45,7 +45,7 @@ def copy_recipe(source: str, name: str, to: str | Path) -> list[Path]:
     _check_name(name, sorted(folders))
     to = Path(to).expanduser().resolve()
     renames = {recipe_package(source): name, camel(source): camel(name), source: name}
-    # one pass, longest first: a new name that contains the old one (crop_detection -> my_crop_detection) must not
+    # one pass, longest first: a new name that contains the old one (weed_maps -> my_weed_maps) must not
     # be renamed again
     pattern = re.compile("|".join(re.escape(old) for old in sorted(renames, key=len, reverse=True)))
 
@@ -65,7 +65,7 @@ def copy_recipe(source: str, name: str, to: str | Path) -> list[Path]:
     written = []
     for origin, target in plan:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if origin.suffix in (".py", ".yaml", ".yml", ".md", ".txt", ".json"):
+        if origin.suffix in (".py", ".yaml", ".yml", ".md", ".txt", ".json", ".sh"):
             target.write_text(renamed(origin.read_text()))
         else:
             shutil.copy2(origin, target)

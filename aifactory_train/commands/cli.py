@@ -19,8 +19,8 @@ usage:
   aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
   aift predict recipe=NAME ckpt_path=FILE input=DIR
                                            predictions for new files, one JSON line each (--help)
-  aift export recipe=NAME ckpt_path=FILE   a deployable model (crop_detection, plastic_sorting: format=onnx;
-                                           clinical_notes: format=hf) + provenance.json (--help)
+  aift export recipe=NAME ckpt_path=FILE   a deployable model (format=onnx for the image
+                                           recipes, format=hf for text ones) + provenance.json (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift recipes copy SOURCE NAME --to DIR   a recipe copied and renamed into DIR, to adapt; use it with
                                            AIFT_RECIPES_PATH=DIR (every command then finds it)
@@ -30,7 +30,7 @@ usage:
   aift recipes show NAME                   a recipe's data layout, experiments, options, exports, benchmark
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
-                                           de-identify sensitive text (clinical_notes: deduce) before training
+                                           de-identify sensitive text (the text recipe: deduce) before training
   aift data check recipe=NAME data.root=DIR [--out DIR]
                                            a data health report (counts, classes, sizes, leakage, terms)
                                            without training; exit 1 when training would refuse it or it leaks
@@ -50,9 +50,10 @@ A failure prints one line (exit 2: a mistake in the command or config, it says w
 log file that holds the traceback; 130: Ctrl-C; 143: stopped by SIGTERM after saving a checkpoint).
 
 Examples:
-  aift data synth plastic_sorting --out data/plastic_sorting
-  aift train recipe=plastic_sorting debug=smoke
-  aift train recipe=plastic_sorting data.root=/path/to/images model=efficientnet_b0 trainer.max_epochs=20
+  aift recipes list                               (NAME: one of these)
+  aift data synth NAME --out data/NAME
+  aift train recipe=NAME debug=smoke
+  aift train recipe=NAME data.root=/path/to/images model=efficientnet_b0 trainer.max_epochs=20
 """
 
 
@@ -486,17 +487,17 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output folder; must be empty or new unless --overwrite")
     synth.add_argument("--size", type=int, default=None, help="number of training examples (recipe default if unset)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    synth.add_argument("--variant", default=None, help="recipe-specific variant, e.g. multispectral for plastic_sorting")
+    synth.add_argument("--variant", default=None, help="recipe-specific variant, e.g. multispectral for the image classification recipe")
     synth.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     deidentify = data_sub.add_parser(
         "deidentify",
         prog="aift data deidentify",
         help="de-identify a dataset",
         description="Replace names, dates, ages, BSNs, phone numbers, addresses and institutions in the recipe's "
-                    "text fields by tags (clinical_notes: deduce), writing the same splits into --out with a data "
+                    "text fields by tags (the text recipe: deduce), writing the same splits into --out with a data "
                     "card marked deidentified: true and a report of counts per tag type (never the originals).",
     )
-    deidentify.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=clinical_notes "
+    deidentify.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=NAME "
                                                         "data.root=RAW data.text_field=note")
     deidentify.add_argument("--out", required=True, help="output folder; must be empty or new unless --overwrite")
     deidentify.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
@@ -510,7 +511,7 @@ def _parser() -> argparse.ArgumentParser:
                     "were exported to and the registered model versions made of them: the data owner's question.",
     )
     runs.add_argument("overrides", nargs="*", help="train overrides naming the data and the store, e.g. "
-                                                  "recipe=plastic_sorting data.root=DIR tracking.uri=sqlite:///mlflow.db")
+                                                  "recipe=NAME data.root=DIR tracking.uri=sqlite:///mlflow.db")
     runs.add_argument("--out", default=None, help="also write the data's digests and the runs as JSON here")
     digest = data_sub.add_parser(
         "digest",
@@ -520,7 +521,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(over every file's bytes, path and label). File hashes come from this user's cache while a file's "
                     "size, times, inode and device are unchanged; --recompute reads every byte and rewrites the cache.",
     )
-    digest.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=plastic_sorting "
+    digest.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=NAME "
                                                     "data.root=DIR")
     digest.add_argument("--recompute", action="store_true", help="read every file again, not the digest cache")
     digest.add_argument("--out", default=None, help="also write the digests as JSON here")
@@ -538,7 +539,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 healthy (warnings allowed); 1 problems: the reader refuses the data, the usage "
                     "terms refuse this use, or content leaks across splits; 2 a bad config or command line.",
     )
-    check.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=crop_detection "
+    check.add_argument("overrides", nargs="*", help="train overrides naming the data, e.g. recipe=NAME "
                                                    "data.root=DIR")
     check.add_argument("--out", default=None,
                        help="output folder (default outputs/<recipe>/data_check/<date>_<time>)")

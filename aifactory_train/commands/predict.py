@@ -2,7 +2,7 @@
 
 The recipe contract: the LightningModule has ``PREDICT_EXTENSIONS`` (the file kinds it reads) and
 ``predict_files(files, batch_size, options)``, which yields one JSON-able dict per file (per record, for files of
-records such as clinical_notes' JSONL), preprocessing each as its eval split is preprocessed. ``options`` is the
+records such as a text recipe's JSONL), preprocessing each as its eval split is preprocessed. ``options`` is the
 ``predict`` config plus ``output_dir`` (where the recipe may write results of its own, such as pictures, moved into
 the run folder when every file was read) and ``input_root`` (the input folder, to name results by path).
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_train.errors import AiftError, ConfigError
+from aifactory_train.locations import default_recipe
 from aifactory_train.slurm_env import REQUEUE_SIGNAL_NAME
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -257,7 +258,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         raise AiftError(f"{' '.join(sweeping)}: a sweep ({len(points)} points); add -m to submit one job per point, "
                         f"or give one value")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "plastic_sorting")
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), default_recipe())
     job_name = job_name or "aift-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", recipe)  # a recipe sweep (a,b) too
     base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
     jobs, typed_configs = [], []

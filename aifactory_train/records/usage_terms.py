@@ -378,7 +378,7 @@ def verified_slurm_job() -> SlurmJob | None:
 # -- the recipe that runs --------------------------------------------------------------------------------------
 def running_recipe(recipe_cfg: dict[str, Any]) -> str:
     """The registered recipe whose code runs: the package of ``recipe.module._target_``
-    (``aifactory_train.recipes.plastic_sorting.module.X``: plastic_sorting; a recipe of ``$AIFT_RECIPES_PATH``,
+    (``aifactory_train.recipes.NAME.module.X``: NAME; a recipe of ``$AIFT_RECIPES_PATH``,
     ``tulip_grading.module.X``: tulip_grading). ``recipe.name`` must say the same: it is what the owner's terms,
     the MLflow experiment and the run folders go by."""
     import importlib.util

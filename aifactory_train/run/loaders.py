@@ -85,7 +85,7 @@ class SeededSamples(torch.utils.data.Dataset):
     Why: augmentations (torchvision transforms v2 draw from torch's global RNG) ran in DataLoader workers whose
     RNGs were seeded once per worker and then advanced by every sample the worker made, prefetched ones included.
     A resumed run starts fresh workers, so every augmentation after the resume differed (measured with
-    plastic_sorting's 2 workers: 210 of 244 weight tensors other than the uninterrupted run's). Seeded per sample,
+    the image classification recipe's 2 workers: 210 of 244 weight tensors other than the uninterrupted run's). Seeded per sample,
     the draws depend on nothing that a kill, the number of workers or prefetching changes; put back, the caller's
     streams (the main process's, with 0 workers) are not advanced by the dataset at all. Cost in a worker: about
     25 µs a sample (measured on a loaded 2-core machine; decoding a 64x64 PNG takes longer). Indices without an

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU checks of crop_detection (and plastic_sorting's input pipeline after the uint8 change), for a lent GPU.
+# GPU checks of crop_detection, for a lent GPU (plastic_sorting's input pipeline: recipes/plastic_sorting/gpu.sh).
 # Here, first:  bash ../shared/device/wheelhouse.sh faster-coco-eval && .venv/bin/pip wheel --no-deps . -w .whl
-# There:        bash benchmarks/gpu/crop_detection.sh        (results in $OUT, default ./gpu_results)
-source "$(dirname "$0")/prepare.sh"
+# There:        bash recipes/crop_detection/gpu.sh        (results in $OUT, default ./gpu_results)
+source benchmarks/gpu/prepare.sh  # run from the repository root
 # Faster R-CNN R50-FPN v2, 640 px, batch 16, bf16-mixed: recipe vs plain loop (reference figures (benchmarks/README.md): plain bf16 78 img/s on H200)
 timeout 150 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 20 --warmup 3 --repeats 3 --workers \
@@ -15,7 +15,3 @@ timeout 300 python3 benchmarks/recipe_step.py crop_detection --model fasterrcnn_
 # the same shape, counted instead of timed: sync points and aten ops per step, recipe vs plain loop (~1 min)
 timeout 150 python3 benchmarks/step_overhead.py crop_detection --model fasterrcnn_resnet50_fpn_v2 --image-size 640 \
     --batch-size 16 --steps 4 --out "$OUT/crop_overhead.json" --markdown "$OUT/crop_overhead.md" 2>&1 | tail -3
-# plastic_sorting input pipeline (uint8 batches now), ResNet-50 224 px batch 256
-timeout 120 python3 benchmarks/recipe_step.py plastic_sorting --model resnet50 --image-size 224 --batch-size 256 \
-    --steps 10 --warmup 5 --repeats 1 --workers 8 12 \
-    --out "$OUT/plastic_pipeline.json" --markdown "$OUT/plastic_pipeline.md" 2>&1 | grep -E "compile=|pipeline|Error" | tail -5

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # All GPU checks of plastic_sorting in one go, for a lent H100/H200 (see README "Benchmarks").
 # Here, first:  bash ../shared/device/wheelhouse.sh && .venv/bin/pip wheel --no-deps . -w .whl
-# There:        bash benchmarks/gpu/plastic_sorting.sh        (results in $OUT, default ./gpu_results)
-source "$(dirname "$0")/prepare.sh"
+# There:        bash recipes/plastic_sorting/gpu.sh        (results in $OUT, default ./gpu_results)
+source benchmarks/gpu/prepare.sh  # run from the repository root
 REPO=$PWD
 python3 -c "import torch, lightning, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchvision', torchvision.__version__)" | tee "$OUT/versions.txt"
 
