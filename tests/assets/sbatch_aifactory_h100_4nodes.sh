@@ -13,7 +13,7 @@
 #SBATCH --requeue
 #SBATCH --output=/scratch/aif/run1/slurm/%x-%j.out
 #SBATCH --error=/scratch/aif/run1/slurm/%x-%j.err
-# --signal without "B:" sends USR1 to every rank (srun's tasks), not only to this batch shell.
+# --signal without "B:" sends the requeue signal to every rank (srun's tasks), not only to this batch shell.
 
 set -euo pipefail
 export NCCL_DEBUG=WARN
