@@ -188,7 +188,8 @@ def fit_and_test(run: OpenRun, datamodule, module, parts) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path, weights_only=True)
         metrics = _scalar_metrics(trainer.callback_metrics)
-        best_path = parts.checkpoint.best_model_path
+        # read now: the test stage below restores the callback's state from the best checkpoint
+        best_path, last_path = parts.checkpoint.best_model_path, parts.checkpoint.last_model_path
         tested = None
         if cfg.run_test and datamodule.has_split("test") and run.resolved["strategy"]["name"] == "fsdp":
             # Lightning's FSDP test stage after fit does not reload a full state dict into the wrapped model (nor
@@ -222,7 +223,8 @@ def fit_and_test(run: OpenRun, datamodule, module, parts) -> dict[str, Any]:
         energy.finish()
         run.tracker.finish("FAILED")
         raise
-    return {"status": "completed", "metrics": metrics, "tested": tested}
+    return {"status": "completed", "metrics": metrics, "tested": tested, "best_path": best_path,
+            "last_path": last_path}
 
 
 def check_best_deepspeed_folder(run: OpenRun, best_path: str) -> None:
@@ -253,7 +255,7 @@ def write_run_summary(run: OpenRun, module, parts, lineage, outcome: dict[str, A
 
     trainer, checkpoint, throughput = parts.trainer, parts.checkpoint, parts.throughput
     resolved, recipe, tracker = run.resolved, run.resolved["recipe"], run.tracker
-    best_path, last_path = checkpoint.best_model_path, checkpoint.last_model_path
+    best_path, last_path = outcome["best_path"], outcome["last_path"]
     flops_per_sample, flops_per_token = counted_flops(module)
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
