@@ -347,6 +347,10 @@ class EarlyStoppingConfig:
               "a finite number >= 0")
 
 
+from aifactory_train.audit import AuditConfig  # noqa: E402 - the sections of issue 19, in their own modules
+from aifactory_train.consent import RunSection  # noqa: E402
+
+
 @dataclass
 class RunConfig:
     """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
@@ -368,6 +372,8 @@ class RunConfig:
     export: Dict[str, Any] = field(default_factory=dict)  # aift export only
     input: Optional[str] = None  # aift predict only
     predict: Dict[str, Any] = field(default_factory=dict)  # aift predict only
+    run: RunSection = field(default_factory=RunSection)  # run.purpose: checked against the cards' DUO codes
+    audit: AuditConfig = field(default_factory=AuditConfig)  # where the audit log goes
 
 
 
@@ -609,7 +615,7 @@ def check_data(typed, stage: str = "fit", account: str | None = None, queued: bo
         check_files(stage)
     # the owner's terms of every card at or above data.root, for the recipe whose code runs (returns the record)
     recipe = {"name": typed.recipe.name, "module": dict(typed.recipe.module)}
-    return check_usage(data_paths(data), recipe, account, queued=queued) if data is not None else None
+    return check_usage(data_paths(data), recipe, account, queued=queued, config=typed) if data is not None else None
 
 
 def missing_data_root(root: Any, recipe: str, deidentify: bool = False) -> Exception:

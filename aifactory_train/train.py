@@ -265,7 +265,10 @@ def run_training(cfg) -> dict[str, Any]:
         config_yaml.write_text(OmegaConf.to_yaml(record))
         lineage = datamodule.lineage()
         tracker.log_run_start(record, config_yaml, lineage)
-        provenance.begin(training_provenance(record, lineage, tracker, run_dir))
+        from aifactory_train.consent import provenance_entry
+
+        # the declared purpose and the cards' DUO codes travel with every checkpoint and export
+        provenance.begin({**training_provenance(record, lineage, tracker, run_dir), **provenance_entry(usage)})
         # tags, not params: a job resumed on another rank count has another accumulation (and, without
         # trainer.global_batch_size, another global batch)
         tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
