@@ -465,6 +465,10 @@ def _check_usage(paths, recipe_cfg, account, queued, today, config) -> dict[str,
     for term in terms:
         term.check(recipe, user, account, today, host=host, host_note=host_note)
     consent = check_purpose_codes(cards, config, user, today)  # the cards' DUO codes against run.purpose
+    from aifactory_train.withdrawal import lists_for, reload
+
+    reload()  # every withdrawal list is read now, as it is: one that cannot be read refuses the run before any data is
+    consent["withdrawals"] = list({w.path: w.as_dict() for c in cards for w in lists_for(c.parent)}.values())
     record = {"recipe": recipe, "user": user, "host": host, "host_from": host_from, "account": account,
               "slurm_job": job.job_id if job is not None else None,
               "paths": [str(Path(p).resolve()) for p in paths][:20], **describe_cards(cards), **consent}

@@ -250,7 +250,9 @@ def test_refused_and_allowed_runs_are_logged_and_verify_finds_tampering(plastic_
     (data / "aift-audit.jsonl").unlink(missing_ok=True)
     (data / "aift-audit.jsonl.head").unlink(missing_ok=True)
     card = yaml.safe_load((data / DATACARD_FILE).read_text())
-    (data / DATACARD_FILE).write_text(yaml.safe_dump({**card, "duo": ["DUO:0000042", "DUO:0000046"]}))
+    (data / "withdrawn.txt").write_text("train_00001\ntrain_00008\n")  # two subjects' images
+    (data / DATACARD_FILE).write_text(yaml.safe_dump({**card, "duo": ["DUO:0000042", "DUO:0000046"],
+                                                      "withdrawals": {"list": "withdrawn.txt"}}))
     result = aift(*TRAIN, f"data.root={data}", "run.purpose.use=commercial", "run.purpose.organisation=company",
                   "hydra.run.dir=refused", cwd=tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -261,7 +263,12 @@ def test_refused_and_allowed_runs_are_logged_and_verify_finds_tampering(plastic_
     result = aift(*TRAIN, f"data.root={data}", "run.purpose.use=research", "run.purpose.organisation=academic",
                   "hydra.run.dir=allowed", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    check = json.loads((tmp_path / "allowed" / "summary.json").read_text())["usage_check"]
+    summary = json.loads((tmp_path / "allowed" / "summary.json").read_text())
+    check = summary["usage_check"]
+    assert summary["dataset"]["splits"]["train"]["num_rows"] == 68  # of 70: the withdrawn two left out
+    assert summary["dataset"]["datacard"]["withdrawn"].endswith("(sha256 " + __import__("hashlib").sha256(
+        b"train_00001\ntrain_00008\n").hexdigest() + ", 2 ids): 2 record(s) left out")
+    assert check["withdrawals"][0]["ids"] == 2
     assert check["purpose"]["use"] == "research" and check["consent_codes"][0]["codes"][1]["id"] == "DUO:0000046"
     from aifactory_train.provenance import read_provenance
 
@@ -284,3 +291,83 @@ def test_refused_and_allowed_runs_are_logged_and_verify_finds_tampering(plastic_
     log.write_text("".join([lines[0].replace('"refused"', '"ok"'), *lines[1:]]))
     assert main(["audit", "verify", str(log)]) == 1
     assert main(["audit", "verify", str(tmp_path / "nowhere")]) == 2
+
+
+# -- withdrawn subjects ------------------------------------------------------------------------------------------
+def notes_with_subjects(folder: Path, withdrawn: list[str] | None) -> Path:
+    """Tagged (de-identified) notes of 6 patients, 2 notes each per split; withdrawn patients' notes carry a marker
+    word that no other note has."""
+    folder.mkdir(parents=True)
+    for split, count in (("train", 12), ("val", 4), ("test", 4)):
+        with open(folder / f"{split}.jsonl", "w") as handle:
+            for n in range(count):
+                patient = f"P{n % 6}"
+                marker = " Kwartelkoning." if patient in ("P1", "P4") else ""
+                handle.write(json.dumps({"patient_id": patient, "note": f"[PERSOON-1] ({split} {n}) klaagt over "
+                                                                         f"hoofdpijn.{marker}",
+                                         "summary": f"Hoofdpijn {n}."}) + "\n")
+    card = {"owner": "UMCG", "deidentified": True}
+    if withdrawn is not None:
+        (folder / "withdrawn.txt").write_text("# consent withdrawn\n" + "\n".join(withdrawn) + "\n")
+        card["withdrawals"] = {"list": "withdrawn.txt", "field": "patient_id"}
+    (folder / DATACARD_FILE).write_text(yaml.safe_dump(card))
+    return folder
+
+
+def _batch_texts(data: Path) -> tuple[list[str], object]:
+    from aifactory_train.recipes.clinical_notes.data import ClinicalNotesDataModule
+
+    module = ClinicalNotesDataModule(str(data), {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
+                                     tokenizer_vocab_size=300, batch_size=4)
+    module.setup("fit")
+    texts = []
+    for loader in (module.train_dataloader(), module.val_dataloader(), module.test_dataloader()):
+        for batch in loader:
+            texts += module.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    return texts, module
+
+
+def test_no_withdrawn_record_reaches_a_batch(tmp_path):
+    texts, _ = _batch_texts(notes_with_subjects(tmp_path / "all", None))
+    assert any("Kwartelkoning" in t for t in texts)  # the control: without the list they are trained on
+    data = notes_with_subjects(tmp_path / "cohort", ["P1", "P4"])
+    texts, module = _batch_texts(data)
+    assert texts and not any("Kwartelkoning" in t for t in texts)
+    assert len(module.records["train"]) == 8 and len(module.records["val"]) == 3
+    assert "Kwartelkoning" not in module.tokenizer.get_vocab()  # nor its vocabulary: read after the exclusion
+    recorded = module.lineage().datacard["withdrawn"]
+    sha = __import__("hashlib").sha256((data / "withdrawn.txt").read_bytes()).hexdigest()
+    assert f"{(data / 'withdrawn.txt').resolve()} (sha256 {sha}, 2 ids): 6 record(s) left out" == recorded
+
+
+def test_withdrawn_images_are_left_out_by_file_name(data_copy):
+    from aifactory_train.recipes.plastic_sorting.data import scan_imagefolder
+    from aifactory_train.withdrawal import summary
+
+    before = scan_imagefolder(data_copy)["train"]
+    gone = [before[0][0], before[5][0]]
+    (data_copy / "withdrawn.txt").write_text(f"{Path(gone[0]).stem}\n{gone[1]}\n")  # a record id, a path
+    card = yaml.safe_load((data_copy / DATACARD_FILE).read_text())
+    (data_copy / DATACARD_FILE).write_text(yaml.safe_dump({**card, "withdrawals": "withdrawn.txt"}))
+    check_usage(data_copy, PLASTIC, config=run(), today=TODAY)  # what every command does first: reads the lists
+    after = scan_imagefolder(data_copy)["train"]
+    assert len(after) == len(before) - 2 and not {rel for rel, _ in after} & set(gone)
+    assert summary(data_copy)[0]["excluded"] == 2
+
+
+@pytest.mark.parametrize("section, files, message", [
+    ({"list": "missing.txt"}, {}, "withdrawals.list 'missing.txt': '{root}/missing.txt' cannot be read (No such file "
+                                  "or directory)"),
+    ({"list": "w.txt", "colum": "x"}, {"w.txt": b"P1\n"}, "withdrawals has unknown key(s) ['colum']; valid: list, field"),
+    ({"list": "w.txt"}, {"w.txt": b"\xff\xfe"}, "withdrawals.list '{root}/w.txt' is not UTF-8 text"),
+    (["w.txt"], {}, "withdrawals must be a mapping of list, field"),
+])
+def test_a_withdrawal_list_that_cannot_be_read_refuses_the_use(tmp_path, section, files, message):
+    root = tmp_path / "cohort"
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / DATACARD_FILE).write_text(yaml.safe_dump({"owner": "UMCG", "withdrawals": section}))
+    with pytest.raises(DataError) as refused:
+        check_usage(root, PLASTIC, config=run(), today=TODAY)
+    assert f"data card '{root / DATACARD_FILE}': " + message.format(root=root.resolve()) in str(refused.value)
