@@ -179,7 +179,7 @@ def log_action(action: str, outcome: str, run_dir: Path | None = None, error: Ba
         "datasets": [{k: d.get(k) for k in ("root", "digest")} for d in datasets],
         "cards": cards, "duo": record.get("consent_codes"),
         "purpose": record.get("purpose") or noted_check.get("purpose") or _purpose(config),
-        "obligations": record.get("obligations"),
+        "obligations": record.get("obligations"), "withdrawals": record.get("withdrawals"), "rank": _rank(),
     }
     path = location(noted_check.get("audit_path") or _audit_path_of(config), cards, run_dir)
     try:
@@ -190,6 +190,14 @@ def log_action(action: str, outcome: str, run_dir: Path | None = None, error: Ba
         return None
     log.info("audit: %s %s, line %d (sha256 %s) of %s", action, outcome, seq, digest, path)
     return path, seq, digest
+
+
+def _rank() -> int | None:
+    """The process's global rank as Lightning counts it (None before Lightning was imported): information only."""
+    import sys
+
+    utilities = sys.modules.get("lightning.pytorch.utilities")
+    return getattr(utilities.rank_zero_only, "rank", None) if utilities is not None else None
 
 
 def _datasets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -266,12 +274,8 @@ def verify(path: str | Path) -> Verdict:
 def command_ended(command: str, run_dir: Path | None, result: Any = None, error: BaseException | None = None,
                   config: Any = None) -> None:
     """The hook of the commands (cli.py): the line of ``command`` once it ended, with ``result`` (its summary) or
-    ``error``. Global rank 0 only (the other ranks of a run are the same action)."""
-    import sys
-
-    utilities = sys.modules.get("lightning.pytorch.utilities")
-    if utilities is not None and getattr(utilities.rank_zero_only, "rank", 0) != 0:
-        return
+    ``error``. Every process of a run writes its own line (with its rank): which rank a process is comes from
+    variables a user can set, so no process may leave its line out on that ground."""
     if error is None:
         outcome = "stopped" if isinstance(result, dict) and result.get("status") == "stopped" else "ok"
     elif _NOTED is not None and _NOTED.get("refusal") is error:

@@ -371,3 +371,32 @@ def test_a_withdrawal_list_that_cannot_be_read_refuses_the_use(tmp_path, section
     with pytest.raises(DataError) as refused:
         check_usage(root, PLASTIC, config=run(), today=TODAY)
     assert f"data card '{root / DATACARD_FILE}': " + message.format(root=root.resolve()) in str(refused.value)
+
+
+def test_the_purpose_and_codes_reach_an_exported_models_metadata(tmp_path):
+    from aifactory_train.consent import provenance_entry
+    from aifactory_train.provenance import onnx_metadata
+
+    data = coded(tmp_path / "cohort", ["DUO:0000042", "DUO:0000046"])
+    record = check_usage(data, PLASTIC, config=run(use="research", organisation="academic"), today=TODAY)
+    document = {"recorded": True, **provenance_entry(record), "export": {}}
+    metadata = onnx_metadata(document)  # also the registered model version's tags (export.register_export)
+    assert metadata["aift.usage.duo"] == f"DUO:0000042 DUO:0000046 ({data / DATACARD_FILE})"
+    assert metadata["aift.usage.purpose"] == "use=research; organisation=academic"
+    assert json.loads(metadata["aift.provenance"])["usage"]["purpose"]["use"] == "research"
+
+
+def test_a_refused_launch_is_in_the_owners_audit_log(plastic_data, tmp_path, monkeypatch):
+    from aifactory_train.cli import main
+
+    data = Path(shutil.copytree(plastic_data, tmp_path / "cohort"))
+    for name in ("aift-audit.jsonl", "aift-audit.jsonl.head"):
+        (data / name).unlink(missing_ok=True)
+    card = yaml.safe_load((data / DATACARD_FILE).read_text())
+    (data / DATACARD_FILE).write_text(yaml.safe_dump({**card, "duo": ["DUO:0000042", "DUO:0000046"]}))
+    monkeypatch.chdir(tmp_path)
+    code = main(["launch", "recipe=plastic_sorting", "cluster=aifactory_h100", "strategy=ddp", f"data.root={data}",
+                 "run.purpose.use=commercial", "run.purpose.organisation=company"])
+    assert code == 2 and not (tmp_path / "outputs").exists()
+    line = json.loads((data / "aift-audit.jsonl").read_text().splitlines()[-1])
+    assert (line["action"], line["outcome"]) == ("launch", "refused") and "DUO:0000046" in line["reason"]
