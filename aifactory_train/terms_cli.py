@@ -49,7 +49,9 @@ def card_check(args: argparse.Namespace) -> int:
         terms = card_terms(card_path, card)  # every command refuses a card whose terms cannot be read
         codes = card_codes(card, card_path)
         sources = _source_codes(card, card_path)
-        print(f"{'' if n == 0 else chr(10)}data card {card_path.resolve()}" + (" (covers the data below it)" if n else ""))
+        if n:
+            print()
+        print(f"data card {card_path.resolve()}" + (" (covers the data below it)" if n else ""))
         for key in ("name", "owner", "license", "sensitivity"):
             if card.get(key) not in (None, ""):
                 print(f"  {key}: {card[key]}")

@@ -91,7 +91,8 @@ def test_the_codes_a_derived_dataset_carries_from_its_source_apply(tmp_path):
     (["DUO:0000042", "DUO:0000999"], "duo[1]: 'DUO:0000999' is not a DUO code aift knows"),
     (["DUO:0000001"], "duo[0]: DUO:0000001 (data use permission) is DUO's category, not a code to state"),
     (["DUO:0000007"], "duo[0] DUO:0000007 (disease specific research) needs 'disease'"),
-    ([{"code": "DUO:0000007", "disease": ["diabetes"]}], "duo[0] DUO:0000007.disease: 'diabetes' is not a disease ontology id"),
+    ([{"code": "DUO:0000007", "disease": ["diabetes"]}],
+     "duo[0] DUO:0000007.disease: 'diabetes' is not a disease ontology id"),
     (["DUO:0000046"], "duo states 0 data use permissions (none); a card states exactly one of"),
     (["DUO:0000042", "DUO:0000004"], "duo states 2 data use permissions (DUO:0000042, DUO:0000004)"),
     ([{"code": "DUO:0000025", "until": "soon"}], "duo[0] DUO:0000025.until must be a date (YYYY-MM-DD), not 'soon'"),
@@ -358,7 +359,8 @@ def test_withdrawn_images_are_left_out_by_file_name(data_copy):
 @pytest.mark.parametrize("section, files, message", [
     ({"list": "missing.txt"}, {}, "withdrawals.list 'missing.txt': '{root}/missing.txt' cannot be read (No such file "
                                   "or directory)"),
-    ({"list": "w.txt", "colum": "x"}, {"w.txt": b"P1\n"}, "withdrawals has unknown key(s) ['colum']; valid: list, field"),
+    ({"list": "w.txt", "colum": "x"}, {"w.txt": b"P1\n"},
+     "withdrawals has unknown key(s) ['colum']; valid: list, field"),
     ({"list": "w.txt"}, {"w.txt": b"\xff\xfe"}, "withdrawals.list '{root}/w.txt' is not UTF-8 text"),
     (["w.txt"], {}, "withdrawals must be a mapping of list, field"),
 ])
