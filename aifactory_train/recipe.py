@@ -54,6 +54,7 @@ _LAZY = {
     "DATACARD_FILE": ("aifactory_train.records.lineage", "DATACARD_FILE"),
     "read_datacard": ("aifactory_train.records.lineage", "read_datacard"),
     "datacards_for": ("aifactory_train.records.usage_terms", "datacards_for"),
+    "withdrawn": ("aifactory_train.records.withdrawal", "withdrawn"),  # a data owner's withdrawal list
     "load_datacard": ("aifactory_train.records.usage_terms", "load_datacard"),
     "prepare_output_folder": ("aifactory_train.data.synth", "prepare_output_folder"),
     "write_datacard": ("aifactory_train.data.synth", "write_datacard"),
@@ -102,6 +103,7 @@ __all__ = [
     "inside_root", "shared_across_splits", "file_digests",
     # data cards and demo data
     "DATACARD_FILE", "read_datacard", "datacards_for", "load_datacard", "prepare_output_folder", "write_datacard",
+    "withdrawn",
     # aift data check
     "DataDescription", "SplitDescription", "Sample", "record_hash",
     # aift predict: file batching

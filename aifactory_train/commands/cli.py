@@ -41,6 +41,8 @@ usage:
   aift launch [--dry-run] [-m] KEY=VALUE ...
                                            render + submit an sbatch job (-m: one job per sweep point)
   aift launch --local N KEY=VALUE ...      the same job as N processes on this machine (smoke test)
+  aift data card check PATH                a data card validated; what it permits, in plain words
+  aift audit verify [PATH]                 the audit log's hash chain: exit 1 naming the first bad line
   aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
@@ -147,29 +149,33 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         fresh = fresh_run_dir(run_dir, given)
+        from aifactory_train.records.audit import command_ended
+
         try:
             _preflight(cfg, command)
             if command == "train":
                 from aifactory_train.commands.train import run_training
 
                 outcome = run_training(cfg)
-                if isinstance(outcome, dict) and outcome.get("status") == "stopped":
-                    sys.exit(143)  # 128 + SIGTERM: stopped, not finished (the checkpoint is saved)
             elif command == "eval":
                 from aifactory_train.commands.evaluate import run_evaluation
 
-                run_evaluation(cfg)
+                outcome = run_evaluation(cfg)
             elif command == "predict":
                 from aifactory_train.commands.predict import run_prediction
 
-                run_prediction(cfg)
+                outcome = run_prediction(cfg)
             else:
                 from aifactory_train.commands.export import run_export
 
-                run_export(cfg)
+                outcome = run_export(cfg)
         except (Exception, KeyboardInterrupt) as err:
+            command_ended(command, run_dir, error=err, config=cfg)  # the audit log: refused or failed
             # handled here, not by Hydra, which would print "Error executing job" and the traceback
             sys.exit(report_job_failure(err, run_dir, fresh, verbose))
+        command_ended(command, run_dir, result=outcome, config=cfg)  # the audit log: one line per action
+        if command == "train" and isinstance(outcome, dict) and outcome.get("status") == "stopped":
+            sys.exit(143)  # 128 + SIGTERM: stopped, not finished (the checkpoint is saved)
 
     sys.argv = [f"aift {command}", *(searchpath or []), *args]
     previous = os.environ.get("HYDRA_FULL_ERROR")
@@ -278,7 +284,7 @@ def _data_use_allowed(resolved: dict) -> None:
     """Reading a dataset to digest it is a use too: the owner's terms are checked as for training."""
     from aifactory_train.records.usage_terms import check_usage, data_paths
 
-    check_usage(data_paths(resolved["data"]), resolved["recipe"])
+    check_usage(data_paths(resolved["data"]), resolved["recipe"], config=resolved)
 
 
 def _validated_train_config(overrides: list[str]):
@@ -308,7 +314,7 @@ def _data_deidentify(args: argparse.Namespace) -> int:
     from aifactory_train.records.usage_terms import check_usage, data_paths
 
     # a step on the data is a use of it: the source's terms are checked as a training run's are, before it is read
-    check_usage(data_paths(resolved["data"]), recipe)
+    check_usage(data_paths(resolved["data"]), recipe, config=resolved)
     deidentify = load_object(recipe["deidentify"])
     report = deidentify(resolved["data"], out=args.out, overwrite=args.overwrite)
     print(json.dumps({"records": report["records"], "tags": report["tags"], "notes_per_s": report["notes_per_s"]}))
@@ -422,11 +428,19 @@ def _launch(args: argparse.Namespace) -> int:
     from aifactory_train.errors import ConfigError
     from aifactory_train.launch.slurm import launch
 
+    from aifactory_train.records.audit import command_ended
+
     try:
-        return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
+        code = launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
                       data_check=not args.no_data_check)
     except HydraException as err:  # one line, as `aift train` reports Hydra's errors, not a traceback
         raise ConfigError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+    except Exception as err:
+        command_ended("launch", None, error=err)  # the audit log: a job refused (or failing) before the queue
+        raise
+    if not args.dry_run:
+        command_ended("launch", None, result={"status": "queued" if code == 0 else f"exit {code}"})
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -576,6 +590,9 @@ def _parser() -> argparse.ArgumentParser:
                              "data only the compute nodes see, e.g. staged to node-local disk)")
     launch.add_argument("--job-name", default=None, help="Slurm job name (default aift-<recipe>)")
     launch.add_argument("--run-dir", default=None, help="the run folder (default outputs/<recipe>/<date>_<time>)")
+    from aifactory_train.commands.terms import add_parsers
+
+    add_parsers(data_sub, sub)  # aift data card check, aift audit verify
     bench = sub.add_parser(
         "bench",
         prog="aift bench",
@@ -636,9 +653,15 @@ def _main(argv: list[str], verbose: bool) -> int:
                        "show": _recipes_show}
             return actions[args.recipes_command](args)
         if args.command == "data":
+            from aifactory_train.commands.terms import card_check
+
             actions = {"check": _data_check, "deidentify": _data_deidentify, "digest": _data_digest, "runs": _data_runs,
-                       "synth": _data_synth}
+                       "synth": _data_synth, "card": card_check}
             return actions[args.data_command](args)
+        if args.command == "audit":
+            from aifactory_train.commands.terms import audit_verify
+
+            return audit_verify(args)
         if args.command == "checkpoint":
             from aifactory_train.run.checkpoints import consolidate
 

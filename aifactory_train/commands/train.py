@@ -147,6 +147,7 @@ def record_run_start(run: OpenRun, datamodule, parts):
     from aifactory_train.records.tracking import is_global_zero
     from aifactory_train.records.usage_terms import usage_tags
     from aifactory_train.run.checkpoints import check_world_size
+    from aifactory_train.records.consent import provenance_entry
     from aifactory_train.run.provenance import training_provenance
 
     if not run.ckpt_path and is_global_zero():
@@ -162,7 +163,9 @@ def record_run_start(run: OpenRun, datamodule, parts):
     config_yaml.write_text(OmegaConf.to_yaml(record))
     lineage = datamodule.lineage()
     run.tracker.log_run_start(record, config_yaml, lineage)
-    parts.provenance.begin(training_provenance(record, lineage, run.tracker, run.run_dir))
+    # the declared purpose and the cards' DUO codes travel with every checkpoint and export
+    parts.provenance.begin({**training_provenance(record, lineage, run.tracker, run.run_dir),
+                            **provenance_entry(run.usage)})
     # tags, not params: a job resumed on another rank count has another accumulation (and, without
     # trainer.global_batch_size, another global batch)
     run.tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})

@@ -362,6 +362,10 @@ class EarlyStoppingConfig:
               "a finite number >= 0")
 
 
+from aifactory_train.records.audit import AuditConfig  # noqa: E402 - the sections of issue 19, in their own modules
+from aifactory_train.records.consent import RunSection  # noqa: E402
+
+
 @dataclass
 class PredictOptions:
     """The ``predict`` section: what `aift predict` needs of every recipe. A recipe with options of its own (a score
@@ -412,6 +416,8 @@ class RunConfig:
     export: ExportOptions = field(default_factory=ExportOptions)  # aift export only; a recipe may extend it
     input: Optional[str] = None  # aift predict only
     predict: PredictOptions = field(default_factory=PredictOptions)  # aift predict only; a recipe may extend it
+    run: RunSection = field(default_factory=RunSection)  # run.purpose: checked against the cards' DUO codes
+    audit: AuditConfig = field(default_factory=AuditConfig)  # where the audit log goes
 
 
 
@@ -441,9 +447,10 @@ def compose_train_config(overrides: list[str], run_dir: Any):
 
     from aifactory_train.locations import config_dir, use_recipes
 
+    extra = use_recipes()  # before Hydra starts: it reads the recipes' config folders when it is initialised
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=[*use_recipes(), *overrides], return_hydra_config=True)
+            cfg = compose("train", overrides=[*extra, *overrides], return_hydra_config=True)
     except HydraException as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     with open_dict(cfg):
@@ -653,7 +660,7 @@ def check_data(typed, stage: str = "fit", account: str | None = None, queued: bo
         check_files(stage)
     # the owner's terms of every card at or above data.root, for the recipe whose code runs (returns the record)
     recipe = {"name": typed.recipe.name, "module": dict(typed.recipe.module)}
-    return check_usage(data_paths(data), recipe, account, queued=queued) if data is not None else None
+    return check_usage(data_paths(data), recipe, account, queued=queued, config=typed) if data is not None else None
 
 
 def missing_data_root(root: Any, recipe: str, deidentify: bool = False) -> Exception:
