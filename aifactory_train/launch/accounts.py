@@ -1,0 +1,159 @@
+"""The facility's allocation tracks as Slurm accounts.
+
+The cluster profile (configs/cluster/*.yaml) names the tracks and their accounts (``accounts``: euro_hpc ->
+aif-eurohpc, ...), their fair-share (``shares``: 50/25/25), and the projects, each a Slurm sub-account under its
+track's account (``projects``: name -> track and users). ``aift cluster accounts cluster=NAME`` makes Slurm's
+association tree match, with ``sacctmgr`` (idempotent: it adds what is missing and sets what differs, it deletes
+nothing); a job of ``cluster.project=P`` is charged to P, so Slurm's fair-share and ``sacct`` count it under its
+track. A project the profile does not list, or one that the cluster's accounting does not know, is refused before
+anything is queued.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from aifactory_train.errors import AiftError, ConfigError
+
+
+def _get(cluster: Any, key: str, default: Any = None) -> Any:
+    """A key of the profile, typed (ClusterConfig) or plain (the resolved dict)."""
+    return cluster.get(key, default) if isinstance(cluster, dict) else getattr(cluster, key, default)
+
+
+def _track_of(project: Any) -> Any:
+    return _get(project, "track")
+
+
+def check_tracks(cluster: Any) -> None:
+    """The profile's tracks, shares and projects hang together; ConfigError names the first key that does not."""
+    from aifactory_train.config import check
+    from aifactory_train.launch.slurm import SLURM_NAME, SLURM_NAME_VALID
+
+    accounts = _get(cluster, "accounts") or {}
+    tracks = ", ".join(accounts) or "none defined"
+    for track, share in (_get(cluster, "shares") or {}).items():
+        check(track in accounts, f"cluster.shares.{track}", track, f"a track of cluster.accounts ({tracks})")
+        check(type(share) is int and share >= 1, f"cluster.shares.{track}", share, "a whole number >= 1 (Slurm's fairshare)")
+    projects = _get(cluster, "projects") or {}
+    for name, project in projects.items():
+        check(SLURM_NAME.fullmatch(str(name)) is not None, f"cluster.projects.{name}", name,
+              f"a Slurm account name ({SLURM_NAME_VALID})")
+        track = _track_of(project)
+        check(track in accounts and accounts.get(track) is not None, f"cluster.projects.{name}.track", track,
+              f"a track of cluster.accounts that has an account ({', '.join(t for t, a in accounts.items() if a)})")
+    project = _get(cluster, "project")
+    if project is not None:
+        if project not in projects:
+            raise ConfigError(f"cluster.project '{project}' is not a project of cluster '{_get(cluster, 'name')}' "
+                              f"(its projects: {', '.join(projects) or 'none'}); a facility admin adds it under "
+                              f"cluster.projects and runs `aift cluster accounts cluster={_get(cluster, 'name')}`")
+        track = _track_of(projects[project])
+        check(track == _get(cluster, "allocation"), "cluster.allocation", _get(cluster, "allocation"),
+              f"{track}: project '{project}' belongs to track {track} (give cluster.allocation={track})")
+
+
+def job_account(cluster: dict[str, Any]) -> str | None:
+    """The Slurm account a job of this profile is charged to: its project's sub-account, else its track's account
+    (None: the user's default account)."""
+    if cluster.get("project"):
+        return cluster["project"]
+    return (cluster.get("accounts") or {}).get(cluster.get("allocation"))
+
+
+def _sacctmgr(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    sacctmgr = shutil.which("sacctmgr")
+    if sacctmgr is None:
+        raise AiftError("sacctmgr was not found on PATH: run this on the cluster's login or admin node")
+    result = subprocess.run([sacctmgr, *args], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        why = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise AiftError(f"sacctmgr {' '.join(args)} failed: {why[-1] if why else result.returncode}")
+    return result
+
+
+@dataclass(frozen=True)
+class Association:
+    account: str
+    parent: str
+    user: str
+    fairshare: str
+
+
+def associations() -> list[Association]:
+    """Slurm's association tree of this cluster (sacctmgr show assoc)."""
+    out = _sacctmgr("-n", "-P", "show", "assoc", "format=Account,ParentName,User,Fairshare").stdout
+    rows = []
+    for line in out.splitlines():
+        account, parent, user, share = (line.split("|") + ["", "", "", ""])[:4]
+        rows.append(Association(account, parent, user, share))
+    return rows
+
+
+def account_actions(cluster: dict[str, Any], existing: list[Association]) -> list[list[str]]:
+    """The sacctmgr commands that make the association tree match the profile; [] when it does."""
+    check_tracks(cluster)
+    account_rows = {a.account: a for a in existing if not a.user}
+    users = {(a.account, a.user) for a in existing if a.user}
+    shares = cluster.get("shares") or {}
+    wanted: list[tuple[str, str, int, str]] = []  # account, parent, fairshare, description
+    for track, account in (cluster.get("accounts") or {}).items():
+        if account is not None:
+            wanted.append((account, "root", shares.get(track, 1), f"track {track}"))
+    for name, project in (cluster.get("projects") or {}).items():
+        wanted.append((name, cluster["accounts"][project["track"]], 1, f"project of track {project['track']}"))
+    actions = []
+    for account, parent, share, description in wanted:
+        row = account_rows.get(account)
+        if row is None:
+            actions.append(["add", "account", account, f"parent={parent}", f"fairshare={share}",
+                            f"description={description}", f"organization={account}"])
+            continue
+        if row.parent != parent:
+            actions.append(["modify", "account", "where", f"name={account}", "set", f"parent={parent}"])
+        if row.fairshare != str(share):
+            actions.append(["modify", "account", "where", f"name={account}", "set", f"fairshare={share}"])
+    for name, project in (cluster.get("projects") or {}).items():
+        for user in project.get("users") or []:
+            if (name, user) not in users:
+                actions.append(["add", "user", user, f"account={name}"])
+    return actions
+
+
+def apply_accounts(cluster: dict[str, Any], dry_run: bool = False) -> list[str]:
+    """Run the sacctmgr commands of ``account_actions`` (``-i``: without its confirmation prompt); returns them as
+    printed command lines."""
+    actions = account_actions(cluster, associations())
+    for action in actions:
+        if not dry_run:
+            _sacctmgr("-i", *action)
+    return ["sacctmgr -i " + " ".join(action) for action in actions]
+
+
+def accounting_available() -> bool:
+    """Whether this cluster keeps accounts (slurmdbd answers sacctmgr); False without Slurm or accounting."""
+    if shutil.which("sacctmgr") is None:
+        return False
+    result = _sacctmgr("-n", "-P", "show", "cluster", "format=Cluster", check=False)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def check_job_account(cluster: dict[str, Any], user: str) -> None:
+    """Before anything is queued: where the cluster keeps accounts, the job's account exists and ``user`` is in it
+    (Slurm would refuse the job at sbatch, with enforced associations; here the message says how to fix it)."""
+    account = job_account(cluster)
+    if account is None or not accounting_available():
+        return
+    rows = [a for a in associations() if a.account == account]
+    where = (f"project '{account}'" if cluster.get("project")
+             else f"track {cluster.get('allocation')}'s account '{account}'")
+    if not rows:
+        raise ConfigError(f"cluster.project/allocation: {where} has no Slurm account on this cluster; a facility "
+                          f"admin creates it with `aift cluster accounts cluster={cluster.get('name')}`")
+    if not any(a.user == user for a in rows):
+        raise ConfigError(f"cluster.project/allocation: user '{user}' is not in {where} on this cluster; a facility "
+                          f"admin adds the user under cluster.projects.{account}.users and runs `aift cluster "
+                          f"accounts cluster={cluster.get('name')}`")
