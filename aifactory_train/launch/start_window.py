@@ -88,7 +88,8 @@ def local_instant(day: date, clock: time, zone: ZoneInfo) -> datetime:
     naive = datetime.combine(day, clock)
     for _ in range(180):  # a skipped stretch is at most an hour (two in a few historic zones)
         if _exists(naive, zone):
-            return naive.replace(tzinfo=zone, fold=0)
+            # in UTC: Python compares and adds datetimes of one zone by wall clock, which is wrong across DST
+            return naive.replace(tzinfo=zone, fold=0).astimezone(timezone.utc)
         naive = (naive + timedelta(minutes=1)).replace(second=0, microsecond=0)
     raise ConfigError(f"cluster.timezone {zone.key}: {day} {clock} does not exist")  # not reached in real zones
 
@@ -112,6 +113,7 @@ def next_offpeak(profile: Any, now: datetime) -> datetime:
         raise ConfigError(f"launch.start=offpeak but cluster '{_get(profile, 'name')}' has no off-peak hours; set "
                           f"cluster.offpeak, e.g. ['22:00-07:00']")
     zone = profile_zone(profile)
+    now = now.astimezone(timezone.utc)
     for start, end in offpeak_intervals(windows, zone, now):
         if start <= now < end:
             return now
@@ -183,7 +185,7 @@ def read_grid_signal(path: str | Path, zone: ZoneInfo) -> GridSignal:
             previous = times[-1].astimezone(zone).isoformat()
             problem = "repeats or goes back from" if stamp <= times[-1] else "leaves a gap after"
             raise DataError(f"{where}: start {stamp_text!r} {problem} {previous}; rows are consecutive hours")
-        times.append(stamp)
+        times.append(stamp.astimezone(timezone.utc))
         values.append(value)
     if not values:
         raise DataError(f"{path}: no hours after the header")
@@ -231,6 +233,7 @@ def choose_start(profile: Any, duration: timedelta | None, now: datetime | None 
     now = now or datetime.now(timezone.utc)
     if now.tzinfo is None:
         raise ValueError("choose_start needs an aware `now`")
+    now = now.astimezone(timezone.utc)  # all arithmetic in UTC (see local_instant)
     mode = mode or ("grid" if signal_file or _get(profile, "grid_signal") else "offpeak")
     if duration is None:
         duration = duration_of(_get(profile, "time_limit"))
