@@ -130,7 +130,9 @@ def apply_accounts(cluster: dict[str, Any], dry_run: bool = False) -> list[str]:
     for action in actions:
         if not dry_run:
             _sacctmgr("-i", *action)
-    return ["sacctmgr -i " + " ".join(action) for action in actions]
+    import shlex
+
+    return [shlex.join(["sacctmgr", "-i", *action]) for action in actions]
 
 
 def accounting_available() -> bool:
@@ -157,3 +159,40 @@ def check_job_account(cluster: dict[str, Any], user: str) -> None:
         raise ConfigError(f"cluster.project/allocation: user '{user}' is not in {where} on this cluster; a facility "
                           f"admin adds the user under cluster.projects.{account}.users and runs `aift cluster "
                           f"accounts cluster={cluster.get('name')}`")
+
+
+def load_profile(overrides: list[str]) -> dict[str, Any]:
+    """A cluster profile for the admin commands (aift cluster accounts, aift usage), without composing a recipe:
+    ``cluster=NAME`` (configs/cluster/NAME.yaml, or a path to a YAML file) and ``cluster.KEY=VALUE`` overrides,
+    checked against ClusterConfig like a training config's."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from aifactory_train.config import ClusterConfig, _check_tree
+    from aifactory_train.resources import config_dir
+
+    name, rest = None, []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not (key == "cluster" or key.startswith("cluster.")):
+            raise ConfigError(f"override {override!r} is not valid here; give cluster=NAME and cluster.KEY=VALUE")
+        if key == "cluster":
+            name = value
+        else:
+            rest.append(f"{key[len('cluster.'):]}={value}")
+    if name is None:
+        raise ConfigError("no cluster profile: give cluster=NAME (a file of configs/cluster/, e.g. aifactory_h100)")
+    from pathlib import Path
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir() / "cluster" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (config_dir() / "cluster").glob("*.yaml"))
+        raise ConfigError(f"cluster={name}: no such profile ({path}); known: {', '.join(known)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), OmegaConf.load(path), OmegaConf.from_dotlist(rest))
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cluster profile {path}: key 'cluster.{getattr(err, 'full_key', '?')}': "
+                          f"{str(err).splitlines()[0]}") from None
+    _check_tree(typed)
+    return OmegaConf.to_container(merged, resolve=True)
