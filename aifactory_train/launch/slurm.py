@@ -339,4 +339,4 @@ def start_of(resolved: dict[str, Any]):
 def describe_start(start) -> str:
     saving = f"; mean grid signal {start.signal_begin:.4g} vs {start.signal_now:.4g} now ({start.saving:+.1%} saved)" \
         if start.saving is not None else ""
-    return f"begins: {start.begin.isoformat(timespec='minutes')} (launch.start={start.mode}: {start.why}{saving})"
+    return f"begins: {start.local_begin().isoformat(timespec='minutes')} (launch.start={start.mode}: {start.why}{saving})"

@@ -36,6 +36,10 @@ class StartChoice:
     signal_now: float | None = None  # mean signal over the duration, starting now
     signal_begin: float | None = None  # ... starting at `begin`
     why: str = ""
+    timezone: str = "UTC"  # the profile's, to show the begin in
+
+    def local_begin(self) -> datetime:
+        return self.begin.astimezone(ZoneInfo(self.timezone))
 
     def immediate(self, now: datetime) -> bool:
         return self.begin <= now
@@ -241,6 +245,11 @@ def choose_start(profile: Any, duration: timedelta | None, now: datetime | None 
         raise ConfigError(f"the planned duration {duration} is not > 0")
     signal_file = signal_file or _get(profile, "grid_signal")
     zone = profile_zone(profile)
+    choice = _choose(profile, duration, now, signal_file, mode, zone)
+    return StartChoice(**{**choice.__dict__, "timezone": zone.key})
+
+
+def _choose(profile: Any, duration: timedelta, now: datetime, signal_file: Any, mode: str, zone: ZoneInfo) -> StartChoice:
     if mode == "now":
         return StartChoice("now", now, why="launch.start=now")
     if mode == "offpeak":
