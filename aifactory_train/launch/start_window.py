@@ -62,7 +62,8 @@ def profile_zone(profile: Any) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"cluster.timezone '{name}' is not a time zone; use an IANA name such as Europe/Amsterdam") from None
+        raise ConfigError(f"cluster.timezone '{name}' is not a time zone; use an IANA name such as Europe/Amsterdam (zoneinfo reads the "
+                          f"system's time zone database: the tzdata package)") from None
 
 
 def parse_windows(windows: list[str]) -> list[tuple[time, time]]:
