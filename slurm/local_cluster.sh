@@ -12,18 +12,20 @@ ACTION=${1:?usage: local_cluster.sh start|stop [DIR]}
 DIR=$(realpath -m "${2:-${AIFT_SLURM_DIR:-/tmp/aift-slurm}}")
 
 stop() {
+    local pids=()
     for pidfile in "$DIR"/run/*.pid; do
         [ -f "$pidfile" ] || continue
-        kill "$(cat "$pidfile")" 2>/dev/null || true
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null && pids+=("$pid")
     done
-    # MariaDB flushes its tables on SIGTERM: wait for it (and the others), so that a restart finds the database
-    # closed cleanly and its port free
-    for _ in $(seq 1 30); do
+    # MariaDB flushes its tables on SIGTERM: wait for it (and the others, which may remove their pid files before
+    # they are gone), so that a restart finds the database closed cleanly and the ports free
+    for _ in $(seq 1 60); do
         alive=0
-        for pidfile in "$DIR"/run/*.pid; do
-            [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && alive=1
+        for pid in "${pids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then alive=1; fi
         done
-        [ $alive = 0 ] && break
+        if [ $alive = 0 ]; then break; fi
         sleep 0.5
     done
     rm -f "$DIR"/run/*.pid
