@@ -128,8 +128,13 @@ def apply_accounts(cluster: dict[str, Any], dry_run: bool = False) -> list[str]:
     printed command lines."""
     actions = account_actions(cluster, associations())
     for action in actions:
-        if not dry_run:
-            _sacctmgr("-i", *action)
+        if dry_run:
+            continue
+        result = _sacctmgr("-i", *action, check=False)
+        # "Nothing new added": another admin (or a second run at the same moment) added it first: what was wanted
+        if result.returncode != 0 and "Nothing new added" not in result.stdout + result.stderr:
+            why = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            raise AiftError(f"sacctmgr {' '.join(action)} failed: {why[-1] if why else result.returncode}")
     import shlex
 
     return [shlex.join(["sacctmgr", "-i", *action]) for action in actions]
