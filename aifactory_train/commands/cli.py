@@ -43,6 +43,10 @@ usage:
   aift launch --local N KEY=VALUE ...      the same job as N processes on this machine (smoke test)
   aift data card check PATH                a data card validated; what it permits, in plain words
   aift audit verify [PATH]                 the audit log's hash chain: exit 1 naming the first bad line
+  aift cluster accounts cluster=NAME [--dry-run]
+                                           the profile's tracks (fair-share) and projects as Slurm accounts
+  aift usage cluster=NAME [--since D] [--until D] [--format table|csv|json] [--chart PNG]
+                                           GPU/CPU-hours, kWh and jobs per track and project (sacct + MLflow)
   aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
@@ -593,6 +597,29 @@ def _parser() -> argparse.ArgumentParser:
     from aifactory_train.commands.terms import add_parsers
 
     add_parsers(data_sub, sub)  # aift data card check, aift audit verify
+    cluster = sub.add_parser("cluster", prog="aift cluster", help="facility administration of a cluster profile",
+                             description="Facility administration of a cluster profile.")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    accounts = cluster_sub.add_parser(
+        "accounts", prog="aift cluster accounts", help="create the tracks and projects as Slurm accounts",
+        description="Make Slurm's accounts match the profile with sacctmgr: one account per track (cluster.accounts) "
+                    "with its fair-share (cluster.shares), the projects (cluster.projects) as sub-accounts of their "
+                    "track's account, and their users. Adds what is missing, sets what differs, deletes nothing; "
+                    "running it again changes nothing. Needs a Slurm admin (root or AdminLevel=Admin).")
+    accounts.add_argument("overrides", nargs="*", help="cluster=NAME [cluster.KEY=VALUE ...]")
+    accounts.add_argument("--dry-run", action="store_true", help="print the sacctmgr commands, run none")
+    usage = sub.add_parser(
+        "usage", prog="aift usage", help="what each track and project used (sacct + MLflow)",
+        description="Jobs, CPU-hours, GPU-hours and kWh per allocation track and project over a period, from Slurm's "
+                    "accounting (sacct, all users) joined by job id with the MLflow runs of the jobs (their energy "
+                    "ledgers, data owners, exported models); each track's share against its fair-share target.")
+    usage.add_argument("overrides", nargs="*", help="cluster=NAME [cluster.KEY=VALUE ...]")
+    usage.add_argument("--since", default=None, help="start: YYYY-MM-DD or ISO time (default: this month's first day)")
+    usage.add_argument("--until", default=None, help="end: YYYY-MM-DD or ISO time (default: now)")
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    usage.add_argument("--chart", default=None, metavar="PNG", help="also write a bar chart of the tracks' shares")
+    usage.add_argument("--tracking-uri", default=None,
+                       help="the MLflow store of the jobs' runs (default: $MLFLOW_TRACKING_URI; none: no run links)")
     bench = sub.add_parser(
         "bench",
         prog="aift bench",
@@ -672,6 +699,20 @@ def _main(argv: list[str], verbose: bool) -> int:
             return 0
         if args.command == "bench":
             return _bench(args)
+        if args.command == "cluster":
+            from aifactory_train.launch.accounts import apply_accounts, load_profile
+
+            commands = apply_accounts(load_profile(args.overrides), dry_run=args.dry_run)
+            for line in commands:
+                print(line)
+            print(("would run" if args.dry_run else "ran") + f" {len(commands)} sacctmgr command(s)"
+                  + ("" if commands else ": the accounts match the profile"))
+            return 0
+        if args.command == "usage":
+            from aifactory_train.launch.usage_report import run_usage
+
+            return run_usage(args.overrides, args.since, args.until, args.format, args.chart,
+                             args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         if args.command == "launch":
             return _launch(args)
     except AiftError as err:

@@ -257,8 +257,9 @@ def usage_terms(resolved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _account(resolved: dict[str, Any]) -> str | None:
-    cluster = resolved.get("cluster") or {}
-    return (cluster.get("accounts") or {}).get(cluster.get("allocation"))
+    from aifactory_train.records.tracks import job_account
+
+    return job_account(resolved.get("cluster") or {})
 
 
 # -- the check ------------------------------------------------------------------------------------------------

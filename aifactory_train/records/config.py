@@ -211,6 +211,28 @@ class NodeShape:
 
 
 @dataclass
+class ProjectConfig:
+    """A project: a Slurm sub-account under its track's account (aift cluster accounts creates it)."""
+
+    track: str = "???"
+    users: List[str] = field(default_factory=list)  # the OS users that may charge jobs to it
+
+
+START_CHOICES = ("now", "offpeak", "grid")
+
+
+@dataclass
+class LaunchConfig:
+    """How `aift launch` queues the job: ``start`` now, in the profile's next off-peak window (cluster.offpeak), or
+    at the start that minimises the facility's grid signal over the job's time (cluster.grid_signal)."""
+
+    start: str = "now"
+
+    def check(self) -> None:
+        check_choice("launch.start", self.start, START_CHOICES)
+
+
+@dataclass
 class ClusterConfig:
     """Where a job runs. ``scheduler: none`` is this machine; ``slurm`` profiles feed `aift launch`."""
 
@@ -225,6 +247,12 @@ class ClusterConfig:
     cpus_per_task: int = 1
     requeue_signal_seconds: int = 120
     env: Dict[str, str] = field(default_factory=dict)
+    project: Optional[str] = None  # a project of cluster.projects (its Slurm sub-account is charged); null: the track's
+    projects: Dict[str, ProjectConfig] = field(default_factory=dict)
+    shares: Dict[str, int] = field(default_factory=dict)  # track -> Slurm fair-share (aift cluster accounts)
+    timezone: str = "Europe/Amsterdam"  # of the off-peak hours
+    offpeak: List[str] = field(default_factory=list)  # local windows "HH:MM-HH:MM" (22:00-06:00 crosses midnight)
+    grid_signal: Optional[str] = None  # the facility's hourly grid-signal CSV (launch.start=grid)
 
     def check(self) -> None:
         check_choice("cluster.scheduler", self.scheduler, ("none", "slurm"))
@@ -232,6 +260,9 @@ class ClusterConfig:
             check(bool(self.partition), "cluster.partition", self.partition, "the Slurm partition to submit to")
             check(self.allocation in self.accounts, "cluster.allocation", self.allocation,
                   f"one of the tracks in cluster.accounts ({', '.join(self.accounts) or 'none defined'})")
+            from aifactory_train.records.tracks import check_tracks
+
+            check_tracks(self)
             check(bool(self.time_limit) and re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", self.time_limit) is not None,
                   "cluster.time_limit", self.time_limit, "Slurm's [days-]hh:mm:ss")
 
@@ -403,6 +434,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
