@@ -3,6 +3,7 @@ fits the profile's nodes before any GPU hour is spent, and submit it (or print i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -238,7 +239,7 @@ def prepare_tracking(tracking_cfgs: list[dict[str, Any]]) -> None:
 
 
 def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None,
-           multirun: bool = False, data_check: bool = True) -> int:
+           multirun: bool = False, data_check: bool = True, ignore_plan: bool = False) -> int:
     """Submit one job, or with ``multirun`` one job per sweep point (run folders <run_dir>/<i>). Every point is
     composed and validated, and (unless ``data_check`` is off or this is a dry run) its data files checked,
     before the first is submitted: a job should not wait in the queue only to find no data."""
@@ -259,13 +260,17 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "plastic_sorting")
     job_name = job_name or "aift-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", recipe)  # a recipe sweep (a,b) too
     base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
-    jobs, typed_configs = [], []
+    jobs, typed_configs, plans = [], [], {}
     for index, point in enumerate(points):
         run_path = base / str(index) if multirun else base
         cfg = compose(point, run_path)
         typed_configs.append(validate(cfg))
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        jobs.append((point, resolved, run_path, render(resolved, point, job_name, run_path)))
+        script = render(resolved, point, job_name, run_path)
+        from aifactory_train.plan import check_launch
+
+        script, plans[run_path] = check_launch(resolved, script, ignore_plan)  # refused here unless --ignore-plan
+        jobs.append((point, resolved, run_path, script))
     if data_check and not dry_run:
         for typed, (_, resolved, _, _) in zip(typed_configs, jobs):
             # relative paths resolve as in the job: sbatch starts it in this folder; the data owner's terms are
@@ -298,6 +303,8 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         script_path.unlink(missing_ok=True)
         with os.fdopen(os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(script)
+        if plans.get(run_path) is not None:  # the plan the job was checked against (and any --ignore-plan)
+            (run_path / "plan.json").write_text(json.dumps(plans[run_path], indent=2, default=str) + "\n")
         result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
         if result.returncode != 0:
             raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
