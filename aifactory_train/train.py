@@ -133,6 +133,44 @@ def batch_plan(resolved: dict[str, Any], ranks: int) -> dict[str, Any]:
             "global_fixed": wanted is not None}
 
 
+def _budget_stopped(stopped, budget, resolved, run_dir: Path, trainer, tracker, ckpt_path, energy_reason):
+    """energy.budget_kwh stopped the run at a step boundary, after saving ``stopped``'s checkpoint: summary.json says
+    so (status ``stopped_energy_budget``), the energy goes to MLflow, and the MLflow run stays open for the job that
+    resumes it (``ckpt_path=auto``)."""
+    from aifactory_train.energy import summarize
+    from aifactory_train.energy_budget import budget_summary, energy_per_sample, run_samples
+    from aifactory_train.tracking import is_global_zero
+
+    tracker.stop_system_metrics()
+    log.info("stopped by energy.budget_kwh=%s after saving %s; ckpt_path=auto with a larger budget continues",
+             resolved["energy"]["budget_kwh"], stopped)
+    outcome = {"status": "stopped_energy_budget", "checkpoint": str(stopped)}
+    if not is_global_zero():
+        return outcome
+    batch = batch_plan(resolved, trainer.world_size)
+    partial = {"global_step": trainer.global_step, "batch": batch}
+    energy = summarize(run_dir, energy_reason)
+    samples, _, how = run_samples({**partial, "train_samples": None}, True)
+    energy.update(energy_per_sample(energy, samples, None, how))
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION, "status": "stopped_energy_budget",
+        "recipe": resolved["recipe"]["name"], "task": resolved["recipe"]["task"], "model": resolved["model"]["name"],
+        "output_dir": str(run_dir.resolve()), "tracking_uri": tracker.recorded_uri, "mlflow_run_id": tracker.run_id,
+        "resumed_from": ckpt_path, "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+        "batch": batch, "checkpoint": str(stopped), "energy": energy,
+        "energy_budget": budget_summary(resolved["energy"]["budget_kwh"], budget, energy, str(stopped),
+                                        trainer.global_step),
+    }
+    if energy["measured"]:
+        tracker.log_metrics({f"energy/{k}": energy[k] for k in ("kwh", "joules", "joules_per_sample")
+                             if energy.get(k) is not None}, step=trainer.global_step)
+    tracker.set_tags({"aift.stopped": "energy_budget"})
+    path = write_summary(run_dir, summary)
+    print(f"stopped: energy.budget_kwh={resolved['energy']['budget_kwh']} reached at step {trainer.global_step}; "
+          f"checkpoint {stopped}; summary: {path}")
+    return outcome
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train the configured recipe; return the summary (also written to <run dir>/summary.json)."""
     started = time.time()
@@ -236,7 +274,14 @@ def run_training(cfg) -> dict[str, Any]:
 
         kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))
         requeue_signal = signal.SIGUSR1  # the --signal=USR1@<s> of slurm/sbatch.sh.j2
-    callbacks.append(SignalCheckpoint(requeue_signal))
+    signal_checkpoint = SignalCheckpoint(requeue_signal)
+    budget_kwh, budget = resolved["energy"].get("budget_kwh"), None
+    if budget_kwh is not None:  # before SignalCheckpoint: the stop it asks for is taken at the same boundary
+        from aifactory_train.energy_budget import EnergyBudget
+
+        budget = EnergyBudget(budget_kwh, energy, signal_checkpoint, run_dir)
+        callbacks.append(budget)
+    callbacks.append(signal_checkpoint)
     trainer = L.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,
@@ -249,6 +294,12 @@ def run_training(cfg) -> dict[str, Any]:
     from aifactory_train.energy import check_meter, set_aside_earlier_energy, summarize
 
     energy.meters, energy_reason = check_meter(resolved["energy"], on_gpu=trainer.strategy.root_device.type == "cuda")
+    from aifactory_train.energy_budget import no_counter_reason
+
+    if (unmeasurable := no_counter_reason(budget_kwh, energy.meters, energy_reason)) is not None:
+        from aifactory_train.errors import ConfigError
+
+        raise ConfigError(unmeasurable)
     if not ckpt_path and is_global_zero():
         set_aside_earlier_energy(run_dir)  # a fresh start in a used folder does not add the old run's energy
     if ckpt_path:
@@ -325,6 +376,10 @@ def run_training(cfg) -> dict[str, Any]:
     except JobStopped as stopped:
         energy.finish()  # its file keeps this job's share; the continuing job adds its own
         tracker.stop_system_metrics()  # the run stays open for the continuing job; the sampler does not
+        from aifactory_train.resume import EnergyBudgetStop
+
+        if isinstance(stopped, EnergyBudgetStop):
+            return _budget_stopped(stopped, budget, resolved, run_dir, trainer, tracker, ckpt_path, energy_reason)
         if isinstance(stopped, JobRequeued):
             log.info("saved %s and requeued the job; the requeued job continues from it", stopped)
             return {"status": "requeued", "checkpoint": str(stopped)}
@@ -372,9 +427,16 @@ def run_training(cfg) -> dict[str, Any]:
     if not is_global_zero():
         return summary
     summary["energy"] = summarize(run_dir, energy_reason)
+    from aifactory_train.energy_budget import energy_per_sample, run_samples
+
+    summary["energy"].update(energy_per_sample(summary["energy"], *run_samples(summary, ckpt_path is not None)))
+    if budget_kwh is not None:
+        summary["energy_budget"] = {"budget_kwh": budget_kwh, "stopped": False,
+                                    "kwh_total": summary["energy"].get("kwh")}
     if summary["energy"]["measured"]:
-        energy_metrics = {f"energy/{k}": summary["energy"][k] for k in ("kwh", "joules", "mean_watts")
-                          if summary["energy"][k] is not None}
+        energy_metrics = {f"energy/{k}": summary["energy"][k]
+                          for k in ("kwh", "joules", "mean_watts", "joules_per_sample", "joules_per_token")
+                          if summary["energy"].get(k) is not None}
         if len(summary["energy"]["by_meter"]) > 1:  # a GPU run with its CPU packages: each part too
             energy_metrics.update({f"energy/{name}/kwh": part["kwh"]
                                    for name, part in summary["energy"]["by_meter"].items()})
