@@ -48,15 +48,18 @@ METRICS = {
     "plastic_sorting_samples_per_s": ("recipe samples/s", False),
     "plastic_sorting_mfu": ("recipe model FLOP/s / peak", True),
     "plastic_sorting_joules_per_sample": ("GPU energy / samples", True),
+    "plastic_sorting_samples_per_s_per_watt": ("performance per watt: samples / GPU energy", True),
     "crop_detection_ratio": ("recipe/plain samples/s", False),
     "crop_detection_samples_per_s": ("recipe samples/s", False),
     "crop_detection_mfu": ("recipe model FLOP/s / peak", True),
     "crop_detection_joules_per_sample": ("GPU energy / samples", True),
+    "crop_detection_samples_per_s_per_watt": ("performance per watt: samples / GPU energy", True),
     "clinical_notes_ratio": ("recipe/plain tokens/s", False),
     "clinical_notes_samples_per_s": ("recipe rows/s", False),
     "clinical_notes_tokens_per_s": ("recipe tokens/s", False),
     "clinical_notes_mfu": ("recipe model FLOP/s / peak", True),
     "clinical_notes_joules_per_sample": ("GPU energy / rows", True),
+    "clinical_notes_samples_per_s_per_watt": ("performance per watt: rows / GPU energy", True),
     "clinical_notes_joules_per_1k_tokens": ("GPU energy / 1k tokens", True),
     "clinical_notes_data_wait_fraction": ("share of step time waiting for data (real files)", False),
     "plastic_sorting_data_wait_fraction": ("share of step time waiting for data (real files)", False),
@@ -216,6 +219,9 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
             samples = args.steps * args.batch_size * pairs  # every recipe block
             rows.append({"metric": f"{name}_joules_per_sample", "value": recipe_meter.joules / samples, "unit": "J/sample",
                          "params": {**params, "average_watts": recipe_meter.watts}})
+            if recipe_meter.watts:  # performance per watt: (samples/s) / W, i.e. samples per joule
+                rows.append({"metric": f"{name}_samples_per_s_per_watt", "value": samples / recipe_meter.joules,
+                             "unit": "samples/s per W", "params": {**params, "average_watts": recipe_meter.watts}})
             if tokens:
                 rows.append({"metric": f"{name}_joules_per_1k_tokens", "value": 1000 * recipe_meter.joules / (samples * tokens),
                              "unit": "J/1k tokens", "params": {**params, "average_watts": recipe_meter.watts}})
