@@ -22,6 +22,7 @@ accelerate's ``estimate-memory`` counts weights only; neither knows this project
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -455,6 +456,12 @@ def _reference_config(resolved: dict[str, Any], ref: dict[str, Any]) -> dict[str
     return other
 
 
+@functools.lru_cache(maxsize=16)
+def _reference_flops(config_json: str, batch: int, precision: str) -> float | None:
+    """FLOPs per sample of a reference's config (the same few references recur, e.g. in a sweep's plans)."""
+    return model_facts(json.loads(config_json), batch, precision).flops_per_sample
+
+
 def throughput_per_gpu(resolved: dict[str, Any], facts: ModelFacts, precision: str, micro_batch: int,
                        profile: dict[str, Any]) -> dict[str, Any] | None:
     """Samples/s of one GPU at the micro-batch, from the closest reference on this hardware; None without one."""
@@ -477,10 +484,10 @@ def throughput_per_gpu(resolved: dict[str, Any], facts: ModelFacts, precision: s
     if not any(differs) and ref.get("batch_size") != micro_batch:
         notes.append(f"measured at batch {ref.get('batch_size')}: the same samples/s per GPU assumed at {micro_batch}")
     elif any(differs):
-        ref_batch = int(ref.get("batch_size") or micro_batch)
-        ref_facts = model_facts(_reference_config(resolved, ref), ref_batch, ref.get("precision") or precision)
-        if ref_facts.flops_per_sample and facts.flops_per_sample:
-            per_gpu *= ref_facts.flops_per_sample / facts.flops_per_sample
+        ref_flops = _reference_flops(json.dumps(_reference_config(resolved, ref), sort_keys=True),
+                                     int(ref.get("batch_size") or micro_batch), ref.get("precision") or precision)
+        if ref_flops and facts.flops_per_sample:
+            per_gpu *= ref_flops / facts.flops_per_sample
         notes.append(f"scaled by FLOPs per sample from {ref.get('model')} batch {ref.get('batch_size')} "
                      f"({ref.get('seq_len') or ref.get('image_size')}), assuming the same achieved FLOP/s: a smaller "
                      f"model or batch usually reaches less, so this is optimistic")

@@ -266,11 +266,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         cfg = compose(point, run_path)
         typed_configs.append(validate(cfg))
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        script = render(resolved, point, job_name, run_path)
-        from aifactory_train.plan import check_launch
-
-        script, plans[run_path] = check_launch(resolved, script, ignore_plan)  # refused here unless --ignore-plan
-        jobs.append((point, resolved, run_path, script))
+        jobs.append((point, resolved, run_path, render(resolved, point, job_name, run_path)))
     if data_check and not dry_run:
         for typed, (_, resolved, _, _) in zip(typed_configs, jobs):
             # relative paths resolve as in the job: sbatch starts it in this folder; the data owner's terms are
@@ -281,6 +277,11 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
 
         for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
             cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
+    from aifactory_train.plan import check_launch
+
+    for index, (point, resolved, run_path, script) in enumerate(jobs):  # after the cheaper checks: it builds the model
+        script, plans[run_path] = check_launch(resolved, script, ignore_plan)  # refused here unless --ignore-plan
+        jobs[index] = (point, resolved, run_path, script)
     if dry_run:
         from aifactory_train.records import redact_text, redacted
 
