@@ -22,6 +22,7 @@ accelerate's ``estimate-memory`` counts weights only; neither knows this project
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -488,6 +489,9 @@ def throughput_per_gpu(resolved: dict[str, Any], facts: ModelFacts, precision: s
                                      int(ref.get("batch_size") or micro_batch), ref.get("precision") or precision)
         if ref_flops and facts.flops_per_sample:
             per_gpu *= ref_flops / facts.flops_per_sample
+            if ref_flops / facts.flops_per_sample > 10:
+                notes.append(f"{ref_flops / facts.flops_per_sample:,.0f}x fewer FLOPs per sample than the reference: "
+                             f"far outside what was measured; measure this job (aift bench) before relying on it")
         notes.append(f"scaled by FLOPs per sample from {ref.get('model')} batch {ref.get('batch_size')} "
                      f"({ref.get('seq_len') or ref.get('image_size')}), assuming the same achieved FLOP/s: a smaller "
                      f"model or batch usually reaches less, so this is optimistic")
@@ -551,7 +555,8 @@ def make_plan(resolved: dict[str, Any], train_samples: int | None = None,
     plan: dict[str, Any] = {
         "recipe": resolved["recipe"]["name"], "model": resolved["model"].get("name"), "shape": facts.shape,
         "precision": precision, "strategy": _strategy_label(strategy),
-        "job": {"nodes": nodes, "gpus_per_node": devices, "ranks": ranks, "micro_batch": micro,
+        "job": {"nodes": nodes, "gpus_per_node": devices, "device": "GPU" if cluster["node"]["gpus"] else "process",
+                "ranks": ranks, "micro_batch": micro,
                 "accumulate_grad_batches": batch["accumulate_grad_batches"], "global_batch": batch["global"]},
         "cluster": cluster["name"], "hardware": cluster.get("hardware"),
         "model_facts": {"parameters": facts.params, "trainable": facts.trainable, "largest_layer": facts.largest_layer,
@@ -682,10 +687,10 @@ def render_text(plan: dict[str, Any]) -> str:
     job, mem = plan["job"], plan["memory"]
     lines = [f"plan: {plan['recipe']} / {plan['model']} ({plan['model_facts']['parameters'] / 1e6:,.1f}M parameters, "
              f"{plan['shape']}), {plan['precision']}",
-             f"job: {job['nodes']} node(s) x {job['gpus_per_node']} GPU(s) = {job['ranks']} rank(s), "
+             f"job: {job['nodes']} node(s) x {job['gpus_per_node']} {job['device']}{'s' if job['device'] == 'GPU' else 'es'} = {job['ranks']} rank(s), "
              f"{plan['strategy']}, micro-batch {job['micro_batch']} x {job['accumulate_grad_batches']} accumulated "
              f"= global batch {job['global_batch']}; cluster {plan['cluster']} ({plan['hardware'] or 'no hardware profile'})",
-             "memory per GPU:"]
+             f"memory per {job['device']}:"]
     for part, value in mem["bytes"].items():
         if value:
             lines.append(f"  {part.replace('_', ' '):<24}{_fmt_gib(value):>14}")
@@ -727,10 +732,11 @@ def render_text(plan: dict[str, Any]) -> str:
         lines.append("GPU-hours, kWh: unknown (" + ("no speed" if not speed else "no planned steps") + ")")
     alloc = plan["allocation"]
     if alloc["track"]:
-        granted = f"{alloc['granted_gpu_hours']:,.0f}" if alloc["granted_gpu_hours"] is not None else "not in the profile"
+        granted = (f"granted {alloc['granted_gpu_hours']:,.0f} GPU-hours" if alloc["granted_gpu_hours"] is not None
+                   else "no grant in the profile (cluster.allocation_gpu_hours)")
         used = f"{alloc['used_gpu_hours']:,.1f}" if alloc["used_gpu_hours"] is not None else alloc["used_from"]
         verdict = {True: "fits", False: "EXCEEDS", None: "unknown"}[alloc["fits"]]
-        lines.append(f"allocation: track {alloc['track']}: granted {granted} GPU-hours, used {used}: {verdict}")
+        lines.append(f"allocation: track {alloc['track']}: {granted}, used {used}: {verdict}")
     if plan["energy_budget_kwh"] is not None:
         lines.append(f"energy budget: {plan['energy_budget_kwh']} kWh")
     lines += [f"note: {n}" for n in plan["notes"]]
@@ -752,8 +758,11 @@ def compose_resolved(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"`aift plan` plans one job; {' '.join(o for o in overrides if o not in points[0])} is a "
                           f"sweep: give one value")
     cfg = compose(overrides, Path(tempfile.gettempdir()) / "aift-plan")
-    validate(cfg)
-    return OmegaConf.to_container(cfg, resolve=True)
+    typed = validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for section in ("cluster", "energy"):  # with the schema's defaults for keys a profile leaves out (cluster=local)
+        resolved[section] = dataclasses.asdict(getattr(typed, section))
+    return resolved
 
 
 def run_plan(overrides: list[str], fmt: str, out: str | None, train_samples: int | None,

@@ -37,7 +37,7 @@ def test_clinical_notes_on_four_h100_nodes_with_zero3_prints_memory_gpu_hours_an
 
 def test_the_plan_adds_up(clinical_plan):
     plan = clinical_plan
-    assert plan["job"] == {"nodes": 4, "gpus_per_node": 4, "ranks": 16, "micro_batch": 8, "accumulate_grad_batches": 1,
+    assert plan["job"] == {"nodes": 4, "gpus_per_node": 4, "device": "GPU", "ranks": 16, "micro_batch": 8, "accumulate_grad_batches": 1,
                            "global_batch": 128}
     assert plan["model_facts"]["parameters"] == pytest.approx(374e6, rel=0.01)  # counted on the meta device
     memory = plan["memory"]
