@@ -43,6 +43,11 @@ FALLBACKS = ("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fs
 PLANNED_STEP_KEYS = ("max_steps", "max_epochs")
 
 
+class PlanUnavailable(ConfigError):
+    """The plan cannot be made for this recipe (a task it cannot build a model for): `aift plan` fails with it,
+    `aift launch` submits without the plan check and says so."""
+
+
 def used_gpu_hours(track: str) -> float | None:
     """GPU-hours the allocation track ``track`` has used in the current period, or None where no accounting can be
     reached. `aift usage` (Slurm accounting, ``sacct``) backs this; until it does, and wherever ``sacct`` does not
@@ -139,7 +144,7 @@ def model_facts(resolved: dict[str, Any], batch: int, precision: str) -> ModelFa
             def run():
                 return net(input_ids=ids, labels=ids).loss
         else:
-            raise ConfigError(f"config key 'recipe.task': `aift plan` cannot build a '{task}' model; it plans "
+            raise PlanUnavailable(f"config key 'recipe.task': `aift plan` cannot build a '{task}' model; it plans "
                               f"image_classification, object_detection and causal_lm recipes")
     net.train()
     if dtype != torch.float32:
@@ -790,7 +795,11 @@ def check_launch(resolved: dict[str, Any], script: str, ignore_plan: bool) -> tu
 
     if not resolved["cluster"].get("hardware"):
         return script, None
-    plan = make_plan(resolved)
+    try:
+        plan = make_plan(resolved)
+    except PlanUnavailable as err:  # e.g. a copied recipe of a new task: submitted unchecked, and said so
+        print(f"warning: no plan check for this job: {err}", file=sys.stderr)
+        return script, None
     if not plan["refusals"]:
         return script, plan
     if not ignore_plan:
