@@ -277,6 +277,10 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
 
         for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
             cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
+    sbatch = None if dry_run else shutil.which("sbatch")
+    if not dry_run and sbatch is None:
+        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
+                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
     from aifactory_train.plan import check_launch
 
     for index, (point, resolved, run_path, script) in enumerate(jobs):  # after the cheaper checks: it builds the model
@@ -291,10 +295,6 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
             print(OmegaConf.to_yaml(redacted(resolved)))
             print(redact_text(script))
         return 0
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
-                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
     prepare_tracking([resolved["tracking"] for _, resolved, _, _ in jobs])
     for point, _, run_path, script in jobs:
         (run_path / "slurm").mkdir(parents=True, exist_ok=True)
