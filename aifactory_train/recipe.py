@@ -114,7 +114,8 @@ __all__ = [
     # benchmark adapters
     "BENCH_OPTIM", "device_sync", "median_ms", "loader_rate", "model_config", "import_onnxruntime",
     # config base classes and checks, errors
-    "RunConfig", "OptimConfig", "PredictOptions", "ExportOptions", "check", "check_choice", "missing_data_root",
+    "PlanExample", "RunConfig", "OptimConfig", "PredictOptions", "ExportOptions", "check", "check_choice",
+    "missing_data_root",
     "AiftError", "ConfigError", "DataError", "CheckpointError",
 ]
 
@@ -183,6 +184,20 @@ class Predicts(Protocol):
     PREDICT_DRAWS: ClassVar[bool]
 
     def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]) -> Iterator[dict]: ...
+
+
+@dataclass
+class PlanExample:
+    """One training step of a recipe's model, as `aift plan` measures it on torch's ``meta`` device (shapes only: no
+    memory, no data). A recipe's ``plan.py`` has ``plan_example(model, data, batch, dtype) -> PlanExample``: it is
+    called inside ``torch.device("meta")`` with the resolved ``model``/``data`` sections, the micro-batch and the
+    compute dtype; ``step()`` runs the forward pass and returns the loss (``aift plan`` runs the backward)."""
+
+    net: Any  # the torch.nn.Module, built on the meta device
+    step: Any  # () -> loss tensor: one forward pass at the micro-batch
+    shape: str  # what one sample is, in words ("224x224 px, 3 bands", "2048 tokens, vocab 32000")
+    tokens: int | None = None  # tokens per sample (sequence models), for tokens/s
+    notes: list[str] | None = None  # what the count leaves out
 
 
 @runtime_checkable

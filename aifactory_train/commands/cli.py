@@ -47,6 +47,8 @@ usage:
                                            the profile's tracks (fair-share) and projects as Slurm accounts
   aift usage cluster=NAME [--since D] [--until D] [--format table|csv|json] [--chart PNG]
                                            GPU/CPU-hours, kWh and jobs per track and project (sacct + MLflow)
+  aift plan [--format json] KEY=VALUE ...  what a job needs before it is queued: memory per GPU, speed,
+                                           GPU-hours, kWh, CO2, allocation (the overrides of aift launch)
   aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
@@ -436,7 +438,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     try:
         code = launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
-                      data_check=not args.no_data_check)
+                      data_check=not args.no_data_check, ignore_plan=args.ignore_plan)
     except HydraException as err:  # one line, as `aift train` reports Hydra's errors, not a traceback
         raise ConfigError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
     except Exception as err:
@@ -592,6 +594,9 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-data-check", action="store_true",
                         help="submit without first checking here that data.root and its split files exist (for "
                              "data only the compute nodes see, e.g. staged to node-local disk)")
+    launch.add_argument("--ignore-plan", action="store_true",
+                        help="submit even when `aift plan` refuses the job (GPU memory, the track's allocation, "
+                             "energy.budget_kwh); the override is recorded in the job script, plan.json and stderr")
     launch.add_argument("--job-name", default=None, help="Slurm job name (default aift-<recipe>)")
     launch.add_argument("--run-dir", default=None, help="the run folder (default outputs/<recipe>/<date>_<time>)")
     from aifactory_train.commands.terms import add_parsers
@@ -620,6 +625,21 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--chart", default=None, metavar="PNG", help="also write a bar chart of the tracks' shares")
     usage.add_argument("--tracking-uri", default=None,
                        help="the MLflow store of the jobs' runs (default: $MLFLOW_TRACKING_URI; none: no run links)")
+    plan = sub.add_parser(
+        "plan", prog="aift plan", help="what a job needs: memory, speed, GPU-hours, kWh, allocation",
+        description="Plan a job before it is queued (or a proposal before it is accepted), from the same overrides "
+                    "as aift launch: memory per GPU for the strategy (model built on the meta device), step time "
+                    "and throughput from the benchmark results of the cluster's GPU, GPU-hours, kWh, CO2 and wall "
+                    "time for the planned steps, and whether it fits the GPUs, the track's allocation and "
+                    "energy.budget_kwh. Figures not measured on that hardware and shape are marked EXTRAPOLATED.")
+    plan.add_argument("overrides", nargs="*", help="the overrides of aift launch, e.g. recipe=NAME "
+                                                   "cluster=aifactory_h100 trainer.num_nodes=4 strategy=deepspeed_zero3")
+    plan.add_argument("--format", choices=["text", "json"], default="text", help="text (default) or json")
+    plan.add_argument("--out", default=None, help="write the plan to this file instead of printing it")
+    plan.add_argument("--train-samples", type=int, default=None, metavar="N",
+                      help="training samples per epoch, for the steps of trainer.max_epochs (without trainer.max_steps)")
+    plan.add_argument("--grid-intensity", type=float, default=None, metavar="G",
+                      help="grid carbon intensity in g CO2/kWh (default: the cluster profile's grid_g_co2_per_kwh)")
     bench = sub.add_parser(
         "bench",
         prog="aift bench",
@@ -715,6 +735,15 @@ def _main(argv: list[str], verbose: bool) -> int:
                              args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         if args.command == "launch":
             return _launch(args)
+        if args.command == "plan":
+            from hydra.errors import HydraException
+
+            from aifactory_train.launch.plan import run_plan
+
+            try:
+                return run_plan(args.overrides, args.format, args.out, args.train_samples, args.grid_intensity)
+            except HydraException as err:  # one line, as aift launch reports them
+                raise AiftError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
     except AiftError as err:
         return _fail(str(err))
     _parser().print_help()

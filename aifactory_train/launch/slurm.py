@@ -3,6 +3,7 @@ fits the profile's nodes before any GPU hour is spent, and submit it (or print i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -241,7 +242,7 @@ def prepare_tracking(tracking_cfgs: list[dict[str, Any]]) -> None:
 
 
 def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None,
-           multirun: bool = False, data_check: bool = True) -> int:
+           multirun: bool = False, data_check: bool = True, ignore_plan: bool = False) -> int:
     """Submit one job, or with ``multirun`` one job per sweep point (run folders <run_dir>/<i>). Every point is
     composed and validated, and (unless ``data_check`` is off or this is a dry run) its data files checked,
     before the first is submitted: a job should not wait in the queue only to find no data."""
@@ -262,7 +263,7 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), default_recipe())
     job_name = job_name or "aift-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", recipe)  # a recipe sweep (a,b) too
     base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
-    jobs, typed_configs = [], []
+    jobs, typed_configs, plans = [], [], {}
     for index, point in enumerate(points):
         run_path = base / str(index) if multirun else base
         cfg = compose(point, run_path)
@@ -286,6 +287,15 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
 
         for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
             cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
+    sbatch = None if dry_run else shutil.which("sbatch")
+    if not dry_run and sbatch is None:
+        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
+                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
+    from aifactory_train.launch.plan import check_launch
+
+    for index, (point, resolved, run_path, script) in enumerate(jobs):  # after the cheaper checks: it builds the model
+        script, plans[run_path] = check_launch(resolved, script, ignore_plan)  # refused here unless --ignore-plan
+        jobs[index] = (point, resolved, run_path, script)
     if dry_run:
         from aifactory_train.records.masking import redact_text, redacted
 
@@ -297,10 +307,6 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
             if start is not None:
                 print(describe_start(start))
         return 0
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
-                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
     prepare_tracking([resolved["tracking"] for _, resolved, _, _ in jobs])
     for (point, _, run_path, script), start in zip(jobs, starts):
         (run_path / "slurm").mkdir(parents=True, exist_ok=True)
@@ -310,6 +316,8 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         script_path.unlink(missing_ok=True)
         with os.fdopen(os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(script)
+        if plans.get(run_path) is not None:  # the plan the job was checked against (and any --ignore-plan)
+            (run_path / "plan.json").write_text(json.dumps(plans[run_path], indent=2, default=str) + "\n")
         begin = [f"--begin={start.sbatch_begin()}"] if start is not None else []
         result = subprocess.run([sbatch, "--parsable", *begin, str(script_path)], capture_output=True, text=True)
         if result.returncode != 0:

@@ -253,9 +253,22 @@ class ClusterConfig:
     timezone: str = "Europe/Amsterdam"  # of the off-peak hours
     offpeak: List[str] = field(default_factory=list)  # local windows "HH:MM-HH:MM" (22:00-06:00 crosses midnight)
     grid_signal: Optional[str] = None  # the facility's hourly grid-signal CSV (launch.start=grid)
+    # `aift plan` (aifactory_train/launch/plan.py): the GPU's benchmark profile (benchmarks/profiles/NAME.yaml), the GPU-hours
+    # each track was granted, the grid's carbon intensity and the all-reduce bandwidth between nodes where no
+    # benchmark result measured it
+    hardware: Optional[str] = None
+    allocation_gpu_hours: Dict[str, float] = field(default_factory=dict)
+    grid_g_co2_per_kwh: Optional[float] = None
+    internode_busbw_gbps: Optional[float] = None
 
     def check(self) -> None:
         check_choice("cluster.scheduler", self.scheduler, ("none", "slurm"))
+        for track, hours in self.allocation_gpu_hours.items():
+            check(_is_number(hours) and hours >= 0, f"cluster.allocation_gpu_hours.{track}", hours,
+                  "a number of GPU-hours >= 0")
+        for key in ("grid_g_co2_per_kwh", "internode_busbw_gbps"):
+            value = getattr(self, key)
+            check(value is None or (_is_number(value) and value > 0), f"cluster.{key}", value, "a number > 0, or null")
         if self.scheduler == "slurm":
             check(bool(self.partition), "cluster.partition", self.partition, "the Slurm partition to submit to")
             check(self.allocation in self.accounts, "cluster.allocation", self.allocation,
@@ -293,10 +306,13 @@ class EnergyConfig:
     meter: str = "auto"  # auto: NVML for GPUs and powercap (RAPL) for CPU packages, each where it can be read
     sample_every_s: float = 30.0
     powercap_dir: str = "/sys/class/powercap"
+    budget_kwh: Optional[float] = None  # stop (checkpoint, resumable) when the measured energy reaches it; `aift plan`
 
     def check(self) -> None:
         check_choice("energy.meter", self.meter, ENERGY_METERS)
         check(_is_number(self.sample_every_s) and self.sample_every_s > 0, "energy.sample_every_s", self.sample_every_s, "a number of seconds > 0")
+        check(self.budget_kwh is None or (_is_number(self.budget_kwh) and self.budget_kwh > 0), "energy.budget_kwh",
+              self.budget_kwh, "a number of kWh > 0, or null (no budget)")
 
 
 @dataclass
