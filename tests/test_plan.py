@@ -122,7 +122,7 @@ def test_launch_refuses_a_plan_over_the_energy_budget_and_ignore_plan_records_th
 
 def test_the_remaining_allocation_is_the_grant_less_what_accounting_says_was_used(monkeypatch, capsys):
     """used_gpu_hours is what `aift usage` backs with sacct; here it answers as accounting would."""
-    monkeypatch.setattr(plan_module, "used_gpu_hours", lambda track: 99_990.0 if track == "regional" else None)
+    monkeypatch.setattr(plan_module, "used_gpu_hours", lambda track, profile: 99_990.0 if track == "regional" else None)
     code = main(["launch", "--dry-run", *H100_4x4_ZERO3])
     err = capsys.readouterr().err
     assert code == 2
@@ -130,5 +130,18 @@ def test_the_remaining_allocation_is_the_grant_less_what_accounting_says_was_use
     assert main(["launch", "--dry-run", *H100_4x4_ZERO3, "cluster.allocation=euro_hpc"]) == 0  # another track
 
 
-def test_without_accounting_used_is_unknown():
-    assert plan_module.used_gpu_hours("regional") is None
+def test_without_accounting_the_track_usage_is_unknown_not_zero(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sacct on PATH: no accounting answers
+    assert plan_module.used_gpu_hours("regional", {"accounts": {"regional": "aif-regional"}}) is None
+
+
+def test_an_offpeak_start_is_planned_inside_the_profile_window(tmp_path):
+    from datetime import datetime
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", *H100_4x4_ZERO3, "launch.start=offpeak", "--format", "json", "--out", str(out)]) == 0
+    start = json.loads(out.read_text())["start"]
+    assert start["mode"] == "offpeak" and start["over"] == "the planned wall time"
+    begin = datetime.fromisoformat(start["begin"])  # Amsterdam wall clock; aifactory_h100: 22:00-07:00
+    assert begin.hour >= 22 or begin.hour < 7, start
+    assert "start:" in plan_module.render_text(json.loads(out.read_text()))

@@ -117,6 +117,12 @@ def test_tracks_projects_shares_sacct_and_aift_usage(profile, tmp_path):
     assert set(shown["tracks"]) >= set(TRACK_ACCOUNTS) and shown["regional"]["target"] == 0.25
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # aift plan's allocation check reads what a track used this month from the same accounting: a number (the local
+    # cluster has no GPUs: 0 GPU-hours), where without accounting it is None ("used unknown")
+    from aifactory_train.launch.plan import used_gpu_hours
+
+    assert used_gpu_hours("regional", profile) == pytest.approx(0.0)
+
 
 def test_a_project_without_an_account_and_a_user_outside_it_are_refused_before_queueing(profile):
     from aifactory_train.launch.accounts import check_job_account

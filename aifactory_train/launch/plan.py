@@ -26,7 +26,9 @@ import dataclasses
 import functools
 import json
 import math
+import subprocess
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,21 @@ class PlanUnavailable(ConfigError):
     `aift launch` submits without the plan check and says so."""
 
 
-def used_gpu_hours(track: str) -> float | None:
-    """GPU-hours the allocation track ``track`` has used in the current period, or None where no accounting can be
-    reached. `aift usage` (Slurm accounting, ``sacct``) backs this; until it does, and wherever ``sacct`` does not
-    answer, the remaining allocation is unknown and a plan is compared with the whole grant."""
-    return None
+def used_gpu_hours(track: str, profile: dict[str, Any], now: datetime | None = None) -> float | None:
+    """GPU-hours the allocation track ``track`` has used this calendar month (the period of ``aift usage``'s
+    default), from Slurm's accounting (``sacct``, as `aift usage` reads it, jobs mapped to tracks by their account);
+    None where no accounting answers (no ``sacct``, no slurmdbd): the plan then compares a job with the whole grant."""
+    from aifactory_train.errors import AiftError
+    from aifactory_train.launch.usage_report import build_report, sacct_jobs
+
+    now = now or datetime.now(timezone.utc)
+    since = now.astimezone().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    try:
+        jobs = sacct_jobs(since, now)
+    except (AiftError, OSError, subprocess.SubprocessError):
+        return None
+    report = build_report(profile, jobs, {}, since, now, now=now)
+    return float((report["tracks"].get(track) or {}).get("gpu_hours") or 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,7 +653,7 @@ def make_plan(resolved: dict[str, Any], train_samples: int | None = None,
     # allocation and budget
     track = cluster.get("allocation")
     granted = (cluster.get("allocation_gpu_hours") or {}).get(track)
-    used = used_gpu_hours(track) if track else None
+    used = used_gpu_hours(track, cluster) if track else None
     remaining = granted - used if granted is not None and used is not None else None
     plan["allocation"] = {"track": track, "granted_gpu_hours": granted, "used_gpu_hours": used,
                           "remaining_gpu_hours": remaining,
@@ -655,11 +667,29 @@ def make_plan(resolved: dict[str, Any], train_samples: int | None = None,
                                     f"{'remaining' if remaining is not None else 'granted'} {limit:,.1f}")
     else:
         plan["allocation"]["fits"] = None
+    plan["start"] = planned_start(resolved, cost.get("wall_hours"))
     budget = (resolved.get("energy") or {}).get("budget_kwh")
     plan["energy_budget_kwh"] = budget
     if budget is not None and cost.get("kwh") is not None and cost["kwh"] > budget:
         plan["refusals"].append(f"energy: the plan needs {cost['kwh']:,.2f} kWh, over energy.budget_kwh={budget}")
     return plan
+
+
+def planned_start(resolved: dict[str, Any], wall_hours: float | None) -> dict[str, Any] | None:
+    """When `aift launch` would begin the job (launch.start=offpeak|grid: launch/start_window.choose_start), over
+    the planned wall time where the plan has one (else the job's time limit); None for launch.start=now."""
+    mode = (resolved.get("launch") or {}).get("start", "now")
+    if mode == "now":
+        return None
+    from datetime import timedelta
+
+    from aifactory_train.launch.start_window import choose_start
+
+    duration = timedelta(hours=wall_hours) if wall_hours else None
+    choice = choose_start(resolved["cluster"], duration, mode=mode)
+    return {"mode": choice.mode, "begin": choice.local_begin().isoformat(timespec="minutes"), "why": choice.why,
+            "over": "the planned wall time" if wall_hours else "the job's time limit (cluster.time_limit)",
+            "signal_now": choice.signal_now, "signal_begin": choice.signal_begin, "saving": choice.saving}
 
 
 def _fmt_gib(value: float) -> str:
@@ -720,6 +750,12 @@ def render_text(plan: dict[str, Any]) -> str:
         used = f"{alloc['used_gpu_hours']:,.1f}" if alloc["used_gpu_hours"] is not None else alloc["used_from"]
         verdict = {True: "fits", False: "EXCEEDS", None: "unknown"}[alloc["fits"]]
         lines.append(f"allocation: track {alloc['track']}: {granted}, used {used}: {verdict}")
+    if plan.get("start"):
+        start = plan["start"]
+        saving = (f"; mean grid signal {start['signal_begin']:.4g} vs {start['signal_now']:.4g} now "
+                  f"({start['saving']:+.1%} saved)" if start["saving"] is not None else "")
+        lines.append(f"start: {start['begin']} (launch.start={start['mode']}: {start['why']}, over {start['over']}"
+                     f"{saving})")
     if plan["energy_budget_kwh"] is not None:
         lines.append(f"energy budget: {plan['energy_budget_kwh']} kWh")
     lines += [f"note: {n}" for n in plan["notes"]]
