@@ -31,7 +31,8 @@ def clinical_plan(tmp_path_factory):
 def test_clinical_notes_on_four_h100_nodes_with_zero3_prints_memory_gpu_hours_and_kwh(clinical_plan):
     text = plan_module.render_text(clinical_plan)  # what `aift plan` prints without --format json
     for line in ("memory per GPU:", "optimizer states", "activations", "deepspeed estimate_zero3_model_states_mem_needs",
-                 "speed (EXTRAPOLATED)", "GPU-hours:", "kWh at 700 W per GPU", "CO2:", "allocation: track regional"):
+                 "speed (EXTRAPOLATED)", "GPU-hours:", "kWh at 700 W per GPU", "CO2:", "allocation: track regional",
+                 "start: ", "launch.start=now"):
         assert line in text, (line, text)
 
 

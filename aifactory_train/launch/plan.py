@@ -677,10 +677,8 @@ def make_plan(resolved: dict[str, Any], train_samples: int | None = None,
 
 def planned_start(resolved: dict[str, Any], wall_hours: float | None) -> dict[str, Any] | None:
     """When `aift launch` would begin the job (launch.start=offpeak|grid: launch/start_window.choose_start), over
-    the planned wall time where the plan has one (else the job's time limit); None for launch.start=now."""
+    the planned wall time where the plan has one (else the job's time limit); launch.start=now: now."""
     mode = (resolved.get("launch") or {}).get("start", "now")
-    if mode == "now":
-        return None
     from datetime import timedelta
 
     from aifactory_train.launch.start_window import choose_start
