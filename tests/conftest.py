@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,16 +15,83 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def aift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (as a user would), with a clean MLflow environment."""
+def aift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1500,
+         fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the real CLI in a process of its own (as a user would), with a clean MLflow environment: forked from this
+    worker's pre-imported `aift` (tests/aift_zygote.py: the same code, without ~10 s of imports per command), or,
+    with ``fresh=True`` or AIFT_TEST_FORK=0, started as ``python -m aifactory_train.commands.cli``."""
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("MLFLOW_", "AIFT_")) or k == "AIFT_CACHE_DIR"}
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "aifactory_train.commands.cli", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
+    if fresh or os.environ.get("AIFT_TEST_FORK") == "0":
+        return subprocess.run(
+            [sys.executable, "-m", "aifactory_train.commands.cli", *args],
+            cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        )
+    return _ZYGOTE.run(list(args), Path(cwd), full_env, timeout)
+
+
+class _Zygote:
+    """This worker's tests/aift_zygote.py process, started on first use; one command at a time."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def _start(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("aift_zygote.py"))],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                                            bufsize=1)
+            ready = self.process.stdout.readline()
+            if not ready.startswith('{"ready"'):
+                raise RuntimeError(f"tests/aift_zygote.py did not start: {ready!r}")
+        return self.process
+
+    def _answer(self, deadline: float | None) -> dict:
+        import select
+        import time
+
+        zygote = self.process
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([zygote.stdout], [], [], wait)
+            if not ready:
+                raise TimeoutError
+            line = zygote.stdout.readline()
+            if not line:
+                raise RuntimeError("tests/aift_zygote.py ended")
+            return json.loads(line)
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+        import signal
+        import tempfile
+        import time
+
+        with self.lock, tempfile.TemporaryDirectory(prefix="aift-out-") as folder:
+            zygote = self._start()
+            self.count += 1
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"id": self.count, "args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
+                       "stderr": str(err)}
+            zygote.stdin.write(json.dumps(request) + "\n")
+            zygote.stdin.flush()
+            pid = self._answer(None)["pid"]
+            try:
+                status = self._answer(time.monotonic() + timeout)["status"]
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)
+                self._answer(None)
+                raise subprocess.TimeoutExpired(["aift", *args], timeout, out.read_text(errors="replace"),
+                                                err.read_text(errors="replace")) from None
+            return subprocess.CompletedProcess(["aift", *args], os.waitstatus_to_exitcode(status),
+                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+_ZYGOTE = _Zygote()
 
 
 @pytest.fixture(scope="session", autouse=True)
