@@ -157,24 +157,12 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
         fresh = fresh_run_dir(run_dir, given)
         from aifactory_train.records.audit import command_ended
 
+        from aifactory_train.records.secure import secure_profile
+
         try:
             _preflight(cfg, command)
-            if command == "train":
-                from aifactory_train.commands.train import run_training
-
-                outcome = run_training(cfg)
-            elif command == "eval":
-                from aifactory_train.commands.evaluate import run_evaluation
-
-                outcome = run_evaluation(cfg)
-            elif command == "predict":
-                from aifactory_train.commands.predict import run_prediction
-
-                outcome = run_prediction(cfg)
-            else:
-                from aifactory_train.commands.export import run_export
-
-                outcome = run_export(cfg)
+            with secure_profile(cfg, run_dir):  # profile=secure: offline, fenced, owner-only, private temp files
+                outcome = _run_command(command, cfg)
         except (Exception, KeyboardInterrupt) as err:
             command_ended(command, run_dir, error=err, config=cfg)  # the audit log: refused or failed
             # handled here, not by Hydra, which would print "Error executing job" and the traceback
@@ -198,6 +186,24 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return 0
+
+
+def _run_command(command: str, cfg):
+    if command == "train":
+        from aifactory_train.commands.train import run_training
+
+        return run_training(cfg)
+    if command == "eval":
+        from aifactory_train.commands.evaluate import run_evaluation
+
+        return run_evaluation(cfg)
+    if command == "predict":
+        from aifactory_train.commands.predict import run_prediction
+
+        return run_prediction(cfg)
+    from aifactory_train.commands.export import run_export
+
+    return run_export(cfg)
 
 
 RECIPES_LIST_WIDTH = 100
