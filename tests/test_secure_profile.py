@@ -222,27 +222,94 @@ def test_launch_pins_the_secure_partition_and_refuses_a_profile_without_one(plas
 
 
 # -- a real run ------------------------------------------------------------------------------------------------------
-@pytest.mark.e2e
-def test_a_secure_run_trains_offline_owner_only_and_records_the_profile(plastic_data, tmp_path):
-    data = Path(shutil.copytree(plastic_data, tmp_path / "cohort"))
+@pytest.fixture(scope="module")
+def secure_run(plastic_data, tmp_path_factory) -> dict:
+    """One real `aift train profile=secure` on a copy of the plastic data whose card says sensitivity: high."""
+    work = tmp_path_factory.mktemp("secure")
+    data = Path(shutil.copytree(plastic_data, work / "cohort"))
     path = card(data, **{**yaml.safe_load((data / DATACARD_FILE).read_text()), "sensitivity": "high"})
+    uri = f"sqlite:///{work}/mlflow.db"
     result = aift("train", "recipe=plastic_sorting", "debug=smoke", "run_test=false", f"data.root={data}",
-                  "data.num_workers=1", "profile=secure", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                  "tracking.system_metrics=false", "hydra.run.dir=run", cwd=tmp_path)
+                  "data.num_workers=1", "profile=secure", f"tracking.uri={uri}", "tracking.system_metrics=false",
+                  "hydra.run.dir=run", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
-    summary = json.loads((run / "summary.json").read_text())
+    return {"work": work, "data": data, "card": path, "uri": uri, "run": work / "run",
+            "summary": json.loads((work / "run" / "summary.json").read_text())}
+
+
+@pytest.mark.e2e
+def test_a_secure_run_trains_offline_owner_only_and_records_the_profile(secure_run):
+    run, summary = secure_run["run"], secure_run["summary"]
     assert summary["usage_check"]["profile"]["name"] == "secure"
-    assert summary["usage_check"]["profile"]["required_by"] == [f"data card '{path}' marks the data sensitivity: high"]
+    assert summary["usage_check"]["profile"]["required_by"] == [
+        f"data card '{secure_run['card']}' marks the data sensitivity: high"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     loose = [f"{p.relative_to(run)} {oct(stat.S_IMODE(p.stat().st_mode))}" for p in [run, *run.rglob("*")]
              if not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not loose, loose  # the run folder, its checkpoints and Hydra's record: owner-only
-    assert stat.S_IMODE((tmp_path / "mlflow.db").stat().st_mode) & 0o077 == 0
+    assert stat.S_IMODE((secure_run["work"] / "mlflow.db").stat().st_mode) & 0o077 == 0
     log = (run / "train.log").read_text()
     private = re.search(r"temporary files in (\S+)", log).group(1)
     assert not Path(private).exists()  # removed at the end
     from mlflow.tracking import MlflowClient
 
-    tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"]).data.tags
+    tags = MlflowClient(secure_run["uri"]).get_run(summary["mlflow_run_id"]).data.tags
     assert tags["aift.profile"] == "secure"
+
+
+def _data_runs(secure_run, out: Path, capsys) -> tuple[dict, str]:
+    from aifactory_train.commands.cli import main
+
+    assert main(["data", "runs", "recipe=plastic_sorting", f"data.root={secure_run['data']}",
+                 f"tracking.uri={secure_run['uri']}", "--out", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_data_runs_names_the_runs_trained_before_the_current_withdrawal_list(secure_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    import hashlib
+
+    from aifactory_train.records.config import build, compose_train_config
+    from aifactory_train.records.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    data, old_id = secure_run["data"], secure_run["summary"]["mlflow_run_id"]
+    # a subject withdraws: their training image is left out from now on, and the run trained on it
+    (data / "withdrawn.txt").write_text("train_00001\n")
+    card(data, **{**yaml.safe_load((data / DATACARD_FILE).read_text()), "withdrawals": {"list": "withdrawn.txt"}})
+    listed = str((data / "withdrawn.txt").resolve())
+    sha_one = hashlib.sha256(b"train_00001\n").hexdigest()
+    report, out = _data_runs(secure_run, tmp_path / "after.json", capsys)
+    (old,) = report["runs"]
+    assert old["run_id"] == old_id and "train" not in old["splits"]  # found by its data.root: the digest changed
+    assert old["withdrawal"] == {"before_current_list": True, "lists": [
+        {"list": listed, "current_sha256": sha_one, "run_sha256": None}]}
+    assert f"TRAINED BEFORE THE CURRENT WITHDRAWAL LIST (the run: {listed}: not applied)" in out
+    assert "1 run(s) trained before the current withdrawal list: retrain them" in out
+
+    # the model retrained under the list: a run logged by the tracker as `aift train` logs one
+    cfg = compose_train_config(["recipe=plastic_sorting", f"data.root={data}", f"tracking.uri={secure_run['uri']}"],
+                               tmp_path / "retrained")
+    datamodule = build(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    lineage = datamodule.lineage()
+    (tmp_path / "retrained").mkdir()
+    tracker = Tracker({"backend": "mlflow", "uri": secure_run["uri"], "experiment": "plastic_sorting", "tags": {}},
+                      tmp_path / "retrained", resume=False)
+    tracker.lightning_logger()
+    (tmp_path / "config.yaml").write_text("recipe: {name: plastic_sorting}\n")
+    tracker.log_run_start({"recipe": {"name": "plastic_sorting"}}, tmp_path / "config.yaml", lineage)
+    tracker.finish("FINISHED")
+    report, out = _data_runs(secure_run, tmp_path / "retrained.json", capsys)
+    status = {r["run_id"]: r["withdrawal"]["before_current_list"] for r in report["runs"]}
+    assert status == {old_id: True, tracker.run_id: False}
+    assert "1 run(s) trained before the current withdrawal list: retrain them" in out
+
+    # another subject withdraws: the list changed, so the retrained run is behind it too
+    (data / "withdrawn.txt").write_text("train_00001\ntrain_00008\n")
+    report, out = _data_runs(secure_run, tmp_path / "again.json", capsys)
+    (retrained,) = [r for r in report["runs"] if r["run_id"] == tracker.run_id]
+    assert retrained["withdrawal"]["before_current_list"]
+    assert retrained["withdrawal"]["lists"][0]["run_sha256"] == sha_one
+    assert "2 run(s) trained before the current withdrawal list: retrain them" in out
