@@ -95,8 +95,8 @@ def test_the_text_recipe_requires_it_for_notes_not_marked_de_identified(clinical
 def test_sample_logging_is_refused_under_the_profile(clinical_raw, tmp_path):
     from aifactory_train.records.config import check_data
 
-    typed = compose(["recipe=clinical_notes", f"data.root={marked(clinical_raw, tmp_path)}", "tracking=none", "profile=secure",
-                     "recipe.module.log_samples=3"], tmp_path)
+    typed = compose(["recipe=clinical_notes", f"data.root={marked(clinical_raw, tmp_path)}", "tracking=none",
+                     "profile=secure", "recipe.module.log_samples=3"], tmp_path)
     with pytest.raises(ConfigError, match=r"^config key 'recipe.module.log_samples': 3 is not allowed under "
                                           r"profile=secure .*; valid: 0$"):
         check_data(typed)
@@ -215,9 +215,9 @@ def test_launch_pins_the_secure_partition_and_refuses_a_profile_without_one(plas
     assert "#SBATCH --partition=gpu_h100\n" in capsys.readouterr().out
     assert main([*base, "cluster=slurm", "profile=secure"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors == ["error: config key 'cluster.secure_partition': cluster profile 'slurm' has none, and profile=secure "
-                   "runs only on the secure partition; valid: a cluster profile with secure_partition: NAME "
-                   "(configs/cluster/*.yaml), or cluster.secure_partition=NAME"]
+    assert errors == ["error: config key 'cluster.secure_partition': cluster profile 'slurm' has none, and "
+                      "profile=secure runs only on the secure partition; valid: a cluster profile with "
+                      "secure_partition: NAME (configs/cluster/*.yaml), or cluster.secure_partition=NAME"]
     assert not (tmp_path / "outputs").exists()
 
 

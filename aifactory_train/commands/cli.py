@@ -380,15 +380,16 @@ def _data_runs(args: argparse.Namespace) -> int:
             for version in run["registered"]:
                 print(f"      registered: {version}")
             if run["withdrawal"] and run["withdrawal"]["before_current_list"]:
-                applied = "; ".join(f"{w['list']}: " + (f"sha256 {w['run_sha256']}" if w["run_sha256"] else "not applied")
-                                    for w in run["withdrawal"]["lists"])
+                applied = "; ".join(f"{w['list']}: " + (f"sha256 {w['run_sha256']}" if w["run_sha256"] else
+                                                         "not applied") for w in run["withdrawal"]["lists"])
                 print(f"      TRAINED BEFORE THE CURRENT WITHDRAWAL LIST (the run: {applied}): retrain it, and "
                       f"replace its exported and registered models")
         stale = [r for r in runs if r["withdrawal"] and r["withdrawal"]["before_current_list"]]
         for w in current:
             print(f"withdrawal list {w['list']}: sha256 {w['sha256']}, {w['ids']} id(s)")
         if current:
-            print(f"{len(stale)} run(s) trained before the current withdrawal list" + (": retrain them" if stale else ""))
+            print(f"{len(stale)} run(s) trained before the current withdrawal list"
+                  + (": retrain them" if stale else ""))
     if args.out:
         report = {"data": lineage.as_dict(), "tracking_uri": shown, "runs": runs}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
