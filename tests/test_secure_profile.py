@@ -67,6 +67,8 @@ def test_a_refused_run_writes_nothing(plastic_data, tmp_path, monkeypatch, capsy
     assert errors == [f"error: data card '{path}' marks the data sensitivity: high: it may be used under "
                       f"profile=secure only; add profile=secure to the command"]
     assert not (tmp_path / "refused").exists() and not (tmp_path / "mlflow.db").exists()
+    line = json.loads((data / "aift-audit.jsonl").read_text().splitlines()[-1])  # the owner's audit log says so
+    assert (line["action"], line["outcome"]) == ("train", "refused") and "sensitivity: high" in line["reason"]
 
 
 def marked(clinical_raw: Path, tmp_path: Path) -> Path:

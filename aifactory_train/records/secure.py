@@ -187,6 +187,16 @@ def check_profile(config: Any, record: dict[str, Any] | None, cards: list[Path] 
     """Before anything is read, written or queued: refuse data that needs ``profile=secure`` without it, and under
     it a tracking store or sample logging it does not allow. The outcome goes into ``record`` (the usage record:
     summary.json's ``usage_check``, the MLflow tags)."""
+    try:
+        _check_profile(config, record, cards, recipe_rule)
+    except (DataError, ConfigError) as err:
+        from aifactory_train.records import audit
+
+        audit.note_check(config, record=record, refusal=err)  # the audit line says refused, and why
+        raise
+
+
+def _check_profile(config: Any, record: dict[str, Any] | None, cards: list[Path] | None, recipe_rule: bool) -> None:
     if cards is None:
         cards = [Path(c["path"]) for c in (record or {}).get("cards", [])]
     reasons = required_by(cards, config, recipe_rule)
