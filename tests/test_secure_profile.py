@@ -161,6 +161,8 @@ def test_the_process_is_offline_fenced_and_owner_only_and_its_temp_folder_goes(t
         raw.close()
         with pytest.raises(EgressRefused, match=r"lookup of 'pypi\.org' refused"):
             socket.getaddrinfo("pypi.org", 443)
+        with pytest.raises(EgressRefused, match=r"lookup of 'pypi\.org' refused"):
+            socket.gethostbyname("pypi.org")
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with pytest.raises(EgressRefused, match=r"connection to 198\.51\.100\.7:53 refused"):
             udp.sendto(b"x", ("198.51.100.7", 53))

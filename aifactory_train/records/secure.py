@@ -15,8 +15,8 @@ Under the profile (``profile.name: secure``):
 * ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` are set to 1 in the process, so its
   workers inherit them;
 * network egress from Python code in the process is refused, except to loopback and the allowlisted tracking
-  host: an audit hook (PEP 578, ``sys.addaudithook``) on ``socket.connect``, ``socket.sendto`` and
-  ``socket.getaddrinfo`` raises :class:`EgressRefused` naming the address. The hook is copied into forked children
+  host: an audit hook (PEP 578, ``sys.addaudithook``) on ``socket.connect``, ``socket.sendto``,
+  ``socket.getaddrinfo`` and ``socket.gethostbyname`` raises :class:`EgressRefused` naming the address. The hook is copied into forked children
   (DataLoader workers); a run started anew (Lightning's DDP ranks) installs it again when it starts. Native
   libraries' sockets (NCCL, gloo, the TCPStore of torch.distributed) are not Python calls and are not seen: the
   ranks of a multi-node job still talk to each other; the cluster's secure partition is what fences those;
@@ -277,7 +277,7 @@ def _audit(event: str, args: tuple) -> None:
                                 f"{' and ' + ', '.join(sorted(_POLICY.hosts)) if _POLICY.hosts else ''} may be "
                                 f"reached from a secure run (a tracking host must be listed in the data card's "
                                 f"usage.tracking)")
-    elif event == "socket.getaddrinfo":
+    elif event in ("socket.getaddrinfo", "socket.gethostbyname"):
         if not _name_allowed(args[0]):
             raise EgressRefused(f"profile=secure: network lookup of '{args[0]}' refused; only loopback"
                                 f"{' and ' + ', '.join(sorted(_POLICY.hosts)) if _POLICY.hosts else ''} may be "
