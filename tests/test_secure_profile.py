@@ -121,6 +121,8 @@ def test_tracking_only_to_a_local_store_or_a_host_the_card_allowlists(tmp_path):
                               f"allowed under profile=secure: data card(s) '{listed}' allow usage.tracking "
                               f"['mlflow.umcg.example', 'tracking.rug.example']; valid: a local store")
     assert "secret" not in message
+    with pytest.raises(ConfigError, match="'databricks://team' is not allowed under profile=secure"):
+        check_tracking(config(uri="databricks://team"), [listed])  # no host, and not a local store
     with pytest.raises(ConfigError, match=f"no data card \\('{plain}'\\) lists a usage.tracking host"):
         check_tracking(config(uri="http://mlflow.umcg.example:5000"), [plain])
     with pytest.raises(DataError, match=r"usage.tracking must be a non-empty list of names"):
@@ -212,10 +214,11 @@ def test_launch_pins_the_secure_partition_and_refuses_a_profile_without_one(plas
 
     monkeypatch.chdir(tmp_path)
     base = ["launch", "--dry-run", "recipe=plastic_sorting", "strategy=ddp", f"data.root={plastic_data}"]
-    assert main([*base, "cluster=aifactory_h100", "profile=secure"]) == 0
+    h100 = ["cluster=aifactory_h100", "cluster.hardware=null"]  # no plan check (it builds the model)
+    assert main([*base, *h100, "profile=secure"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --partition=gpu_h100_secure" in out and "profile=secure" in out.split("aift train", 1)[1]
-    assert main([*base, "cluster=aifactory_h100"]) == 0
+    assert main([*base, *h100]) == 0
     assert "#SBATCH --partition=gpu_h100\n" in capsys.readouterr().out
     assert main([*base, "cluster=slurm", "profile=secure"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -162,8 +162,8 @@ def check_tracking(config: Any, cards: list[Path]) -> str | None:
     if scheme in LOCAL_SCHEMES or (len(scheme) == 1 and uri[1:2] == ":"):  # a path, file:, sqlite:///
         return None
     host = (parts.hostname or "").lower()
-    if is_loopback(host):
-        return None
+    if host and is_loopback(host):
+        return None  # (a URI without a host that is not a local store, databricks://profile, is not local)
     allowed, listing = tracking_allowlist(cards)
     if allowed and host in allowed:
         return host
