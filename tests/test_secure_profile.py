@@ -190,6 +190,33 @@ def test_the_process_is_offline_fenced_and_owner_only_and_its_temp_folder_goes(t
     socket.getaddrinfo("192.0.2.1", 80)  # lifted: a numeric lookup (no network) goes through again
 
 
+def _own_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (a server bound to all addresses answers on it)."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+def test_a_server_on_this_machines_own_network_address_is_out_of_reach(tmp_path):
+    own = _own_address()
+    if own is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    server = socket.create_server(("0.0.0.0", 0))
+    port = server.getsockname()[1]
+    with socket.create_connection((own, port), timeout=5):  # reachable without the profile
+        server.accept()[0].close()
+    with secure_profile(config(), tmp_path / "run"):
+        with pytest.raises(EgressRefused, match=f"^profile=secure: network (connection to|lookup of '?){own}"):
+            socket.create_connection((own, port), timeout=5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # the same server over loopback
+            server.accept()[0].close()
+    server.close()
+
+
 def test_the_private_temp_folder_is_removed_after_a_failure(tmp_path):
     with pytest.raises(RuntimeError, match="the run failed"):
         with secure_profile(config(), tmp_path / "run") as info:
