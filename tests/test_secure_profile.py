@@ -104,6 +104,20 @@ def test_sample_logging_is_refused_under_the_profile(clinical_raw, tmp_path):
         check_data(typed)
 
 
+def test_data_check_shows_no_samples_of_high_sensitivity_data(tmp_path, capsys):
+    from aifactory_train.data.data_check import run_data_check
+    from aifactory_train.recipes.plastic_sorting.synth import synthesize
+
+    data = synthesize(tmp_path / "cohort", size=12, seed=3)  # small: the check reads every image
+    path = card(data, **{**yaml.safe_load((data / DATACARD_FILE).read_text()), "sensitivity": "high"})
+    run_data_check(["recipe=plastic_sorting", f"data.root={data}"], str(tmp_path / "report"))
+    report = json.loads((tmp_path / "report" / "data_check.json").read_text())
+    assert report["contact_sheet"] == {"file": None, "reason": f"data card '{path}' marks the data sensitivity: high: "
+                                                               f"no data samples are shown"}
+    assert not (tmp_path / "report" / "contact_sheet.png").exists()
+    assert (tmp_path / "report" / "class_histogram.png").is_file()  # counts are no samples
+
+
 # -- tracking ------------------------------------------------------------------------------------------------------
 def test_tracking_only_to_a_local_store_or_a_host_the_card_allowlists(tmp_path):
     plain = card(tmp_path / "plain", sensitivity="high")

@@ -214,6 +214,20 @@ def _check_profile(config: Any, record: dict[str, Any] | None, cards: list[Path]
                              "egress": ["loopback", *([host] if host else [])]}
 
 
+def samples_withheld(config: Any) -> str | None:
+    """Why a report must show no data samples (`aift data check`'s contact sheet): under ``profile=secure``, or for
+    data a card marks ``sensitivity: high``; None when samples may be shown."""
+    if is_secure(config):
+        return "profile=secure: no data samples are shown"
+    data = _get(config, "data")
+    if data is None or _get(data, "root") is None:
+        return None
+    from aifactory_train.records.usage_terms import data_paths, datacards_for
+
+    reasons = required_by(datacards_for(data_paths(data)), config, recipe_rule=False)
+    return f"{reasons[0]}: no data samples are shown" if reasons else None
+
+
 def job_partition(cluster: dict[str, Any], config: Any) -> str:
     """The Slurm partition a job goes to: the profile's ``secure_partition`` under ``profile=secure``."""
     if not is_secure(config):
