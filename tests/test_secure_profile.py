@@ -297,6 +297,7 @@ def test_a_secure_run_trains_offline_owner_only_and_records_the_profile(secure_r
     assert not loose, loose  # the run folder, its checkpoints and Hydra's record: owner-only
     assert stat.S_IMODE((secure_run["work"] / "mlflow.db").stat().st_mode) & 0o077 == 0
     log = (run / "train.log").read_text()
+    assert "profile=secure: offline, network to loopback only, owner-only files" in log
     private = re.search(r"temporary files in (\S+)", log).group(1)
     assert not Path(private).exists()  # removed at the end
     from mlflow.tracking import MlflowClient
