@@ -58,7 +58,8 @@ def recipe_of(group: str, name: str) -> str:
 def every_override() -> list[list[str]]:
     """One composition per file in configs/: each group option with the recipe it belongs to."""
     runs = [[f"recipe={name}"] for name in options("recipe")]
-    for group in ("model", "trainer", "precision", "strategy", "cluster", "tracking", "paths", "debug", "experiment"):
+    for group in ("model", "trainer", "precision", "strategy", "cluster", "tracking", "profile", "paths", "debug",
+                  "experiment"):
         runs += [[f"{group}={name}", f"recipe={recipe_of(group, name)}"] for name in options(group)]
     return runs
 

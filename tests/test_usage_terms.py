@@ -68,11 +68,11 @@ def test_no_card_or_no_usage_section_restricts_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("usage, message", [
-    ({"untill": "2027-01-01"}, "usage has unknown key(s) ['untill']; valid: recipes, users, accounts, hosts, until"),
+    ({"untill": "2027-01-01"}, "usage has unknown key(s) ['untill']; valid: recipes, users, accounts, hosts, until, tracking"),
     ({"until": "next summer"}, "usage.until must be a date (YYYY-MM-DD), not 'next summer'"),
     ({"users": []}, "usage.users must be a non-empty list of names, not []"),
     ({"accounts": {"a": 1}}, "usage.accounts must be a non-empty list of names"),
-    (["crop_detection"], "usage must be a mapping of recipes, users, accounts, hosts, until"),
+    (["crop_detection"], "usage must be a mapping of recipes, users, accounts, hosts, until, tracking"),
 ])
 def test_a_term_that_cannot_be_read_is_an_error_not_a_lifted_restriction(tmp_path, usage, message):
     path = card(tmp_path, usage)

@@ -157,24 +157,12 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
         fresh = fresh_run_dir(run_dir, given)
         from aifactory_train.records.audit import command_ended
 
+        from aifactory_train.records.secure import secure_profile
+
         try:
             _preflight(cfg, command)
-            if command == "train":
-                from aifactory_train.commands.train import run_training
-
-                outcome = run_training(cfg)
-            elif command == "eval":
-                from aifactory_train.commands.evaluate import run_evaluation
-
-                outcome = run_evaluation(cfg)
-            elif command == "predict":
-                from aifactory_train.commands.predict import run_prediction
-
-                outcome = run_prediction(cfg)
-            else:
-                from aifactory_train.commands.export import run_export
-
-                outcome = run_export(cfg)
+            with secure_profile(cfg, run_dir):  # profile=secure: offline, fenced, owner-only, private temp files
+                outcome = _run_command(command, cfg)
         except (Exception, KeyboardInterrupt) as err:
             command_ended(command, run_dir, error=err, config=cfg)  # the audit log: refused or failed
             # handled here, not by Hydra, which would print "Error executing job" and the traceback
@@ -198,6 +186,24 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return 0
+
+
+def _run_command(command: str, cfg):
+    if command == "train":
+        from aifactory_train.commands.train import run_training
+
+        return run_training(cfg)
+    if command == "eval":
+        from aifactory_train.commands.evaluate import run_evaluation
+
+        return run_evaluation(cfg)
+    if command == "predict":
+        from aifactory_train.commands.predict import run_prediction
+
+        return run_prediction(cfg)
+    from aifactory_train.commands.export import run_export
+
+    return run_export(cfg)
 
 
 RECIPES_LIST_WIDTH = 100
@@ -353,7 +359,10 @@ def _data_runs(args: argparse.Namespace) -> int:
     datamodule = build(cfg.data, _convert_="all")
     datamodule.setup("fit")  # the same reading and digest as a training run of this recipe
     lineage = datamodule.lineage()
-    runs = runs_trained_on(tracking["uri"], lineage)
+    from aifactory_train.records.withdrawal import summary as withdrawal_lists
+
+    current = withdrawal_lists(lineage.root)  # the data's withdrawal lists as they are now
+    runs = runs_trained_on(tracking["uri"], lineage, current)
     from aifactory_train.records.masking import redact_uri
 
     shown = redact_uri(tracking["uri"])  # printed and written: no password
@@ -363,7 +372,8 @@ def _data_runs(args: argparse.Namespace) -> int:
     else:
         print(f"{len(runs)} run(s) in {shown} used this data:")
         for run in runs:
-            shared = "all splits" if run["all_data"] else "splits " + ", ".join(run["splits"])
+            shared = "all splits" if run["all_data"] else ("splits " + ", ".join(run["splits"]) if run["splits"] else
+                                                           "this data.root, other digests")
             print(f"  {run['start_time']}  {run['run_id']}  {run['kind']:5s}  {run['experiment']}/{run['run_name']}  "
                   f"{run['status']}{' (deleted)' if run['deleted'] else ''}  {shared}"
                   + (f"  checkpoint {run['best_checkpoint']}" if run["best_checkpoint"] else ""))
@@ -371,6 +381,17 @@ def _data_runs(args: argparse.Namespace) -> int:
                 print(f"      exported: {export}")
             for version in run["registered"]:
                 print(f"      registered: {version}")
+            if run["withdrawal"] and run["withdrawal"]["before_current_list"]:
+                applied = "; ".join(f"{w['list']}: " + (f"sha256 {w['run_sha256']}" if w["run_sha256"] else
+                                                         "not applied") for w in run["withdrawal"]["lists"])
+                print(f"      TRAINED BEFORE THE CURRENT WITHDRAWAL LIST (the run: {applied}): retrain it, and "
+                      f"replace its exported and registered models")
+        stale = [r for r in runs if r["withdrawal"] and r["withdrawal"]["before_current_list"]]
+        for w in current:
+            print(f"withdrawal list {w['list']}: sha256 {w['sha256']}, {w['ids']} id(s)")
+        if current:
+            print(f"{len(stale)} run(s) trained before the current withdrawal list"
+                  + (": retrain them" if stale else ""))
     if args.out:
         report = {"data": lineage.as_dict(), "tracking_uri": shown, "runs": runs}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

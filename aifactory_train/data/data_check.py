@@ -617,14 +617,18 @@ def run_data_check(overrides: list[str], out: str | None) -> int:
     state = inspect(resolved, typed)
     report, description = state["report"], state["description"]
     if description is not None:
+        from aifactory_train.records.secure import samples_withheld
+
+        withheld = samples_withheld(resolved)  # sensitive data: no contact sheet of samples
         unit = "box" if description.label_unit == "box" else description.label_unit
         drawn = {"class_histogram": class_histogram(report, unit, folder / "class_histogram.png"),
                  "box_sizes": box_histogram(description, folder / "box_sizes.png"),
                  "lengths": length_histogram(description, folder / "lengths.png"),
-                 "contact_sheet": contact_sheet(description, folder / "contact_sheet.png")}
+                 "contact_sheet": None if withheld else contact_sheet(description, folder / "contact_sheet.png")}
         report["pictures"] = {k: p.name for k, p in drawn.items() if p is not None}
         report["contact_sheet"] = ({"file": "contact_sheet.png", "reason": None} if drawn["contact_sheet"] else
-                                   {"file": None, "reason": description.no_samples_reason or "the recipe gives no samples"})
+                                   {"file": None, "reason": withheld or description.no_samples_reason or
+                                    "the recipe gives no samples"})
     (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (folder / REPORT_MD).write_text(markdown(report))
     print_summary(report, folder)

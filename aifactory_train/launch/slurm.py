@@ -173,6 +173,9 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
     if cluster["scheduler"] != "slurm":
         raise ConfigError(f"cluster '{cluster['name']}' has scheduler '{cluster['scheduler']}'; `aift launch` needs a "
                           f"Slurm profile (cluster=aifactory_h100, cluster=slurm, or your own copy of slurm.yaml)")
+    from aifactory_train.records.secure import job_partition
+
+    cluster = {**cluster, "partition": job_partition(cluster, cfg)}  # profile=secure: the secure partition only
     check_job_name(job_name)
     check_run_dir(str(run_dir))
     nodes, tasks, gpus = job_shape(cfg)

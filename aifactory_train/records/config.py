@@ -260,6 +260,7 @@ class ClusterConfig:
     allocation_gpu_hours: Dict[str, float] = field(default_factory=dict)
     grid_g_co2_per_kwh: Optional[float] = None
     internode_busbw_gbps: Optional[float] = None
+    secure_partition: Optional[str] = None  # where `aift launch` sends a profile=secure job (records/secure.py)
 
     def check(self) -> None:
         check_choice("cluster.scheduler", self.scheduler, ("none", "slurm"))
@@ -329,6 +330,9 @@ class RecipeSection:
     data_format: str = ""
     synth: str = ""
     deidentify: str = ""  # recipes on sensitive text: the `aift data deidentify` step
+    # a card key (e.g. deidentified): data whose nearest card does not say KEY: true is used under profile=secure
+    # only (aifactory_train/records/secure.py)
+    secure_unless_card: Optional[str] = None
     schema: str = ""
     module: Dict[str, Any] = field(default_factory=dict)
     monitor: str = "val/loss"
@@ -411,6 +415,7 @@ class EarlyStoppingConfig:
 
 from aifactory_train.records.audit import AuditConfig  # noqa: E402 - the sections of issue 19, in their own modules
 from aifactory_train.records.consent import RunSection  # noqa: E402
+from aifactory_train.records.secure import ProfileConfig  # noqa: E402
 
 
 @dataclass
@@ -466,6 +471,7 @@ class RunConfig:
     predict: PredictOptions = field(default_factory=PredictOptions)  # aift predict only; a recipe may extend it
     run: RunSection = field(default_factory=RunSection)  # run.purpose: checked against the cards' DUO codes
     audit: AuditConfig = field(default_factory=AuditConfig)  # where the audit log goes
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # profile=secure: sensitive data (records/secure.py)
 
 
 
@@ -708,7 +714,13 @@ def check_data(typed, stage: str = "fit", account: str | None = None, queued: bo
         check_files(stage)
     # the owner's terms of every card at or above data.root, for the recipe whose code runs (returns the record)
     recipe = {"name": typed.recipe.name, "module": dict(typed.recipe.module)}
-    return check_usage(data_paths(data), recipe, account, queued=queued, config=typed) if data is not None else None
+    if data is None:
+        return None
+    record = check_usage(data_paths(data), recipe, account, queued=queued, config=typed)
+    from aifactory_train.records.secure import check_profile
+
+    check_profile(typed, record)  # data that needs profile=secure; under it, the tracking store and sample logging
+    return record
 
 
 def missing_data_root(root: Any, recipe: str, deidentify: bool = False) -> Exception:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 import urllib.error
@@ -187,12 +188,37 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
+WITHDRAWN_TAG = "aift.data.withdrawn"  # lineage.read_datacard's "withdrawn": "LIST (sha256 X, N ids): ...; ..."
+_RECORDED_LIST = re.compile(r"(\S+) \(sha256 ([0-9a-f]{64}), \d+ ids\)")
+
+
+def recorded_withdrawals(tags: dict[str, str]) -> dict[str, str]:
+    """The withdrawal lists a run applied, as it recorded them: list path -> SHA-256 ({} for a run without one)."""
+    return {m.group(1): m.group(2) for m in _RECORDED_LIST.finditer(tags.get(WITHDRAWN_TAG) or "")}
+
+
+def withdrawal_status(tags: dict[str, str], current: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Whether a run trained before the data's current withdrawal lists (``withdrawal.summary``): a list it did not
+    apply, or applied in another version (its SHA-256 differs), means it may have trained on records withdrawn
+    since, and it and its models should be retrained. None when the data has no withdrawal list."""
+    if not current:
+        return None
+    recorded = recorded_withdrawals(tags)
+    lists = [{"list": w["list"], "current_sha256": w["sha256"], "run_sha256": recorded.get(w["list"])}
+             for w in current]
+    return {"before_current_list": any(w["run_sha256"] != w["current_sha256"] for w in lists), "lists": lists}
+
+
+def runs_trained_on(uri: str, lineage, withdrawals: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every run in the store (all experiments; training and eval runs) that used one or more splits of
-    ``lineage``'s data, found by digest: the data owner's question "which models were trained on my data?".
+    ``lineage``'s data, found by digest, or the data at its root (``aift.data.root``): the data owner's question
+    "which models were trained on my data?".
 
     A run matches a split when one of its MLflow dataset inputs has that split's digest, so a run that trained on
-    this train split with other validation data is listed too, with the splits it shares."""
+    this train split with other validation data is listed too, with the splits it shares. A run on the same root
+    whose digests differ (it read records withdrawn since, or files changed) is listed with no shared split.
+    ``withdrawals``: the data's current withdrawal lists (``withdrawal.summary``); each run then says whether it
+    trained before them (``withdrawal``: :func:`withdrawal_status`)."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
@@ -207,7 +233,12 @@ def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
     if not experiments or not split_of:
         return []
     found = []
-    for run in _all_runs(client, list(experiments), f"dataset.digest IN ({quoted})"):
+    runs = {run.info.run_id: run for run in _all_runs(client, list(experiments), f"dataset.digest IN ({quoted})")}
+    root = str(Path(lineage.root).resolve())
+    if "'" not in root:  # MLflow's filter has no escape for a quote
+        for run in _all_runs(client, list(experiments), f"tags.`aift.data.root` = '{root}'"):
+            runs.setdefault(run.info.run_id, run)
+    for run in runs.values():
         tags = run.data.tags
         splits = sorted({split_of[d.dataset.digest] for d in run.inputs.dataset_inputs if d.dataset.digest in split_of})
         found.append({
@@ -225,6 +256,7 @@ def runs_trained_on(uri: str, lineage) -> list[dict[str, Any]]:
             "exports": sorted(v for k, v in tags.items() if k.startswith("aift.export.")),
             "registered": [f"{v.name} version {v.version}" for v in
                            client.search_model_versions(f"run_id = '{run.info.run_id}'")],
+            "withdrawal": withdrawal_status(tags, withdrawals or []),
         })
     return sorted(found, key=lambda r: r["start_time"])
 

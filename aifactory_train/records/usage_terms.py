@@ -36,7 +36,7 @@ from aifactory_train.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 DATACARD_FILE = "datacard.yaml"
-USAGE_KEYS = ("recipes", "users", "accounts", "hosts", "until")
+USAGE_KEYS = ("recipes", "users", "accounts", "hosts", "until", "tracking")
 
 
 # -- the cards -------------------------------------------------------------------------------------------------
@@ -124,18 +124,20 @@ class UsageTerms:
     hosts: list[str] | None = None  # fnmatch patterns
     until: Any = None  # datetime.date
     via: str | None = None
+    # the tracking servers (host names) a run under profile=secure may log to (aifactory_train/records/secure.py)
+    tracking: list[str] | None = None
 
     def describe(self) -> str:
-        parts = [f"{key}={','.join(getattr(self, key))}" for key in ("recipes", "users", "accounts", "hosts")
-                 if getattr(self, key) is not None]
+        parts = [f"{key}={','.join(getattr(self, key))}" for key in ("recipes", "users", "accounts", "hosts",
+                                                                    "tracking") if getattr(self, key) is not None]
         if self.until is not None:
             parts.append(f"until={self.until.isoformat()}")
         return "; ".join(parts) or "no restrictions"
 
     def as_dict(self) -> dict[str, Any]:
         """The terms as a card's ``usage`` mapping (what a derived dataset's card carries)."""
-        usage: dict[str, Any] = {k: list(getattr(self, k)) for k in ("recipes", "users", "accounts", "hosts")
-                                 if getattr(self, k) is not None}
+        usage: dict[str, Any] = {k: list(getattr(self, k)) for k in ("recipes", "users", "accounts", "hosts",
+                                                                      "tracking") if getattr(self, k) is not None}
         if self.until is not None:
             usage["until"] = self.until.isoformat()
         return usage
@@ -177,7 +179,7 @@ def parse_usage(usage: Any, path: Path, via: str | None = None) -> UsageTerms:
     if unknown:
         raise DataError(f"{where} has unknown key(s) {unknown}; valid: {', '.join(USAGE_KEYS)}")
     terms = UsageTerms(path, via=via)
-    for key in ("recipes", "users", "accounts", "hosts"):
+    for key in ("recipes", "users", "accounts", "hosts", "tracking"):
         value = usage.get(key)
         if value is None:
             continue
@@ -504,6 +506,7 @@ def usage_tags(record: dict[str, Any]) -> dict[str, str]:
             "aift.usage.account": record["account"] or "", "aift.usage.slurm_job": record["slurm_job"] or "",
             "aift.usage.cards": ", ".join(c["path"] for c in record["cards"]) or "none",
             "aift.usage.terms": terms_summary(record),
+            "aift.profile": (record.get("profile") or {}).get("name", "default"),
             **consent_tags(record)}
 
 

@@ -196,7 +196,8 @@ def test_no_canary_leaves_the_run(canary_raw, tmp_path):
          "hydra.run.dir=outputs/eval", "trainer.limit_test_batches=1"],
         ["export", "recipe=clinical_notes", "ckpt_path=outputs/run/checkpoints/last.ckpt", "format=hf",
          "hydra.run.dir=outputs/export"],
-        ["train", "recipe=clinical_notes", f"data.root={canary_raw}", "data.deidentify=inline",
+        # raw notes (their card does not say deidentified: true): under profile=secure only (recipe.secure_unless_card)
+        ["train", "recipe=clinical_notes", f"data.root={canary_raw}", "data.deidentify=inline", "profile=secure",
          "hydra.run.dir=outputs/inline", *SMOKE],
         # summaries of the raw test notes: de-identified inline before the model reads them
         ["predict", "recipe=clinical_notes", "ckpt_path=outputs/run/checkpoints/last.ckpt",
