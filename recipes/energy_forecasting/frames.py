@@ -70,13 +70,13 @@ def read_table(path: str | Path, columns: dict[str, str], covariates: list[str],
 
 def parse_timestamps(values: pd.Series, path: Path, column: str, require_timezone: bool, timezone: str) -> pd.Series:
     if isinstance(values.dtype, pd.DatetimeTZDtype):
-        return values.dt.tz_convert("UTC")
+        return values.dt.tz_convert("UTC").dt.as_unit("ns")
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
         if require_timezone:
             raise DataError(f"{_where(path, 0)} column '{column}': timestamps without a time zone "
                             f"({values.iloc[0]}); data.require_timezone=true expects zone-aware timestamps (UTC or "
                             f"with an offset), or set data.require_timezone=false to read them as {timezone} time")
-        return _localise(values, path, column, timezone)
+        return _localise(values, path, column, timezone).dt.as_unit("ns")
     text = values.astype("string").str.strip()
     empty = text.isna() | (text == "")
     if empty.any():
@@ -176,6 +176,14 @@ def fill_runs(values: np.ndarray, longest: int | None) -> tuple[np.ndarray, int]
     return values, count
 
 
+def fill_forward(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Causal filling for observed-only covariates: the last value known at each step (the first known one before
+    it). Interpolating would pull a value from after a forecast origin into the history."""
+    series = pd.Series(values, dtype="float64")
+    missing = int(series.isna().sum())
+    return series.ffill().bfill().fillna(0.0).to_numpy(), missing if missing < len(series) else 0
+
+
 def calendar_features(times: pd.DatetimeIndex, timezone: str) -> np.ndarray:
     local = times.tz_convert(timezone)
     hour = (local.hour + local.minute / 60.0).to_numpy(dtype="float64")
@@ -223,10 +231,10 @@ def build_series(frame: pd.DataFrame, known: list[str], observed: list[str], fre
             target, n = fill_runs(target, max_interpolate)
             counts.interpolated += n
         covs = []
-        for columns in (known, observed):
+        for columns, fill in ((known, lambda v: fill_runs(v, None)), (observed, fill_forward)):
             block = np.zeros((len(times), len(columns)))
             for j, column in enumerate(columns):
-                block[:, j], n = fill_runs(grid[column].to_numpy(dtype="float64"), None)
+                block[:, j], n = fill(grid[column].to_numpy(dtype="float64"))
                 counts.covariates_filled += n
             covs.append(block)
         raw_for_baseline = np.where(observed_mask, target, np.nan)
@@ -341,7 +349,9 @@ def window_origins(bank: Bank, series_index: int, history: int, horizon: int, hi
         if hi is not None and times[local + horizon] >= hi.value:
             break
         g = start + local
-        if gap_policy == "mask":
+        if bank.present[g] and not bank.observed[g]:
+            ok = False  # the origin itself was interpolated, from a value after it: that would be look-ahead
+        elif gap_policy == "mask":
             ok = bank.observed[g + 1:g + horizon + 1].any()
         else:
             ok = bank.present[g - history + 1:g + horizon + 1].all()

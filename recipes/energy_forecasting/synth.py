@@ -44,7 +44,9 @@ def clear_sky(times_utc: pd.DatetimeIndex) -> np.ndarray:
     return np.clip(elevation / np.sin(np.radians(90 - LATITUDE + 23.44)), 0, 1)  # 1 at the midsummer noon sun
 
 
-def make_frame(households: int, start: str = DEFAULT_START, days: int = DEFAULT_DAYS, seed: int = 0) -> pd.DataFrame:
+def make_frame(households: int, start: str = DEFAULT_START, days: int = DEFAULT_DAYS, seed: int = 0,
+               lost: float = 0.003, faults: bool = True) -> pd.DataFrame:
+    """The table; ``lost``: the share of rows dropped at random, ``faults``: the outage and the meter reset."""
     rng = np.random.default_rng(seed)
     first = pd.Timestamp(start, tz=TIMEZONE)
     last = first + pd.DateOffset(days=days)
@@ -82,10 +84,10 @@ def make_frame(households: int, start: str = DEFAULT_START, days: int = DEFAULT_
                                   "temperature_fc": np.round(temperature_fc, 2), "cloud_fc": np.round(cloud_fc, 3),
                                   "price": np.round(price, 4), "holiday": holiday,
                                   "temperature_obs": np.round(temperature, 2)})
-            keep = rng.random(n) > 0.003  # a few lost readings
+            keep = rng.random(n) >= lost  # a few lost readings
             rows.append(frame[keep])
     frame = pd.concat(rows, ignore_index=True)
-    if households >= 1:  # a 30-hour outage of the first household's meter, a meter reset in the second's load
+    if faults:  # a 30-hour outage of the first household's meter, a meter reset in the second's load
         outage = (frame["series_id"] == "h000:load") & (frame["timestamp"] >= first + pd.Timedelta(days=20)) & (
             frame["timestamp"] < first + pd.Timedelta(days=20, hours=30))
         frame = frame[~outage]
