@@ -38,17 +38,44 @@ class Windows(Dataset):
         return len(self.origins)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        b, o, h = self.bank, int(self.origins[index]), self.horizon
-        sl = slice(o + 1, o + h + 1)
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """A whole batch in one gather (see WindowBatches)."""
+        b, h = self.bank, self.horizon
+        o = self.origins[np.asarray(indices)]
+        past = o[:, None] + np.arange(-self.history + 1, 1)
+        ahead = o[:, None] + np.arange(1, h + 1)
+        raw = b.raw[ahead]
         return {
-            "past": torch.from_numpy(b.past(o, self.history)), "future": torch.from_numpy(b.future(o, h)),
-            "target": torch.from_numpy(b.y[sl]), "mask": torch.from_numpy(self.mask[sl].astype("float32")),
-            "truth": torch.from_numpy(np.nan_to_num(b.raw[sl]).astype("float32")),
-            "scored": torch.from_numpy(b.observed[sl] & ~np.isnan(b.baselines[sl]).any(1)),
-            "baselines": torch.from_numpy(np.nan_to_num(b.baselines[sl]).astype("float32")),
-            "loc": torch.tensor(b.loc[o], dtype=torch.float32), "scale": torch.tensor(b.scale[o], dtype=torch.float32),
-            "series": torch.tensor(int(self.series[index])), "origin": torch.tensor(int(b.times[o])),
+            "past": torch.from_numpy(b.past_rows[past]), "future": torch.from_numpy(b.future_rows[ahead]),
+            "target": torch.from_numpy(b.y[ahead]), "mask": torch.from_numpy(self.mask[ahead].astype("float32")),
+            "truth": torch.from_numpy(np.nan_to_num(raw).astype("float32")),
+            "scored": torch.from_numpy(b.observed[ahead] & ~np.isnan(b.baselines[ahead]).any(2)),
+            "baselines": torch.from_numpy(np.nan_to_num(b.baselines[ahead]).astype("float32")),
+            "loc": torch.from_numpy(b.loc[o].astype("float32")), "scale": torch.from_numpy(b.scale[o].astype("float32")),
+            "series": torch.from_numpy(self.series[np.asarray(indices)].astype("int64")),
+            "origin": torch.from_numpy(b.times[o].astype("int64")),
         }
+
+
+class WindowBatches(Dataset):
+    """What the loaders read: whole batches of windows, gathered at once (``Windows.__getitems__``). The resumable
+    DataLoader fetches item by item, and per-window items ran at ~9,000 windows/s on one core against ~150,000 for
+    whole batches. Training windows are grouped into batches by a seeded permutation; the sampler shuffles the
+    order of the batches every epoch (and resumes mid-epoch as for the other recipes)."""
+
+    def __init__(self, windows: Windows, batch_size: int, seed: int | None, drop_last: bool):
+        self.windows, self.batch_size = windows, batch_size
+        count = len(windows)
+        self.order = np.random.default_rng(seed).permutation(count) if seed is not None else np.arange(count)
+        self.count = count // batch_size if drop_last and count >= batch_size else -(-count // batch_size)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.windows.__getitems__(self.order[index * self.batch_size:(index + 1) * self.batch_size])
 
 
 class EnergyDataModule(L.LightningDataModule):
@@ -153,10 +180,13 @@ class EnergyDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=shuffled(dataset, self.trainer) if train else None,
-                          drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        import os
+
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if train else None
+        dataset = WindowBatches(self.datasets[split], self.batch_size, seed, drop_last=train)
+        return DataLoader(dataset, batch_size=None, sampler=shuffled(dataset, self.trainer) if train else None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

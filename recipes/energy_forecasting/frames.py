@@ -322,17 +322,19 @@ class Bank:
         self.baselines = cat(lambda s: s.baselines)
         self.times = np.concatenate([s.times.asi8 for s in series.values()])
 
+        # the per-step input rows, built once; a window is a slice of them
+        self.past_rows = np.concatenate([self.y[:, None], self.present[:, None].astype("float32"), self.obs,
+                                         self.known, self.calendar], axis=1)
+        self.future_rows = np.concatenate([self.known, self.calendar], axis=1)
+
     def past(self, origin: int, history: int) -> np.ndarray:
         """(history, 2 + O + K + C): scaled target, present flag, observed covariates, known covariates, calendar,
         for the steps up to and including ``origin``."""
-        sl = slice(origin - history + 1, origin + 1)
-        return np.concatenate([self.y[sl, None], self.present[sl, None].astype("float32"), self.obs[sl],
-                               self.known[sl], self.calendar[sl]], axis=1)
+        return self.past_rows[origin - history + 1:origin + 1]
 
     def future(self, origin: int, horizon: int) -> np.ndarray:
         """(horizon, K + C): only what is known in advance, for the steps after ``origin``."""
-        sl = slice(origin + 1, origin + horizon + 1)
-        return np.concatenate([self.known[sl], self.calendar[sl]], axis=1)
+        return self.future_rows[origin + 1:origin + horizon + 1]
 
 
 def window_origins(bank: Bank, series_index: int, history: int, horizon: int, hi: pd.Timestamp | None, stride: int, first_target_from: pd.Timestamp | None,
