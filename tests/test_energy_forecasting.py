@@ -225,9 +225,9 @@ def test_battery_plan_uses_solar_surplus_before_the_grid():
 @pytest.fixture(scope="module")
 def energy_run(energy_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("energy_run")
-    result = aift("train", "recipe=energy_forecasting", f"data.root={energy_data}", "trainer.max_epochs=4",
-                  "data.split.val_days=5", "data.split.test_days=7", "data.train_stride=2", "model.hidden=64",
-                  "optim.lr=0.003", f"tracking.uri=sqlite:///{work}/mlflow.db", "trainer.enable_progress_bar=false",
+    result = aift("train", "recipe=energy_forecasting", f"data.root={energy_data}", "trainer.max_epochs=8",
+                  "data.split.val_days=5", "data.split.test_days=7", "data.batch_size=64", "model.hidden=64",
+                  f"tracking.uri=sqlite:///{work}/mlflow.db", "trainer.enable_progress_bar=false",
                   f"hydra.run.dir={work}/run", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "run"
@@ -314,10 +314,11 @@ def test_window_inputs_hold_no_observed_value_after_the_origin(energy_data):
 @pytest.mark.e2e
 def test_predict_writes_quantiles_and_a_battery_plan(energy_run, energy_data, tmp_path):
     frame = latest(energy_data)
-    write_csv(frame, tmp_path / "latest.csv")
+    (tmp_path / "in").mkdir()
+    write_csv(frame, tmp_path / "in" / "latest.csv")
     out = tmp_path / "pred"
     result = aift("predict", "recipe=energy_forecasting", f"ckpt_path={energy_run}/checkpoints/last.ckpt",
-                  f"input={tmp_path / 'latest.csv'}", "predict.plan_charging=true", "predict.battery.capacity_kwh=5",
+                  f"input={tmp_path / 'in' / 'latest.csv'}", "predict.plan_charging=true", "predict.battery.capacity_kwh=5",
                   "predict.battery.power_kw=2", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -66,7 +66,7 @@ class DataConfig:
     gap_policy: str = "interpolate"          # interpolate | mask | drop_window
     max_interpolate: int = 3                 # interpolate: longer gaps are left missing and their windows dropped
     meter_reset_below: Optional[float] = 0.0  # a target below this is a meter reset: treated as a gap (null: off)
-    train_stride: int = 1                    # steps between training window origins
+    train_stride: int = 2                    # steps between training window origins
     eval_stride: int = 24                    # steps between origins of the val/test rolling-origin backtest
     split: SplitConfig = field(default_factory=SplitConfig)
     batch_size: int = 256
@@ -101,7 +101,7 @@ class ModelConfig:
     name: str = "tide_mlp"
     hidden: int = 128
     layers: int = 2
-    dropout: float = 0.1
+    dropout: float = 0.0
     pool: List[int] = field(default_factory=lambda: [1, 4, 24])  # N-HiTS-style multi-rate views of the history
 
     def check(self) -> None:

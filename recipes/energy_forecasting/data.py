@@ -175,8 +175,18 @@ class EnergyDataModule(L.LightningDataModule):
         for split, ds in (self.datasets or {}).items():
             # one file holds every split; a split is that file plus its time range
             tag = hashlib.sha256(f"{digest}:{split}:{self.starts}".encode()).hexdigest()
-            lineage.splits[split] = SplitLineage(name=split, num_rows=len(ds), digest=tag)
+            lineage.splits[split] = SplitLineage(name=split, num_rows=len(ds), digest=tag, dataset=self._windows(ds))
         return lineage
+
+    def _windows(self, ds: Windows):
+        """The split's windows as a ``datasets.Dataset`` (series, forecast origin): MLflow's dataset input is made
+        from one (aifactory_train/records/tracking.py reads its columns), though SplitLineage calls it optional."""
+        import datasets
+
+        names = np.asarray(self.bank.names, dtype=object)
+        origins = pd.to_datetime(self.bank.times[ds.origins], utc=True).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datasets.Dataset.from_dict({"series": names[ds.series].tolist() if len(ds) else [],
+                                           "origin": list(origins)})
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:

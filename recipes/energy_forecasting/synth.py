@@ -28,7 +28,7 @@ LATITUDE, LONGITUDE = 53.0, 6.9
 HOLIDAYS = ["2026-01-01", "2026-04-03", "2026-04-05", "2026-04-06", "2026-04-27", "2026-05-05", "2026-05-14",
             "2026-05-24", "2026-05-25", "2026-12-25", "2026-12-26", "2027-01-01"]
 VARIANTS = ("csv", "parquet")
-DEFAULT_SIZE = 12      # households
+DEFAULT_SIZE = 4       # households (8 series): a CPU demo in minutes; --size 500 for the GPU experiment
 DEFAULT_START = "2026-02-01"
 DEFAULT_DAYS = 300     # crosses 29 March (23 h) and 25 October (25 h) 2026
 
