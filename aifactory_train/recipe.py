@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 from aifactory_train.errors import AiftError, CheckpointError, ConfigError, DataError
 from aifactory_train.locations import RecipeInfo
-from aifactory_train.records.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.records.config import (ExportOptions, OptimConfig, PredictOptions, RunConfig, check, check_choice,
+                                            missing_data_root)
 
 # The rest is imported when a recipe first asks for it (PEP 562): a recipe's config.py is imported to validate a
 # config, which `aift` does in about a second, before torch and Lightning are loaded.
@@ -111,7 +112,7 @@ __all__ = [
     # benchmark adapters
     "BENCH_OPTIM", "device_sync", "median_ms", "loader_rate", "model_config", "import_onnxruntime",
     # config base classes and checks, errors
-    "RunConfig", "OptimConfig", "check", "check_choice", "missing_data_root",
+    "RunConfig", "OptimConfig", "PredictOptions", "ExportOptions", "check", "check_choice", "missing_data_root",
     "AiftError", "ConfigError", "DataError", "CheckpointError",
 ]
 
@@ -160,7 +161,9 @@ class AdoptsCheckpoint(Protocol):
 
 @runtime_checkable
 class Exports(Protocol):
-    """A module ``aift export`` can turn into deployable files. ``EXPORT_FORMATS``: the ``format=`` values."""
+    """A module ``aift export`` can turn into deployable files. ``EXPORT_FORMATS``: the ``format=`` values.
+    ``options``: the validated ``export`` section as a dict (:class:`ExportOptions`, or the recipe's subclass of it
+    that its schema declares as ``export``)."""
 
     EXPORT_FORMATS: ClassVar[tuple[str, ...]]
 
@@ -170,7 +173,9 @@ class Exports(Protocol):
 @runtime_checkable
 class Predicts(Protocol):
     """A module ``aift predict`` runs on files: ``PREDICT_EXTENSIONS`` (e.g. ``(".png", ".jpg")``), one JSON-able
-    row per file or record. ``PREDICT_DRAWS``: whether ``predict.draw=true`` draws pictures."""
+    row per file or record. ``PREDICT_DRAWS``: whether ``predict.draw=true`` draws pictures. ``options``: the
+    validated ``predict`` section as a dict (:class:`PredictOptions`, or the recipe's subclass of it that its schema
+    declares as ``predict``), plus ``output_dir`` (a folder for the recipe's own result files) and ``input_root``."""
 
     PREDICT_EXTENSIONS: ClassVar[tuple[str, ...]]
     PREDICT_DRAWS: ClassVar[bool]

@@ -363,6 +363,35 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class PredictOptions:
+    """The ``predict`` section: what `aift predict` needs of every recipe. A recipe with options of its own (a score
+    threshold, the field its text is in) subclasses this in its schema module and declares
+    ``predict: MyPredictOptions = field(default_factory=MyPredictOptions)`` in its RunConfig subclass; the defaults
+    go in its recipe config under ``predict:`` as well, so that they can be overridden on the command line."""
+
+    batch_size: int = 8  # files per forward pass
+    num_workers: int = 2  # processes that read and decode the next files (0: the main process)
+    draw: bool = False  # also draw the predictions (recipes whose module has PREDICT_DRAWS)
+
+    def check(self) -> None:
+        check(_is_int(self.batch_size) and self.batch_size >= 1, "predict.batch_size", self.batch_size,
+              "an integer >= 1")
+        check(_is_int(self.num_workers) and self.num_workers >= 0, "predict.num_workers", self.num_workers,
+              "an integer >= 0 (0: files are read in the main process)")
+
+
+@dataclass
+class ExportOptions:
+    """The ``export`` section every recipe has; a recipe adds its own options as for :class:`PredictOptions`."""
+
+    register: Optional[str] = None  # a name: the export becomes a new version of that MLflow registered model
+
+    def check(self) -> None:
+        check(self.register is None or (isinstance(self.register, str) and self.register.strip() != ""),
+              "export.register", self.register, "null or a registered model name")
+
+
+@dataclass
 class RunConfig:
     """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
 
@@ -380,9 +409,9 @@ class RunConfig:
     run_test: bool = True
     split: Optional[str] = None  # aift eval only
     format: Optional[str] = None  # aift export only
-    export: Dict[str, Any] = field(default_factory=dict)  # aift export only
+    export: ExportOptions = field(default_factory=ExportOptions)  # aift export only; a recipe may extend it
     input: Optional[str] = None  # aift predict only
-    predict: Dict[str, Any] = field(default_factory=dict)  # aift predict only
+    predict: PredictOptions = field(default_factory=PredictOptions)  # aift predict only; a recipe may extend it
 
 
 
