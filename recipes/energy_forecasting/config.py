@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from aifactory_train.recipe import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import (ExportOptions, OptimConfig, PredictOptions, RunConfig, check, check_choice,
+                                   missing_data_root)
 from aifactory_train.recipe import DataError
 
 GAP_POLICIES = ("interpolate", "mask", "drop_window")
@@ -124,8 +125,49 @@ class LossConfig:
 
 
 @dataclass
+class BatteryConfig:
+    capacity_kwh: float = 10.0
+    power_kw: float = 3.0
+    initial_kwh: float = 0.0
+    efficiency: float = 0.95  # round trip
+
+    def check(self) -> None:
+        check(self.capacity_kwh > 0, "predict.battery.capacity_kwh", self.capacity_kwh, "a number > 0")
+        check(self.power_kw > 0, "predict.battery.power_kw", self.power_kw, "a number > 0")
+        check(0 <= self.initial_kwh <= self.capacity_kwh, "predict.battery.initial_kwh", self.initial_kwh,
+              f"a number in [0, predict.battery.capacity_kwh = {self.capacity_kwh}]")
+        check(0 < self.efficiency <= 1, "predict.battery.efficiency", self.efficiency, "a number in (0, 1]")
+
+
+@dataclass
+class EnergyPredictOptions(PredictOptions):
+    output_format: str = "csv"      # forecasts.<ext> (and battery_plan.<ext>) in the output folder
+    plan_charging: bool = False     # a battery schedule per household from the load, PV and price forecasts
+    battery: BatteryConfig = field(default_factory=BatteryConfig)
+    load_suffix: str = ":load"      # series <household><suffix>: which forecasts belong to one household
+    pv_suffix: str = ":pv"
+    price_column: str = "price"     # the known covariate with the day-ahead price
+
+    def check(self) -> None:
+        super().check()
+        check_choice("predict.output_format", self.output_format, ("csv", "parquet"))
+        self.battery.check()
+
+
+@dataclass
+class EnergyExportOptions(ExportOptions):
+    opset: int = 17
+
+    def check(self) -> None:
+        super().check()
+        check(13 <= self.opset <= 21, "export.opset", self.opset, "an ONNX opset from 13 to 21")
+
+
+@dataclass
 class EnergyForecastingConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    predict: EnergyPredictOptions = field(default_factory=EnergyPredictOptions)
+    export: EnergyExportOptions = field(default_factory=EnergyExportOptions)

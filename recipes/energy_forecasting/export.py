@@ -33,10 +33,7 @@ class DeployableForecaster(torch.nn.Module):
 
 
 def export_onnx(module, out_dir: Path, options: dict[str, Any]) -> list[Path]:
-    from aifactory_train.recipe import check
-
-    opset = options.get("opset", 17)
-    check(isinstance(opset, int) and 13 <= opset <= 21, "export.opset", opset, "an ONNX opset from 13 to 21")
+    opset = int(options.get("opset", 17))  # validated by the schema (config.py: EnergyExportOptions)
     info = module.hparams.data_info
     out_dir.mkdir(parents=True, exist_ok=True)
     history, horizon = int(info["history"]), int(info["horizon"])

@@ -187,7 +187,7 @@ def fill_forward(values: np.ndarray) -> tuple[np.ndarray, int]:
 def calendar_features(times: pd.DatetimeIndex, timezone: str) -> np.ndarray:
     local = times.tz_convert(timezone)
     hour = (local.hour + local.minute / 60.0).to_numpy(dtype="float64")
-    weekday = local.weekday.to_numpy(dtype="float64")
+    weekday = local.day_of_week.to_numpy(dtype="float64")
     return np.stack([np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24), np.sin(2 * np.pi * weekday / 7),
                      np.cos(2 * np.pi * weekday / 7), (weekday >= 5).astype("float64")], axis=1)
 

@@ -19,30 +19,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aifactory_train.recipe import ConfigError, DataError, check, check_choice
+from aifactory_train.recipe import ConfigError, DataError
 from .frames import Bank, GapCounts, build_series, read_table
 
-OUTPUT_FORMATS = ("csv", "parquet")
-
-
-def check_options(options: dict[str, Any]) -> dict[str, Any]:
-    fmt = options.get("output_format", "csv")
-    check_choice("predict.output_format", fmt, OUTPUT_FORMATS)
-    plan = options.get("plan_charging", False)
-    check(isinstance(plan, bool), "predict.plan_charging", plan, "true or false")
-    battery = dict(options.get("battery") or {})
-    for key, low in (("capacity_kwh", 0.0), ("power_kw", 0.0)):
-        value = battery.get(key)
-        check(isinstance(value, (int, float)) and value > low, f"predict.battery.{key}", value, "a number > 0")
-    initial = battery.get("initial_kwh", 0.0)
-    check(isinstance(initial, (int, float)) and 0 <= initial <= battery["capacity_kwh"], "predict.battery.initial_kwh",
-          initial, f"a number in [0, predict.battery.capacity_kwh = {battery['capacity_kwh']}]")
-    eff = battery.get("efficiency", 1.0)
-    check(isinstance(eff, (int, float)) and 0 < eff <= 1, "predict.battery.efficiency", eff, "a number in (0, 1]")
-    return {"output_format": fmt, "plan_charging": plan, "battery": {**battery, "initial_kwh": initial,
-                                                                     "efficiency": eff},
-            "load_suffix": options.get("load_suffix", ":load"), "pv_suffix": options.get("pv_suffix", ":pv"),
-            "price_column": options.get("price_column", "price")}
+def read_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The predict options (validated by the schema, config.py: EnergyPredictOptions), with its defaults for a
+    caller that passes fewer."""
+    battery = {"capacity_kwh": 10.0, "power_kw": 3.0, "initial_kwh": 0.0, "efficiency": 0.95,
+               **dict(options.get("battery") or {})}
+    return {"output_format": options.get("output_format", "csv"), "plan_charging": bool(options.get("plan_charging")),
+            "battery": battery, "load_suffix": options.get("load_suffix", ":load"),
+            "pv_suffix": options.get("pv_suffix", ":pv"), "price_column": options.get("price_column", "price")}
 
 
 def forecast_inputs(frame: pd.DataFrame, info: dict[str, Any], path: Path) -> tuple[Bank, list[int], dict]:
@@ -155,7 +142,7 @@ def _write(table: pd.DataFrame, path: Path, fmt: str) -> Path:
 
 def predict_files(module, files: list[Path], batch_size: int, options: dict[str, Any]) -> Iterator[dict]:
     info = module.hparams.data_info
-    opts = check_options(options)
+    opts = read_options(options)
     quantiles = [float(q) for q in module.hparams.loss["quantiles"]]
     tz = info["timezone"]
     tables, plans = [], []

@@ -56,7 +56,7 @@ def make_frame(households: int, start: str = DEFAULT_START, days: int = DEFAULT_
     hour = local.hour.to_numpy()
     doy = local.dayofyear.to_numpy()
     holiday = np.isin(local.strftime("%Y-%m-%d"), HOLIDAYS).astype(float)
-    weekend = (local.weekday.to_numpy() >= 5) | (holiday > 0)
+    weekend = (local.day_of_week.to_numpy() >= 5) | (holiday > 0)
     # weather: a slow random walk of cloud cover and a seasonal + daily temperature
     cloud = np.clip(0.5 + np.cumsum(rng.normal(0, 0.08, n)) * 0.15, 0, 1)
     cloud = np.clip(cloud + 0.35 * np.sin(np.cumsum(rng.normal(0, 0.05, n))), 0, 1)
