@@ -357,9 +357,13 @@ def test_onnx_export_matches_pytorch(energy_run, tmp_path):
 
     from aifactory_train.recipes.energy_forecasting.export import DeployableForecaster
 
+    out = tmp_path / "export"
+    result = aift("export", "recipe=energy_forecasting", f"ckpt_path={energy_run}/checkpoints/last.ckpt", "format=onnx",
+                  f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "provenance.json").is_file()
     module = loaded_module(energy_run)
-    files = module.export_model("onnx", tmp_path, {"opset": 17})
-    meta = json.loads((tmp_path / "model.json").read_text())
+    meta = json.loads((out / "model.json").read_text())
     assert meta["quantiles"] == [0.1, 0.5, 0.9] and meta["history"] == 168
     assert meta["features"]["future"][: len(KNOWN)] == KNOWN and "temperature_obs" not in meta["features"]["future"]
     assert set(meta["scaling"]["target"]) == {"h000:load", "h000:pv", "h001:load", "h001:pv"}
@@ -367,7 +371,7 @@ def test_onnx_export_matches_pytorch(energy_run, tmp_path):
     past = rng.normal(size=(5, 168, len(meta["features"]["past"]))).astype("float32")
     future = rng.normal(size=(5, 24, len(meta["features"]["future"]))).astype("float32")
     loc, scale = rng.uniform(0, 1, 5).astype("float32"), rng.uniform(0.5, 2, 5).astype("float32")
-    session = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"past": past, "future": future, "loc": loc, "scale": scale})
     with torch.no_grad():
         want = DeployableForecaster(module.net)(*map(torch.from_numpy, (past, future, loc, scale))).numpy()
