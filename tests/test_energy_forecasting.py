@@ -90,6 +90,12 @@ def test_test_windows_overlapping_training_windows_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         dm(tmp_path, split=split).setup("fit")
     assert_one_line_naming(str(err.value), ["data.split.test_start", "overlap training", "2026-03-11T23:00:00+00:00"])
+    # and the schema refuses it before any data is read (aift train, aift launch)
+    from aifactory_train.recipes.energy_forecasting.config import SplitConfig
+
+    with pytest.raises(ConfigError) as err:
+        SplitConfig(**split).check()
+    assert_one_line_naming(str(err.value), ["data.split.test_start", "2026-03-12T00:00:00+01:00", "overlap training"])
 
 
 # -- time: UTC grid, DST days, local features, baselines ----------------------------------------

@@ -49,6 +49,21 @@ class SplitConfig:
         if (self.val_start is None) != (self.test_start is None):
             check(False, "data.split", {"val_start": self.val_start, "test_start": self.test_start},
                   "both val_start and test_start set (ISO timestamps with a zone), or both null")
+        if self.val_start is not None:  # checked here too, so a wrong split fails before a job is queued
+            from datetime import datetime
+
+            stamps = {}
+            for key in ("val_start", "test_start"):
+                value = getattr(self, key)
+                try:
+                    stamps[key] = datetime.fromisoformat(str(value))
+                except ValueError:
+                    stamps[key] = None
+                check(stamps[key] is not None and stamps[key].tzinfo is not None, f"data.split.{key}", value,
+                      "an ISO 8601 timestamp with a zone, e.g. 2026-10-01T00:00:00+02:00")
+            check(stamps["test_start"] > stamps["val_start"], "data.split.test_start", self.test_start,
+                  f"a time after data.split.val_start ({self.val_start}); otherwise test windows would overlap "
+                  f"training windows")
 
 
 @dataclass
