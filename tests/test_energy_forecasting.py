@@ -382,3 +382,16 @@ def test_onnx_export_matches_pytorch(energy_run, tmp_path):
     with torch.no_grad():
         want = DeployableForecaster(module.net)(*map(torch.from_numpy, (past, future, loc, scale))).numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_data_check_names_windows_and_finds_no_target_period_in_two_splits(energy_data):
+    from aifactory_train.recipes.energy_forecasting.check import describe
+
+    datamodule = dm(energy_data, history=168, split={"val_days": 5, "test_days": 7})
+    datamodule.setup("fit")
+    description = describe(datamodule)
+    assert {s: d.count for s, d in description.splits.items()} == {s: len(d) for s, d in datamodule.datasets.items()}
+    hashes = [set(d.record_hashes) for d in description.splits.values()]
+    assert all(not (a & b) for i, a in enumerate(hashes) for b in hashes[i + 1:])
+    assert description.splits["test"].record_ids[0].startswith("h000:load @ ")
+    assert description.invalid["missing steps"] == datamodule.counts.missing_steps > 0
