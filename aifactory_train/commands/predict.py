@@ -104,7 +104,7 @@ def run_prediction(cfg) -> dict[str, Any]:
 
     # the owner of the new files may limit their use, as a training data owner may: every card at or above the
     # input and each file (resolved: a symlink into other data is covered by that data's cards)
-    usage = check_usage([Path(cfg.input), *files], resolved["recipe"])
+    usage = check_usage([Path(cfg.input), *files], resolved["recipe"], config=resolved)
     run_dir = Path(cfg.paths.output_dir)
     check_output_folder(run_dir, Path(cfg.input))
     ours = earlier_outputs(run_dir)

@@ -150,7 +150,8 @@ class NotesPredictOptions(PredictOptions):
 
     def check(self) -> None:
         super().check()
-        check_choice("predict.deidentify", self.deidentify, DEIDENTIFY_MODES)
+        check(self.deidentify in DEIDENTIFY_MODES, "predict.deidentify", self.deidentify,
+              f"{' or '.join(DEIDENTIFY_MODES)} (it follows data.deidentify unless set)")
 
 
 @dataclass
