@@ -140,8 +140,17 @@ def crop_copy(crop_data, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_roots(plastic_data, crop_data, clinical_data) -> dict:
-    return {"plastic_sorting": plastic_data, "crop_detection": crop_data, "clinical_notes": clinical_data}
+def data_roots(plastic_data, crop_data, clinical_data, energy_data) -> dict:
+    return {"plastic_sorting": plastic_data, "crop_detection": crop_data, "clinical_notes": clinical_data,
+            "energy_forecasting": energy_data}
+
+
+@pytest.fixture(scope="session")
+def energy_data(tmp_path_factory) -> Path:
+    """Two households (load + PV), hourly, 1 March to 9 May 2026 (the 23-hour day of 29 March inside). Read-only."""
+    from aifactory_train.recipes.energy_forecasting.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "energy", size=2, seed=3, days=70, start="2026-03-01")
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,14 @@ def _no_recipes_path(monkeypatch):
 
 
 def test_every_template_is_a_task_of_the_cli():
-    assert {"image_classification", "object_detection", "causal_lm"} <= set(tasks())
+    assert {"image_classification", "object_detection", "causal_lm", "forecasting"} <= set(tasks())
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("task", ["image_classification", "object_detection", "causal_lm"])
+@pytest.mark.parametrize("task", ["image_classification", "object_detection", "causal_lm", "forecasting"])
 def test_a_new_recipe_synthesizes_trains_and_launches(task, tmp_path, capsys):
-    name = {"image_classification": "demo_cls", "object_detection": "demo_det", "causal_lm": "demo_lm"}[task]
+    name = {"image_classification": "demo_cls", "object_detection": "demo_det", "causal_lm": "demo_lm",
+            "forecasting": "demo_fc"}[task]
     mine = tmp_path / "mine"
     code, out, err = new(capsys, name, "--task", task, "--to", str(mine))
     assert code == 0, err
@@ -130,6 +131,16 @@ def test_the_templates_refuse_bad_data_in_one_line_naming_the_file(tmp_path, mon
     labels.write_text(labels.read_text() + '{"image": "x.png", "boxes": [[5, 5, 1, 1]], "labels": ["square"]}\n')
     datamodule = importlib.import_module("tpl_err_det.data").TplErrDetDataModule(root=str(det))
     with pytest.raises(DataError, match=rf"'{labels}' line 2: expected .* x1 < x2"):
+        datamodule.setup("fit")
+
+    new_recipe("tpl_err_fc", "forecasting", mine)
+    fc = importlib.import_module("tpl_err_fc.synth").synthesize(tmp_path / "fc", size=1)
+    series = fc / "series.csv"
+    lines = series.read_text().splitlines()
+    lines[3] = lines[3].replace("+01:00", "")
+    series.write_text("\n".join(lines) + "\n")
+    datamodule = importlib.import_module("tpl_err_fc.data").TplErrFcDataModule(root=str(fc))
+    with pytest.raises(DataError, match=rf"'{series}' line 4 column 'timestamp': .* has no time zone"):
         datamodule.setup("fit")
 
     lm = importlib.import_module("tpl_err_lm.synth").synthesize(tmp_path / "lm", size=4)
