@@ -18,9 +18,9 @@ HYDRA_COMMANDS = ("train", "eval", "predict", "export")
 
 
 def readme_commands() -> list[list[str]]:
-    """The `aift ...` lines of the README's ```bash blocks, without their comments, as argument lists."""
+    """The `aift ...` commands of the README's ```bash blocks, without their comments, as argument lists."""
     commands, in_bash = [], False
-    for line in README.read_text().splitlines():
+    for line in README.read_text().replace("\\\n", " ").splitlines():  # a command continued with \ is one line
         if line.startswith("```"):
             in_bash = line.strip() == "```bash"
             continue
