@@ -72,8 +72,18 @@ def crop_copy(crop_data, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_roots(plastic_data, crop_data, clinical_data) -> dict:
-    return {"plastic_sorting": plastic_data, "crop_detection": crop_data, "clinical_notes": clinical_data}
+def seg_data(tmp_path_factory) -> Path:
+    """A small synthetic orthophoto (EPSG:28992) in all three infrastructure_segmentation layouts: a 256 px train
+    raster, 128 px val and test rasters, their label rasters, polygons and PNG tiles. Read-only for tests."""
+    from aifactory_train.recipes.infrastructure_segmentation.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "ortho", size=256, seed=3)
+
+
+@pytest.fixture(scope="session")
+def data_roots(plastic_data, crop_data, clinical_data, seg_data) -> dict:
+    return {"plastic_sorting": plastic_data, "crop_detection": crop_data, "clinical_notes": clinical_data,
+            "infrastructure_segmentation": seg_data}
 
 
 @pytest.fixture(scope="session")

@@ -362,13 +362,18 @@ class InfrastructureSegmentationDataModule(L.LightningDataModule):
         return self.sources is not None and name in self.sources
 
     def lineage(self) -> DatasetLineage:
+        import datasets
+
         lineage = DatasetLineage(name="infrastructure_segmentation", root=str(self.root),
                                  datacard=read_datacard(self.root))
         for split, files in self.files.items():
             paths = [p for p, _ in files]
             # SHA-256 per file through the stat-keyed digest cache: a large raster is hashed once, not every run
             digest = digest_files(self.root, paths, [r for _, r in files], digests=file_digests(self.root, paths))
-            lineage.splits[split] = SplitLineage(name=split, num_rows=len(self.sources[split]), digest=digest)
+            # the split's files as a table (image and label file per row), for MLflow's dataset input
+            table = datasets.Dataset.from_dict({"image": paths[0::2], "labels": paths[1::2]}, split=split)
+            lineage.splits[split] = SplitLineage(name=split, num_rows=len(self.sources[split]), digest=digest,
+                                                 dataset=table)
         return lineage
 
     # -- loaders ---------------------------------------------------------------------------------

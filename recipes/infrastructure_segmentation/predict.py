@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from aifactory_train.recipe import ConfigError, DataError, check
+from aifactory_train.recipe import DataError, check
 from .export import DeployableSegmenter
 
 NODATA = 255
@@ -43,15 +43,19 @@ def blend_weights(tile: int, overlap: int) -> torch.Tensor:
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Tile offsets along one axis: every ``stride`` px, the last one moved back to end at the raster's edge, so no
+    tile reads past the edge (padding there would change the logits near it); a raster smaller than a tile is
+    padded."""
     starts = list(range(0, max(length - tile, 0) + 1, stride))
     if starts[-1] + tile < length:
-        starts.append(starts[-1] + stride)
+        starts.append(length - tile)
     return starts
 
 
 def segment_blocks(model: torch.nn.Module, dataset, tile: int, overlap: int, block: int, batch_size: int,
-                   device: torch.device) -> Iterator[tuple[Any, np.ndarray]]:
-    """(rasterio Window, uint8 class mask of it) per output block of ``dataset``, NODATA where the input has none."""
+                   device: torch.device, probabilities: bool = False) -> Iterator[tuple[Any, np.ndarray]]:
+    """(rasterio Window, uint8 class mask of it) per output block of ``dataset``, NODATA where the input has none;
+    with ``probabilities``, the blended class probabilities (K, h, w) instead of the mask."""
     from rasterio.windows import Window
 
     height, width = dataset.height, dataset.width
@@ -84,6 +88,9 @@ def segment_blocks(model: torch.nn.Module, dataset, tile: int, overlap: int, blo
                     logits[:, br0:br0 + tr1 - tr0, bc0:bc0 + tc1 - tc0] += tile_logits[:, tr0:tr1, tc0:tc1] * w
                     total[br0:br0 + tr1 - tr0, bc0:bc0 + tc1 - tc0] += w
             window = Window(c0, r0, c1 - c0, r1 - r0)
+            if probabilities:
+                yield window, (logits / total).softmax(dim=0).cpu().numpy()
+                continue
             mask = (logits / total).argmax(dim=0).to(torch.uint8).cpu().numpy()
             valid = dataset.read_masks(1, window=window) > 0
             yield window, np.where(valid, mask, NODATA).astype(np.uint8)

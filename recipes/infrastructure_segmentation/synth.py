@@ -118,12 +118,15 @@ def write_png_tiles(folder: Path, image: np.ndarray, labels: np.ndarray, tile: i
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
-    palette = [v for rgb in [(0, 0, 0), *COLOURS.values()] for v in rgb]
+    # a full 256-entry palette: with fewer than 17 colours PIL writes 4-bit indices, and 255 (nodata) would read back
+    # as 15; nodata is drawn white
+    colours = [(0, 0, 0), *COLOURS.values()]
+    palette = [v for rgb in colours + [(0, 0, 0)] * (255 - len(colours)) + [(255, 255, 255)] for v in rgb]
     for row in range(0, labels.shape[0] - tile + 1, tile):
         for col in range(0, labels.shape[1] - tile + 1, tile):
             name = f"tile_{row:05d}_{col:05d}.png"
             Image.fromarray(image[:, row:row + tile, col:col + tile].transpose(1, 2, 0)).save(folder / "images" / name)
-            mask = Image.fromarray(labels[row:row + tile, col:col + tile], mode="P")
+            mask = Image.fromarray(labels[row:row + tile, col:col + tile]).convert("P")
             mask.putpalette(palette)
             mask.save(folder / "masks" / name)
 
