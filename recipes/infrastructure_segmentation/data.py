@@ -358,6 +358,11 @@ class InfrastructureSegmentationDataModule(L.LightningDataModule):
         return {"class_names": self.classes, "ignore_index": self.ignore_index, "tile_size": self.tile_size,
                 "mean": self.mean, "std": self.std, "crs": self.crs, "format": self.format}
 
+    @property
+    def splits(self) -> dict[str, list[str]]:
+        """The image files per split (what the benchmark adapters count)."""
+        return {split: [str(s.image) for s in sources] for split, sources in (self.sources or {}).items()}
+
     def has_split(self, name: str) -> bool:
         return self.sources is not None and name in self.sources
 

@@ -126,7 +126,9 @@ def read_options(options: dict[str, Any]) -> dict[str, Any]:
     check(isinstance(min_area, (int, float)) and min_area >= 0, "predict.min_area", min_area, "a number >= 0")
     georeferenced = options.get("georeferenced", True)
     check(isinstance(georeferenced, bool), "predict.georeferenced", georeferenced, "true or false")
-    return {"tile": tile, "overlap": overlap, "block": block, "simplify": float(simplify),
+    cache = options.get("gdal_cache_mb", 256)
+    check(isinstance(cache, int) and cache >= 16, "predict.gdal_cache_mb", cache, "an integer >= 16 (MiB)")
+    return {"tile": tile, "overlap": overlap, "block": block, "simplify": float(simplify), "gdal_cache_mb": cache,
             "min_area": float(min_area), "georeferenced": georeferenced}
 
 
@@ -154,7 +156,9 @@ def predict_raster(model, source: Path, out_base: Path, opts: dict[str, Any], cl
     import rasterio
     import shapely
 
-    with open_input(source, opts["georeferenced"]) as dataset:
+    # GDAL's block cache defaults to 5 % of the machine's memory; capped, so the peak does not depend on the machine
+    with rasterio.Env(GDAL_CACHEMAX=opts.get("gdal_cache_mb", 256) * 2**20), \
+            open_input(source, opts["georeferenced"]) as dataset:
         crs = dataset.crs if opts["georeferenced"] else None
         transform = dataset.transform if opts["georeferenced"] else rasterio.Affine.identity()
         profile = {"driver": "GTiff", "width": dataset.width, "height": dataset.height, "count": 1, "dtype": "uint8",
