@@ -46,8 +46,9 @@ PYTEST_PARALLEL ?= -n 2 --dist loadfile
 # the CPU acceptance run in them 184 s -> 79 s. `make test TEST_THREADS=` keeps torch's default.
 TEST_THREADS ?= 1
 
-## test: set up (with dev extras), start a local Slurm cluster (slurm/local_cluster.sh: apt-get installs slurm-wlm +
-## munge if missing; its tests are skipped, with the reason, if it cannot start), run the test suite, stop the cluster
+## test: set up (with dev extras), start a local Slurm cluster (slurm/local_cluster.sh: apt-get installs slurm-wlm,
+## slurmdbd, munge and mariadb-server if missing; its tests are skipped, with the reason, if it cannot start), run the
+## test suite, stop the cluster
 test: venv
 	@bash slurm/local_cluster.sh start $(SLURM_DIR) || echo "warning: no local Slurm cluster; its tests will be skipped"
 	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(if $(TEST_THREADS),OMP_NUM_THREADS=$(TEST_THREADS)) \

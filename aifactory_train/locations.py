@@ -197,3 +197,12 @@ def load_object(spec: str):
     """Import ``"package.module:attribute"``."""
     module_name, _, attribute = spec.partition(":")
     return getattr(importlib.import_module(module_name), attribute)
+
+
+def cache_dir() -> Path:
+    """Where aift keeps what it can compute again (model name lists, the last failure's details, an audit log with
+    no better place): $AIFT_CACHE_DIR, else $XDG_CACHE_HOME/aifactory_train, else ~/.cache/aifactory_train."""
+    import os
+
+    return Path(os.environ.get("AIFT_CACHE_DIR") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifactory_train")

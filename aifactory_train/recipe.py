@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 from aifactory_train.errors import AiftError, CheckpointError, ConfigError, DataError
 from aifactory_train.locations import RecipeInfo
-from aifactory_train.records.config import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.records.config import (ExportOptions, OptimConfig, PredictOptions, RunConfig, check, check_choice,
+                                            missing_data_root)
 
 # The rest is imported when a recipe first asks for it (PEP 562): a recipe's config.py is imported to validate a
 # config, which `aift` does in about a second, before torch and Lightning are loaded.
@@ -53,6 +54,7 @@ _LAZY = {
     "DATACARD_FILE": ("aifactory_train.records.lineage", "DATACARD_FILE"),
     "read_datacard": ("aifactory_train.records.lineage", "read_datacard"),
     "datacards_for": ("aifactory_train.records.usage_terms", "datacards_for"),
+    "withdrawn": ("aifactory_train.records.withdrawal", "withdrawn"),  # a data owner's withdrawal list
     "load_datacard": ("aifactory_train.records.usage_terms", "load_datacard"),
     "prepare_output_folder": ("aifactory_train.data.synth", "prepare_output_folder"),
     "write_datacard": ("aifactory_train.data.synth", "write_datacard"),
@@ -101,6 +103,7 @@ __all__ = [
     "inside_root", "shared_across_splits", "file_digests",
     # data cards and demo data
     "DATACARD_FILE", "read_datacard", "datacards_for", "load_datacard", "prepare_output_folder", "write_datacard",
+    "withdrawn",
     # aift data check
     "DataDescription", "SplitDescription", "Sample", "record_hash",
     # aift predict: file batching
@@ -111,7 +114,8 @@ __all__ = [
     # benchmark adapters
     "BENCH_OPTIM", "device_sync", "median_ms", "loader_rate", "model_config", "import_onnxruntime",
     # config base classes and checks, errors
-    "RunConfig", "OptimConfig", "check", "check_choice", "missing_data_root",
+    "PlanExample", "RunConfig", "OptimConfig", "PredictOptions", "ExportOptions", "check", "check_choice",
+    "missing_data_root",
     "AiftError", "ConfigError", "DataError", "CheckpointError",
 ]
 
@@ -160,7 +164,9 @@ class AdoptsCheckpoint(Protocol):
 
 @runtime_checkable
 class Exports(Protocol):
-    """A module ``aift export`` can turn into deployable files. ``EXPORT_FORMATS``: the ``format=`` values."""
+    """A module ``aift export`` can turn into deployable files. ``EXPORT_FORMATS``: the ``format=`` values.
+    ``options``: the validated ``export`` section as a dict (:class:`ExportOptions`, or the recipe's subclass of it
+    that its schema declares as ``export``)."""
 
     EXPORT_FORMATS: ClassVar[tuple[str, ...]]
 
@@ -170,12 +176,28 @@ class Exports(Protocol):
 @runtime_checkable
 class Predicts(Protocol):
     """A module ``aift predict`` runs on files: ``PREDICT_EXTENSIONS`` (e.g. ``(".png", ".jpg")``), one JSON-able
-    row per file or record. ``PREDICT_DRAWS``: whether ``predict.draw=true`` draws pictures."""
+    row per file or record. ``PREDICT_DRAWS``: whether ``predict.draw=true`` draws pictures. ``options``: the
+    validated ``predict`` section as a dict (:class:`PredictOptions`, or the recipe's subclass of it that its schema
+    declares as ``predict``), plus ``output_dir`` (a folder for the recipe's own result files) and ``input_root``."""
 
     PREDICT_EXTENSIONS: ClassVar[tuple[str, ...]]
     PREDICT_DRAWS: ClassVar[bool]
 
     def predict_files(self, files: list[Path], batch_size: int, options: dict[str, Any]) -> Iterator[dict]: ...
+
+
+@dataclass
+class PlanExample:
+    """One training step of a recipe's model, as `aift plan` measures it on torch's ``meta`` device (shapes only: no
+    memory, no data). A recipe's ``plan.py`` has ``plan_example(model, data, batch, dtype) -> PlanExample``: it is
+    called inside ``torch.device("meta")`` with the resolved ``model``/``data`` sections, the micro-batch and the
+    compute dtype; ``step()`` runs the forward pass and returns the loss (``aift plan`` runs the backward)."""
+
+    net: Any  # the torch.nn.Module, built on the meta device
+    step: Any  # () -> loss tensor: one forward pass at the micro-batch
+    shape: str  # what one sample is, in words ("224x224 px, 3 bands", "2048 tokens, vocab 32000")
+    tokens: int | None = None  # tokens per sample (sequence models), for tokens/s
+    notes: list[str] | None = None  # what the count leaves out
 
 
 @runtime_checkable

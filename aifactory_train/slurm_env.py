@@ -7,6 +7,7 @@ do: the usage terms take the job from slurmctld (``records.usage_terms.verified_
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -42,3 +43,7 @@ def requeue_this_job(saved: str) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"saved {saved}, but `scontrol requeue {job}` failed ({result.returncode}): "
                            f"{result.stderr.strip()}; resubmit the same `aift launch` (ckpt_path=auto resumes)")
+
+
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # job, partition, account, QOS names
+SLURM_NAME_VALID = "letters, digits and _ . + -"

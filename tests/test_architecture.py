@@ -21,8 +21,6 @@ LAYERS = {"errors": 0, "locations": 0, "slurm_env": 0, "records": 1, "run": 2, "
           "launch": 4, "bench": 4, "catalogue": 4, "commands": 5}
 OUTSIDE = ("aifactory_train.recipes", "aifactory_train.benchmarks")  # shipped as part of the package, not layers
 OUTSIDE_FROM_LAYER = 4
-# TODO(lead): configs/predict.yaml and configs/export.yaml are being rewritten by the lead; they still name recipes.
-NOT_YET_SCRUBBED = {Path("configs/predict.yaml"), Path("configs/export.yaml")}
 # TODO(lead): the default recipe of `aift train` (configs/train.yaml's defaults list; Makefile's demo and `aift
 # launch` read it from there). Dropping it makes `recipe=` mandatory, a behaviour change, and ~10 tests compose
 # without naming a recipe. The one line allowed, by its start:
@@ -45,7 +43,7 @@ def framework_files() -> list[Path]:
             relative = path.relative_to(ROOT)
             if path.suffix not in (".py", ".yaml", ".j2", ".sh") or not path.is_file():
                 continue
-            if relative in NOT_YET_SCRUBBED or any(folder in relative.parents for folder in DATA_FOLDERS):
+            if any(folder in relative.parents for folder in DATA_FOLDERS):
                 continue
             files.append(path)
     return files

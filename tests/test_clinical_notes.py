@@ -397,7 +397,8 @@ def test_predict_refuses_notes_it_may_not_or_cannot_read(case, lora_run, clinica
         message = f"input '{notes}' has no records; each line must be one JSON object with a 'note' field"
     else:
         extra = ["data.deidentify=later"]
-        message = "config key 'data.deidentify': 'later' is not valid; valid values: none, inline"
+        message = ("config key 'predict.deidentify': 'later' is not valid; expected none or inline (it follows "
+                   "data.deidentify unless set)")
     result = aift("predict", "recipe=clinical_notes", f"ckpt_path={summary['last_checkpoint']}", f"input={notes}",
                   *extra, "hydra.run.dir=out", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dataclasses import asdict
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -107,13 +109,25 @@ def test_eval_predict_and_export_root_configs_compose(tmp_path):
     cfg = compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "input=images"], tmp_path, root="predict")
     typed = validate(cfg)
     assert typed.input == "images"
-    assert typed.predict == {"batch_size": 8, "num_workers": 2, "score_threshold": None, "draw": False,
-                             "text_field": None, "deidentify": None}
+    # each recipe's schema extends the predict and export options with its own (recipe.py: PredictOptions)
+    assert asdict(typed.predict) == {"batch_size": 8, "num_workers": 2, "draw": False, "score_threshold": None}
+    assert asdict(validate(compose_run(["recipe=plastic_sorting", "ckpt_path=x.ckpt", "input=images"], tmp_path,
+                                       root="predict")).predict) == {"batch_size": 8, "num_workers": 2, "draw": False}
+    export = validate(compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "export.image_size=[320,240]"],
+                                  tmp_path, root="export")).export
+    assert asdict(export) == {"register": None, "image_size": [320, 240]}
     # clinical_notes reads its notes as its data config says (the note's field, de-identification)
     cfg = compose_run(["recipe=clinical_notes", "ckpt_path=x.ckpt", "input=notes.jsonl", "data.text_field=body",
                        "data.deidentify=inline"], tmp_path, root="predict")
-    assert validate(cfg).predict == {"batch_size": 8, "num_workers": 2, "score_threshold": None, "draw": False,
-                                     "text_field": "body", "deidentify": "inline"}
+    assert asdict(validate(cfg).predict) == {"batch_size": 8, "num_workers": 2, "draw": False, "text_field": "body",
+                                             "deidentify": "inline"}
+    # another recipe's option is refused, naming the key and what this recipe's schema has
+    with pytest.raises(ConfigError, match="predict.score_threshold"):
+        validate(compose_run(["recipe=plastic_sorting", "ckpt_path=x.ckpt", "input=images",
+                              "+predict.score_threshold=0.3"], tmp_path, root="predict"))
+    with pytest.raises(ConfigError, match=r"config key 'predict.score_threshold': 1.5 is not valid; expected null"):
+        validate(compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "input=images",
+                              "predict.score_threshold=1.5"], tmp_path, root="predict"))
     with pytest.raises(ConfigError, match="config key 'input' is required and was not given; add input="):
         validate(compose_run(["ckpt_path=x.ckpt"], tmp_path, root="predict"))
 

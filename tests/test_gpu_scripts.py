@@ -28,13 +28,18 @@ CONFIGS = config_dir()
 
 def script_commands(script: Path) -> list[list[str]]:
     """The python3 commands of a script: continuation lines joined, `timeout N` dropped, pipes and redirections
-    cut off, ${VAR:-default} read as its default and $REPO as this checkout."""
+    cut off, ${VAR:-default} read as its default, a `for VAR in A B` loop's $VAR as A, and $REPO as this checkout."""
     text = script.read_text().replace("\\\n", " ")
     commands = []
+    loop_values: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if loop := re.match(r"for (\w+) in (\S+)", line):
+            loop_values[loop.group(1)] = loop.group(2)
+        for name, value in loop_values.items():
+            line = re.sub(rf"\${name}\b|\${{{name}}}", value, line)
         line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line).replace("$REPO", str(ROOT))
         line = re.sub(r"\s\d*>>?(&\d+|\s*\"[^\"]*\"|\s*\S+)", " ", line)  # redirections: 2>&1, > "$OUT/x"
         lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")

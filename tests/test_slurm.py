@@ -36,6 +36,22 @@ REASON = _cluster_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def track_accounts():
+    """The local_slurm profile's tracks and projects as Slurm accounts (the cluster enforces associations: a job's
+    account must exist, with the user in it), made as a facility admin makes them: aift cluster accounts."""
+    if REASON is not None:
+        return
+    from aifactory_train.launch.accounts import apply_accounts, load_profile
+
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = SLURM_CONF
+    try:
+        apply_accounts(load_profile(["cluster=local_slurm"]))
+    finally:
+        os.environ.pop("SLURM_CONF") if old is None else os.environ.__setitem__("SLURM_CONF", old)
+
+
 def slurm_env(tmp_path: Path) -> dict[str, str]:
     # the job runs `aift` from PATH (sbatch exports the submitting environment), so put this environment's first
     return {"SLURM_CONF": SLURM_CONF, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
@@ -93,11 +109,13 @@ def energy_records(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "energy").glob("*.json"))]
 
 
-def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, powercap, tmp_path):
+def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, powercap, tmp_path, monkeypatch):
     # the CPU energy counter (powercap files a test thread keeps counting): each node's first rank reads its node's
     energy = ["energy.meter=rapl", f"energy.powercap_dir={powercap.root}", "energy.sample_every_s=1"]
+    # charged to a regional project: aift usage links its sacct row to its MLflow run and energy ledger (below)
     one_node, run_a = launch(tmp_path, *SMOKE, *energy, f"data.root={clinical_data}", "strategy=ddp",
-                             "trainer.devices=2", name="one_node")
+                             "trainer.devices=2", "cluster.allocation=regional", "cluster.project=rg-plastics",
+                             name="one_node")
     two_nodes, run_b = launch(tmp_path, *SMOKE, *energy, f"data.root={clinical_data}", "strategy=ddp",
                               "trainer.devices=1", "trainer.num_nodes=2", name="two_nodes")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
@@ -115,6 +133,25 @@ def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, powercap, 
         assert summary["energy"]["joules"] == pytest.approx(sum(r["joules"] for r in records), abs=1e-3)
     experiment = client.get_experiment_by_name("slurm").experiment_id
     assert len(client.search_runs([experiment])) == 2  # one MLflow run per job, whatever the rank count
+    # aift usage's join: sacct's row of the job -> its MLflow run (by the job id slurmctld confirmed to the run) ->
+    # the run's energy ledger (kWh) and data owner
+    from datetime import datetime, timedelta, timezone
+
+    from aifactory_train.launch.accounts import load_profile
+    from aifactory_train.launch.usage_report import build_report, mlflow_runs_by_job, sacct_jobs
+
+    monkeypatch.setenv("SLURM_CONF", SLURM_CONF)  # for the in-process sacct
+    now = datetime.now(timezone.utc)
+    since = now - timedelta(hours=2)
+    jobs = [job for job in sacct_jobs(since, now + timedelta(minutes=1)) if job.job_id == one_node]
+    assert [job.account for job in jobs] == ["rg-plastics"]
+    report = build_report(load_profile(["cluster=local_slurm"]), jobs,
+                          mlflow_runs_by_job(f"sqlite:///{tmp_path}/mlflow.db"), since, now + timedelta(minutes=1))
+    [row] = report["rows"]
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert (row["track"], row["project"], row["runs"]) == ("regional", "rg-plastics", [summary["mlflow_run_id"]])
+    assert row["kwh_ledger"] == pytest.approx(summary["energy"]["joules"] / 3.6e6, rel=1e-6)
+    assert row["data_owners"] == ["AI Factory Groningen (generated demo data)"]
 
 
 def test_deepspeed_zero3_job_on_two_cpu_processes(clinical_data, tmp_path):
@@ -199,11 +236,13 @@ def test_data_the_owner_keeps_to_the_clusters_nodes_and_an_account_trains_in_a_j
         return data
 
     data = copy_with("notes", {"hosts": ["node*"], "accounts": ["aif-regional"]})
-    job_id, run = launch(tmp_path, *SMOKE, f"data.root={data}", "tracking=none", "cluster.accounts.default=aif-regional",
+    # the track's own account (root is in it: cluster.accounts.regional, added below as a facility admin would)
+    subprocess.run(["sacctmgr", "-i", "add", "user", "root", "account=aif-regional"], capture_output=True,
+                   env={**os.environ, "SLURM_CONF": SLURM_CONF})
+    job_id, run = launch(tmp_path, *SMOKE, f"data.root={data}", "tracking=none", "cluster.allocation=regional",
                          name="hosts")
     state = wait_for(job_id)
     assert state["JobState"] == "COMPLETED", failure(state, run)
-    # no accounting in the local cluster: slurmctld keeps the account sbatch was given, which is what is checked
     assert state["Account"] == "aif-regional"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dataset"]["datacard"]["usage"] == "accounts=aif-regional; hosts=node*"

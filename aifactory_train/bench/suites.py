@@ -223,6 +223,9 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
             samples = args.steps * args.batch_size * pairs  # every recipe block
             rows.append({"metric": f"{name}_joules_per_sample", "value": recipe_meter.joules / samples, "unit": "J/sample",
                          "params": {**params, "average_watts": recipe_meter.watts}})
+            if recipe_meter.watts:  # performance per watt: (samples/s) / W, i.e. samples per joule
+                rows.append({"metric": f"{name}_samples_per_s_per_watt", "value": samples / recipe_meter.joules,
+                             "unit": "samples/s per W", "params": {**params, "average_watts": recipe_meter.watts}})
             if tokens:
                 rows.append({"metric": f"{name}_joules_per_1k_tokens", "value": 1000 * recipe_meter.joules / (samples * tokens),
                              "unit": "J/1k tokens", "params": {**params, "average_watts": recipe_meter.watts}})

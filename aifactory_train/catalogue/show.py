@@ -131,6 +131,19 @@ def latest_benchmark(name: str, folder: Path | None = None) -> tuple[Path, dict]
     return path, result
 
 
+def _block_comments(text: str, key: str) -> dict[str, str]:
+    """The end-of-line comments of the keys of the top-level block ``key:`` of a YAML text, by key."""
+    block = text[text.index(f"\n{key}:") + 1:] if f"\n{key}:" in text else ""
+    comments = {}
+    for line in block.splitlines()[1:]:
+        if line and not line[0].isspace():
+            break  # the next top-level block
+        match = re.match(r"^\s+(\w+):[^#]*?(?:\s+#\s*(.*))?$", line)
+        if match:
+            comments[match.group(1)] = match.group(2) or ""
+    return comments
+
+
 def show_recipe(name: str) -> str:
     import textwrap
 
@@ -167,13 +180,13 @@ def show_recipe(name: str) -> str:
     out += ["", f"Key options (defaults; override as key=value, e.g. data.batch_size=64)"]
     if data_file.is_file():
         out += ["  data:", *("  " + line for line in _options(OmegaConf.load(data_file), _key_comments(data_file)))]
-    optim = _section(raw, "optim")
-    if optim is not None:
-        text = recipe_file.read_text()
-        block = text[text.index("\noptim:") + 1:] if "\noptim:" in text else ""
-        comments = {m.group(1): m.group(2) or "" for m in
-                    (re.match(r"^\s+(\w+):[^#]*?(?:\s+#\s*(.*))?$", line) for line in block.splitlines()[1:]) if m}
-        out += ["  optim:", *("  " + line for line in _options(optim, comments, skip=()))]
+    text = recipe_file.read_text()
+    # the optimizer, and the recipe's own options of `aift predict` and `aift export` (its schema's subclasses of
+    # PredictOptions/ExportOptions), as its recipe config sets them
+    for key in ("optim", "predict", "export"):
+        section = _section(raw, key)
+        if section is not None:
+            out += [f"  {key}:", *("  " + line for line in _options(section, _block_comments(text, key), skip=()))]
 
     out += ["", "Export", f"  {export_formats(info.schema and str(raw.recipe.module._target_))}"]
     if "format=" in out[-1]:

@@ -41,6 +41,14 @@ usage:
   aift launch [--dry-run] [-m] KEY=VALUE ...
                                            render + submit an sbatch job (-m: one job per sweep point)
   aift launch --local N KEY=VALUE ...      the same job as N processes on this machine (smoke test)
+  aift data card check PATH                a data card validated; what it permits, in plain words
+  aift audit verify [PATH]                 the audit log's hash chain: exit 1 naming the first bad line
+  aift cluster accounts cluster=NAME [--dry-run]
+                                           the profile's tracks (fair-share) and projects as Slurm accounts
+  aift usage cluster=NAME [--since D] [--until D] [--format table|csv|json] [--chart PNG]
+                                           GPU/CPU-hours, kWh and jobs per track and project (sacct + MLflow)
+  aift plan [--format json] KEY=VALUE ...  what a job needs before it is queued: memory per GPU, speed,
+                                           GPU-hours, kWh, CO2, allocation (the overrides of aift launch)
   aift checkpoint consolidate DIR          a DeepSpeed (ZeRO) checkpoint folder -> one fp32 checkpoint file
   aift bench SUITE [--profile P] [--quick] measure: micro | recipes | acceptance (pass/fail vs a profile)
   aift --version
@@ -147,29 +155,33 @@ def _hydra_app(command: str, config_name: str, args: list[str], searchpath: list
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         fresh = fresh_run_dir(run_dir, given)
+        from aifactory_train.records.audit import command_ended
+
         try:
             _preflight(cfg, command)
             if command == "train":
                 from aifactory_train.commands.train import run_training
 
                 outcome = run_training(cfg)
-                if isinstance(outcome, dict) and outcome.get("status") == "stopped":
-                    sys.exit(143)  # 128 + SIGTERM: stopped, not finished (the checkpoint is saved)
             elif command == "eval":
                 from aifactory_train.commands.evaluate import run_evaluation
 
-                run_evaluation(cfg)
+                outcome = run_evaluation(cfg)
             elif command == "predict":
                 from aifactory_train.commands.predict import run_prediction
 
-                run_prediction(cfg)
+                outcome = run_prediction(cfg)
             else:
                 from aifactory_train.commands.export import run_export
 
-                run_export(cfg)
+                outcome = run_export(cfg)
         except (Exception, KeyboardInterrupt) as err:
+            command_ended(command, run_dir, error=err, config=cfg)  # the audit log: refused or failed
             # handled here, not by Hydra, which would print "Error executing job" and the traceback
             sys.exit(report_job_failure(err, run_dir, fresh, verbose))
+        command_ended(command, run_dir, result=outcome, config=cfg)  # the audit log: one line per action
+        if command == "train" and isinstance(outcome, dict) and outcome.get("status") == "stopped":
+            sys.exit(143)  # 128 + SIGTERM: stopped, not finished (the checkpoint is saved)
 
     sys.argv = [f"aift {command}", *(searchpath or []), *args]
     previous = os.environ.get("HYDRA_FULL_ERROR")
@@ -278,7 +290,7 @@ def _data_use_allowed(resolved: dict) -> None:
     """Reading a dataset to digest it is a use too: the owner's terms are checked as for training."""
     from aifactory_train.records.usage_terms import check_usage, data_paths
 
-    check_usage(data_paths(resolved["data"]), resolved["recipe"])
+    check_usage(data_paths(resolved["data"]), resolved["recipe"], config=resolved)
 
 
 def _validated_train_config(overrides: list[str]):
@@ -308,7 +320,7 @@ def _data_deidentify(args: argparse.Namespace) -> int:
     from aifactory_train.records.usage_terms import check_usage, data_paths
 
     # a step on the data is a use of it: the source's terms are checked as a training run's are, before it is read
-    check_usage(data_paths(resolved["data"]), recipe)
+    check_usage(data_paths(resolved["data"]), recipe, config=resolved)
     deidentify = load_object(recipe["deidentify"])
     report = deidentify(resolved["data"], out=args.out, overwrite=args.overwrite)
     print(json.dumps({"records": report["records"], "tags": report["tags"], "notes_per_s": report["notes_per_s"]}))
@@ -422,11 +434,19 @@ def _launch(args: argparse.Namespace) -> int:
     from aifactory_train.errors import ConfigError
     from aifactory_train.launch.slurm import launch
 
+    from aifactory_train.records.audit import command_ended
+
     try:
-        return launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
-                      data_check=not args.no_data_check)
+        code = launch(args.overrides, args.dry_run, args.job_name, args.run_dir, multirun=args.multirun,
+                      data_check=not args.no_data_check, ignore_plan=args.ignore_plan)
     except HydraException as err:  # one line, as `aift train` reports Hydra's errors, not a traceback
         raise ConfigError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+    except Exception as err:
+        command_ended("launch", None, error=err)  # the audit log: a job refused (or failing) before the queue
+        raise
+    if not args.dry_run:
+        command_ended("launch", None, result={"status": "queued" if code == 0 else f"exit {code}"})
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -574,8 +594,52 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-data-check", action="store_true",
                         help="submit without first checking here that data.root and its split files exist (for "
                              "data only the compute nodes see, e.g. staged to node-local disk)")
+    launch.add_argument("--ignore-plan", action="store_true",
+                        help="submit even when `aift plan` refuses the job (GPU memory, the track's allocation, "
+                             "energy.budget_kwh); the override is recorded in the job script, plan.json and stderr")
     launch.add_argument("--job-name", default=None, help="Slurm job name (default aift-<recipe>)")
     launch.add_argument("--run-dir", default=None, help="the run folder (default outputs/<recipe>/<date>_<time>)")
+    from aifactory_train.commands.terms import add_parsers
+
+    add_parsers(data_sub, sub)  # aift data card check, aift audit verify
+    cluster = sub.add_parser("cluster", prog="aift cluster", help="facility administration of a cluster profile",
+                             description="Facility administration of a cluster profile.")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    accounts = cluster_sub.add_parser(
+        "accounts", prog="aift cluster accounts", help="create the tracks and projects as Slurm accounts",
+        description="Make Slurm's accounts match the profile with sacctmgr: one account per track (cluster.accounts) "
+                    "with its fair-share (cluster.shares), the projects (cluster.projects) as sub-accounts of their "
+                    "track's account, and their users. Adds what is missing, sets what differs, deletes nothing; "
+                    "running it again changes nothing. Needs a Slurm admin (root or AdminLevel=Admin).")
+    accounts.add_argument("overrides", nargs="*", help="cluster=NAME [cluster.KEY=VALUE ...]")
+    accounts.add_argument("--dry-run", action="store_true", help="print the sacctmgr commands, run none")
+    usage = sub.add_parser(
+        "usage", prog="aift usage", help="what each track and project used (sacct + MLflow)",
+        description="Jobs, CPU-hours, GPU-hours and kWh per allocation track and project over a period, from Slurm's "
+                    "accounting (sacct, all users) joined by job id with the MLflow runs of the jobs (their energy "
+                    "ledgers, data owners, exported models); each track's share against its fair-share target.")
+    usage.add_argument("overrides", nargs="*", help="cluster=NAME [cluster.KEY=VALUE ...]")
+    usage.add_argument("--since", default=None, help="start: YYYY-MM-DD or ISO time (default: this month's first day)")
+    usage.add_argument("--until", default=None, help="end: YYYY-MM-DD or ISO time (default: now)")
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    usage.add_argument("--chart", default=None, metavar="PNG", help="also write a bar chart of the tracks' shares")
+    usage.add_argument("--tracking-uri", default=None,
+                       help="the MLflow store of the jobs' runs (default: $MLFLOW_TRACKING_URI; none: no run links)")
+    plan = sub.add_parser(
+        "plan", prog="aift plan", help="what a job needs: memory, speed, GPU-hours, kWh, allocation",
+        description="Plan a job before it is queued (or a proposal before it is accepted), from the same overrides "
+                    "as aift launch: memory per GPU for the strategy (model built on the meta device), step time "
+                    "and throughput from the benchmark results of the cluster's GPU, GPU-hours, kWh, CO2 and wall "
+                    "time for the planned steps, and whether it fits the GPUs, the track's allocation and "
+                    "energy.budget_kwh. Figures not measured on that hardware and shape are marked EXTRAPOLATED.")
+    plan.add_argument("overrides", nargs="*", help="the overrides of aift launch, e.g. recipe=NAME "
+                                                   "cluster=aifactory_h100 trainer.num_nodes=4 strategy=deepspeed_zero3")
+    plan.add_argument("--format", choices=["text", "json"], default="text", help="text (default) or json")
+    plan.add_argument("--out", default=None, help="write the plan to this file instead of printing it")
+    plan.add_argument("--train-samples", type=int, default=None, metavar="N",
+                      help="training samples per epoch, for the steps of trainer.max_epochs (without trainer.max_steps)")
+    plan.add_argument("--grid-intensity", type=float, default=None, metavar="G",
+                      help="grid carbon intensity in g CO2/kWh (default: the cluster profile's grid_g_co2_per_kwh)")
     bench = sub.add_parser(
         "bench",
         prog="aift bench",
@@ -636,9 +700,15 @@ def _main(argv: list[str], verbose: bool) -> int:
                        "show": _recipes_show}
             return actions[args.recipes_command](args)
         if args.command == "data":
+            from aifactory_train.commands.terms import card_check
+
             actions = {"check": _data_check, "deidentify": _data_deidentify, "digest": _data_digest, "runs": _data_runs,
-                       "synth": _data_synth}
+                       "synth": _data_synth, "card": card_check}
             return actions[args.data_command](args)
+        if args.command == "audit":
+            from aifactory_train.commands.terms import audit_verify
+
+            return audit_verify(args)
         if args.command == "checkpoint":
             from aifactory_train.run.checkpoints import consolidate
 
@@ -649,8 +719,31 @@ def _main(argv: list[str], verbose: bool) -> int:
             return 0
         if args.command == "bench":
             return _bench(args)
+        if args.command == "cluster":
+            from aifactory_train.launch.accounts import apply_accounts, load_profile
+
+            commands = apply_accounts(load_profile(args.overrides), dry_run=args.dry_run)
+            for line in commands:
+                print(line)
+            print(("would run" if args.dry_run else "ran") + f" {len(commands)} sacctmgr command(s)"
+                  + ("" if commands else ": the accounts match the profile"))
+            return 0
+        if args.command == "usage":
+            from aifactory_train.launch.usage_report import run_usage
+
+            return run_usage(args.overrides, args.since, args.until, args.format, args.chart,
+                             args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         if args.command == "launch":
             return _launch(args)
+        if args.command == "plan":
+            from hydra.errors import HydraException
+
+            from aifactory_train.launch.plan import run_plan
+
+            try:
+                return run_plan(args.overrides, args.format, args.out, args.train_samples, args.grid_intensity)
+            except HydraException as err:  # one line, as aift launch reports them
+                raise AiftError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
     except AiftError as err:
         return _fail(str(err))
     _parser().print_help()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ def run_export(cfg) -> dict[str, Any]:
     ckpt_path = command.find_checkpoint()
     from aifactory_train.run.provenance import PROVENANCE_FILE, write_export_provenance
 
-    register = resolved["export"].get("register")
+    options = dataclasses.asdict(command.typed.export)  # ExportOptions or the recipe's subclass, checked
+    register = options["register"]
     # the checkpoint's record names its store without the password; this config's tracking.uri may hold it
     tracking = resolved.get("tracking") or {}
     live_uri = tracking.get("uri") if tracking.get("backend") == "mlflow" else None
     training_run = registry_target(ckpt_path, live_uri) if register else None  # refused before anything is written
     module = command.load_module()
-    files = module.export_model(cfg.format, run_dir, resolved["export"])
+    files = module.export_model(cfg.format, run_dir, options)
     # which data and run made this model, beside it, in its folder and in an ONNX file's metadata
     document = write_export_provenance(ckpt_path, cfg.format, files, run_dir, live_uri)
     files = [*files, run_dir / PROVENANCE_FILE]

@@ -17,14 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
+from aifactory_train.locations import cache_dir
+from aifactory_train.records.masking import one_line
+
 USER_ERROR, UNEXPECTED, INTERRUPTED = 2, 1, 130
 FALLBACK_LOG = "last-error.log"
 HYDRA_SUBDIR = ".hydra"  # Hydra's record of the composed config, written into every run folder
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AIFT_CACHE_DIR") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifactory_train")
 
 
 def fallback_log() -> Path:
@@ -43,13 +41,6 @@ def is_user_error(err: BaseException) -> bool:
     return hydra_errors is not None and isinstance(err, (
         hydra_errors.ConfigCompositionException, hydra_errors.OverrideParseException,
         hydra_errors.MissingConfigException))
-
-
-def one_line(err: BaseException) -> str:
-    from aifactory_train.records.masking import redact_text
-
-    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
-    return redact_text(text) or type(err).__name__  # a tracking URI's password never reaches a message
 
 
 def describe(err: BaseException) -> str:

@@ -12,6 +12,7 @@ with ``predict.json`` saying which checkpoint (and which training data) made the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -81,16 +82,9 @@ def run_prediction(cfg) -> dict[str, Any]:
                                       "has no `aift predict`; export the model (`aift export`) and run it where it is "
                                       "used")
     resolved, module_class = command.resolved, command.recipe.module_class
-    options = resolved["predict"]
-    check(isinstance(options.get("batch_size"), int) and options["batch_size"] >= 1, "predict.batch_size",
-          options.get("batch_size"), "an integer >= 1")
-    check(isinstance(options.get("num_workers"), int) and options["num_workers"] >= 0, "predict.num_workers",
-          options.get("num_workers"), "an integer >= 0 (0: files are read in the main process)")
-    threshold = options.get("score_threshold")
-    check(threshold is None or (isinstance(threshold, (int, float)) and 0 <= threshold <= 1), "predict.score_threshold",
-          threshold, "null (the recipe's) or a score in [0, 1]")
+    # checked by the recipe's schema (PredictOptions or the recipe's subclass), with its defaults filled in
+    options = dataclasses.asdict(command.typed.predict)
     draw = options.get("draw", False)
-    check(isinstance(draw, bool), "predict.draw", draw, "true or false")
     from aifactory_train.run.strategies import resolve_precision
 
     trainer = resolved["trainer"]
@@ -110,7 +104,7 @@ def run_prediction(cfg) -> dict[str, Any]:
 
     # the owner of the new files may limit their use, as a training data owner may: every card at or above the
     # input and each file (resolved: a symlink into other data is covered by that data's cards)
-    usage = check_usage([Path(cfg.input), *files], resolved["recipe"])
+    usage = check_usage([Path(cfg.input), *files], resolved["recipe"], config=resolved)
     run_dir = Path(cfg.paths.output_dir)
     check_output_folder(run_dir, Path(cfg.input))
     ours = earlier_outputs(run_dir)

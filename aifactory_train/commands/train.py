@@ -147,6 +147,7 @@ def record_run_start(run: OpenRun, datamodule, parts):
     from aifactory_train.records.tracking import is_global_zero
     from aifactory_train.records.usage_terms import usage_tags
     from aifactory_train.run.checkpoints import check_world_size
+    from aifactory_train.records.consent import provenance_entry
     from aifactory_train.run.provenance import training_provenance
 
     if not run.ckpt_path and is_global_zero():
@@ -162,7 +163,9 @@ def record_run_start(run: OpenRun, datamodule, parts):
     config_yaml.write_text(OmegaConf.to_yaml(record))
     lineage = datamodule.lineage()
     run.tracker.log_run_start(record, config_yaml, lineage)
-    parts.provenance.begin(training_provenance(record, lineage, run.tracker, run.run_dir))
+    # the declared purpose and the cards' DUO codes travel with every checkpoint and export
+    parts.provenance.begin({**training_provenance(record, lineage, run.tracker, run.run_dir),
+                            **provenance_entry(run.usage)})
     # tags, not params: a job resumed on another rank count has another accumulation (and, without
     # trainer.global_batch_size, another global batch)
     run.tracker.set_tags({f"aift.batch.{key}": str(value) for key, value in batch.items()})
@@ -182,7 +185,7 @@ def record_run_start(run: OpenRun, datamodule, parts):
 def fit_and_test(run: OpenRun, datamodule, module, parts) -> dict[str, Any]:
     """Fit, then test the best checkpoint (or the final weights where it cannot be loaded). A stop or requeue
     signal ends here with the checkpoint it saved; the MLflow run then stays open for the continuing job."""
-    from aifactory_train.run.preemption import JobRequeued, JobStopped
+    from aifactory_train.run.preemption import EnergyBudgetStop, JobRequeued, JobStopped
 
     trainer, energy, cfg = parts.trainer, parts.energy, run.cfg
     try:
@@ -214,6 +217,8 @@ def fit_and_test(run: OpenRun, datamodule, module, parts) -> dict[str, Any]:
     except JobStopped as stopped:
         energy.finish()  # its file keeps this job's share; the continuing job adds its own
         run.tracker.stop_system_metrics()  # the run stays open for the continuing job; the sampler does not
+        if isinstance(stopped, EnergyBudgetStop):
+            return write_budget_stop(run, parts, stopped)
         if isinstance(stopped, JobRequeued):
             log.info("saved %s and requeued the job; the requeued job continues from it", stopped)
             return {"status": "requeued", "checkpoint": str(stopped)}
@@ -225,6 +230,43 @@ def fit_and_test(run: OpenRun, datamodule, module, parts) -> dict[str, Any]:
         raise
     return {"status": "completed", "metrics": metrics, "tested": tested, "best_path": best_path,
             "last_path": last_path}
+
+
+def write_budget_stop(run: OpenRun, parts, stopped) -> dict[str, Any]:
+    """energy.budget_kwh stopped the run at a step boundary, after saving ``stopped``'s checkpoint: summary.json says
+    so (status ``stopped_energy_budget``), the energy goes to MLflow, and the MLflow run stays open for the job that
+    resumes it (``ckpt_path=auto``)."""
+    from aifactory_train.records.energy import summarize
+    from aifactory_train.records.tracking import is_global_zero
+    from aifactory_train.run.energy_budget import budget_summary, energy_per_sample, run_samples
+
+    resolved, trainer, tracker = run.resolved, parts.trainer, run.tracker
+    budget_kwh = resolved["energy"]["budget_kwh"]
+    log.info("stopped by energy.budget_kwh=%s after saving %s; ckpt_path=auto with a larger budget continues",
+             budget_kwh, stopped)
+    outcome = {"status": "stopped_energy_budget", "checkpoint": str(stopped)}
+    if not is_global_zero():
+        return outcome
+    energy = summarize(run.run_dir, parts.energy.reason)
+    samples, _, how = run_samples({"global_step": trainer.global_step, "batch": parts.batch, "train_samples": None},
+                                  True)
+    energy.update(energy_per_sample(energy, samples, None, how))
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION, "status": "stopped_energy_budget",
+        "recipe": resolved["recipe"]["name"], "task": resolved["recipe"]["task"], "model": resolved["model"]["name"],
+        "output_dir": str(run.run_dir.resolve()), "tracking_uri": tracker.recorded_uri, "mlflow_run_id": tracker.run_id,
+        "resumed_from": run.ckpt_path, "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+        "batch": parts.batch, "checkpoint": str(stopped), "energy": energy,
+        "energy_budget": budget_summary(budget_kwh, parts.budget, energy, str(stopped), trainer.global_step),
+    }
+    if energy["measured"]:
+        tracker.log_metrics({f"energy/{k}": energy[k] for k in ("kwh", "joules", "joules_per_sample")
+                             if energy.get(k) is not None}, step=trainer.global_step)
+    tracker.set_tags({"aift.stopped": "energy_budget"})
+    path = write_summary(run.run_dir, summary)
+    print(f"stopped: energy.budget_kwh={budget_kwh} reached at step {trainer.global_step}; checkpoint {stopped}; "
+          f"summary: {path}")
+    return outcome
 
 
 def check_best_deepspeed_folder(run: OpenRun, best_path: str) -> None:
@@ -252,6 +294,7 @@ def write_run_summary(run: OpenRun, module, parts, lineage, outcome: dict[str, A
     from aifactory_train.records.tracking import is_global_zero
     from aifactory_train.recipe import counted_flops
     from aifactory_train.run.checkpoints import CHECKPOINT_DIR
+    from aifactory_train.run.energy_budget import energy_per_sample, run_samples
 
     trainer, checkpoint, throughput = parts.trainer, parts.checkpoint, parts.throughput
     resolved, recipe, tracker = run.resolved, run.resolved["recipe"], run.tracker
@@ -294,9 +337,14 @@ def write_run_summary(run: OpenRun, module, parts, lineage, outcome: dict[str, A
     if not is_global_zero():
         return summary
     summary["energy"] = summarize(run.run_dir, parts.energy.reason)
+    summary["energy"].update(energy_per_sample(summary["energy"], *run_samples(summary, run.ckpt_path is not None)))
+    if resolved["energy"].get("budget_kwh") is not None:
+        summary["energy_budget"] = {"budget_kwh": resolved["energy"]["budget_kwh"], "stopped": False,
+                                    "kwh_total": summary["energy"].get("kwh")}
     if summary["energy"]["measured"]:
-        energy_metrics = {f"energy/{k}": summary["energy"][k] for k in ("kwh", "joules", "mean_watts")
-                          if summary["energy"][k] is not None}
+        energy_metrics = {f"energy/{k}": summary["energy"][k]
+                          for k in ("kwh", "joules", "mean_watts", "joules_per_sample", "joules_per_token")
+                          if summary["energy"].get(k) is not None}
         if len(summary["energy"]["by_meter"]) > 1:  # a GPU run with its CPU packages: each part too
             energy_metrics.update({f"energy/{name}/kwh": part["kwh"]
                                    for name, part in summary["energy"]["by_meter"].items()})

@@ -250,15 +250,16 @@ def usage_terms(resolved: dict[str, Any]) -> dict[str, Any]:
     try:  # a card that cannot be read is a refusal in the report (exit 1), as training would refuse it
         cards = describe_cards(datacards_for(paths))
         result["terms"] = "; ".join(t for card in cards["cards"] for t in card["terms"]) or None
-        result.update(check_usage(paths, resolved["recipe"]))
+        result.update(check_usage(paths, resolved["recipe"], config=resolved))
     except DataError as err:
         result.update(allowed=False, refusal=str(err))
     return result
 
 
 def _account(resolved: dict[str, Any]) -> str | None:
-    cluster = resolved.get("cluster") or {}
-    return (cluster.get("accounts") or {}).get(cluster.get("allocation"))
+    from aifactory_train.records.tracks import job_account
+
+    return job_account(resolved.get("cluster") or {})
 
 
 # -- the check ------------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def cheap_data_check(cfg, account: str | None = None, queued: bool = False) -> d
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     root = Path(resolved["data"]["root"])
     paths = data_paths(resolved["data"])
-    check_usage(paths, resolved["recipe"], account or _account(resolved), queued=queued)
+    check_usage(paths, resolved["recipe"], account or _account(resolved), queued=queued, config=resolved)
     hosts = [t.hosts for card in datacards_for(paths) for t in card_terms(card) if t.hosts is not None]
     if any(not any(fnmatchcase(kernel_host(), p) for p in patterns) for patterns in hosts):
         # a job queued from a login node the owner does not allow the data on: it is not read here (the job

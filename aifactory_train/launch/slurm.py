@@ -3,6 +3,7 @@ fits the profile's nodes before any GPU hour is spent, and submit it (or print i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_train.errors import AiftError, ConfigError
+from aifactory_train.slurm_env import SLURM_NAME, SLURM_NAME_VALID
 from aifactory_train.locations import default_recipe
 from aifactory_train.slurm_env import REQUEUE_SIGNAL_NAME
 
@@ -22,8 +24,6 @@ GPU_ACCELERATORS = ("gpu", "cuda")
 # line end, and stops reading at the first line that is not a comment) or in a bash command. A newline there adds a
 # command to the job and silently drops the directives after it, so values are checked against what Slurm accepts
 # before anything is written or queued, and what the script body uses is shell-quoted as well.
-SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # job, partition, account, QOS names
-SLURM_NAME_VALID = "letters, digits and _ . + -"
 SLURM_TIME = re.compile(r"([0-9]+-)?[0-9]{1,2}:[0-9]{2}:[0-9]{2}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # C0/C1 control characters (newline, carriage return, tab, escape, ...) and the Unicode line separators
@@ -176,7 +176,9 @@ def render(cfg: dict[str, Any], overrides: list[str], job_name: str, run_dir: Pa
     check_job_name(job_name)
     check_run_dir(str(run_dir))
     nodes, tasks, gpus = job_shape(cfg)
-    account = cluster["accounts"].get(cluster["allocation"])
+    from aifactory_train.records.tracks import job_account
+
+    account = job_account(cluster)
     env = _job_env(cluster["env"])
     check_script_values(cluster, account, (nodes, tasks, gpus), env, overrides)
     # the exact training command: the user's overrides, the shape they resolved to, a fixed run folder and
@@ -240,7 +242,7 @@ def prepare_tracking(tracking_cfgs: list[dict[str, Any]]) -> None:
 
 
 def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: str | None,
-           multirun: bool = False, data_check: bool = True) -> int:
+           multirun: bool = False, data_check: bool = True, ignore_plan: bool = False) -> int:
     """Submit one job, or with ``multirun`` one job per sweep point (run folders <run_dir>/<i>). Every point is
     composed and validated, and (unless ``data_check`` is off or this is a dry run) its data files checked,
     before the first is submitted: a job should not wait in the queue only to find no data."""
@@ -261,38 +263,52 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), default_recipe())
     job_name = job_name or "aift-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", recipe)  # a recipe sweep (a,b) too
     base = Path(run_dir or f"outputs/{recipe}/{stamp}").resolve()
-    jobs, typed_configs = [], []
+    jobs, typed_configs, plans = [], [], {}
     for index, point in enumerate(points):
         run_path = base / str(index) if multirun else base
         cfg = compose(point, run_path)
         typed_configs.append(validate(cfg))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         jobs.append((point, resolved, run_path, render(resolved, point, job_name, run_path)))
+    from aifactory_train.launch.accounts import check_job_account, job_account
+
+    starts = [start_of(resolved) for _, resolved, _, _ in jobs]  # a bad window or grid file: before the data is read
+    if not dry_run:
+        from aifactory_train.records.usage_terms import os_user
+
+        for _, resolved, _, _ in jobs:  # the account exists in the cluster's accounting, with this user in it
+            check_job_account(resolved["cluster"], os_user())
     if data_check and not dry_run:
         for typed, (_, resolved, _, _) in zip(typed_configs, jobs):
             # relative paths resolve as in the job: sbatch starts it in this folder; the data owner's terms are
             # checked against the account the job will be charged to
-            cluster = resolved["cluster"]
-            check_data(typed, account=cluster["accounts"].get(cluster["allocation"]), queued=True)
+            check_data(typed, account=job_account(resolved["cluster"]), queued=True)
         from aifactory_train.data.data_check import cheap_data_check
 
         for _, resolved, _, _ in jobs:  # after every point's files: counts and leakage need the data read
             cheap_data_check(resolved, queued=True)  # (the terms with the job's account, as above)
+    sbatch = None if dry_run else shutil.which("sbatch")
+    if not dry_run and sbatch is None:
+        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
+                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
+    from aifactory_train.launch.plan import check_launch
+
+    for index, (point, resolved, run_path, script) in enumerate(jobs):  # after the cheaper checks: it builds the model
+        script, plans[run_path] = check_launch(resolved, script, ignore_plan)  # refused here unless --ignore-plan
+        jobs[index] = (point, resolved, run_path, script)
     if dry_run:
         from aifactory_train.records.masking import redact_text, redacted
 
-        for point, resolved, run_path, script in jobs:  # shown, not run: passwords masked
+        for (point, resolved, run_path, script), start in zip(jobs, starts):  # shown, not run: passwords masked
             if multirun:
                 print(redact_text(f"# point {run_path.name}: {' '.join(point)}"))
             print(OmegaConf.to_yaml(redacted(resolved)))
             print(redact_text(script))
+            if start is not None:
+                print(describe_start(start))
         return 0
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise AiftError("sbatch was not found on PATH: this machine is not a Slurm login node. "
-                        "`aift launch --dry-run ...` prints the script and the resolved config without submitting")
     prepare_tracking([resolved["tracking"] for _, resolved, _, _ in jobs])
-    for point, _, run_path, script in jobs:
+    for (point, _, run_path, script), start in zip(jobs, starts):
         (run_path / "slurm").mkdir(parents=True, exist_ok=True)
         script_path = run_path / "launch.sbatch"
         # owner-only: the job script carries the overrides as given, a tracking URI's password included (the
@@ -300,7 +316,10 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
         script_path.unlink(missing_ok=True)
         with os.fdopen(os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(script)
-        result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
+        if plans.get(run_path) is not None:  # the plan the job was checked against (and any --ignore-plan)
+            (run_path / "plan.json").write_text(json.dumps(plans[run_path], indent=2, default=str) + "\n")
+        begin = [f"--begin={start.sbatch_begin()}"] if start is not None else []
+        result = subprocess.run([sbatch, "--parsable", *begin, str(script_path)], capture_output=True, text=True)
         if result.returncode != 0:
             raise AiftError(f"sbatch refused the job ({result.returncode}): {result.stderr.strip()}; script: {script_path}")
         job_id = result.stdout.strip().split(";")[0]
@@ -309,6 +328,24 @@ def launch(overrides: list[str], dry_run: bool, job_name: str | None, run_dir: s
 
             print(f"point {run_path.name}: {redact_text(' '.join(point))}")
         print(f"submitted job {job_id}")
+        if start is not None:
+            print(describe_start(start))
         print(f"logs: {run_path / 'slurm'}/{job_name}-{job_id}.out (and .err)")
         print(f"run folder: {run_path}")
     return 0
+
+
+def start_of(resolved: dict[str, Any]):
+    """The job's StartChoice for launch.start=offpeak|grid (None: now), over the job's time limit."""
+    mode = (resolved.get("launch") or {}).get("start", "now")
+    if mode == "now":
+        return None
+    from aifactory_train.launch.start_window import choose_start
+
+    return choose_start(resolved["cluster"], None, mode=mode)
+
+
+def describe_start(start) -> str:
+    saving = f"; mean grid signal {start.signal_begin:.4g} vs {start.signal_now:.4g} now ({start.saving:+.1%} saved)" \
+        if start.saving is not None else ""
+    return f"begins: {start.local_begin().isoformat(timespec='minutes')} (launch.start={start.mode}: {start.why}{saving})"

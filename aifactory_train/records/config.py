@@ -211,6 +211,28 @@ class NodeShape:
 
 
 @dataclass
+class ProjectConfig:
+    """A project: a Slurm sub-account under its track's account (aift cluster accounts creates it)."""
+
+    track: str = "???"
+    users: List[str] = field(default_factory=list)  # the OS users that may charge jobs to it
+
+
+START_CHOICES = ("now", "offpeak", "grid")
+
+
+@dataclass
+class LaunchConfig:
+    """How `aift launch` queues the job: ``start`` now, in the profile's next off-peak window (cluster.offpeak), or
+    at the start that minimises the facility's grid signal over the job's time (cluster.grid_signal)."""
+
+    start: str = "now"
+
+    def check(self) -> None:
+        check_choice("launch.start", self.start, START_CHOICES)
+
+
+@dataclass
 class ClusterConfig:
     """Where a job runs. ``scheduler: none`` is this machine; ``slurm`` profiles feed `aift launch`."""
 
@@ -225,13 +247,35 @@ class ClusterConfig:
     cpus_per_task: int = 1
     requeue_signal_seconds: int = 120
     env: Dict[str, str] = field(default_factory=dict)
+    project: Optional[str] = None  # a project of cluster.projects (its Slurm sub-account is charged); null: the track's
+    projects: Dict[str, ProjectConfig] = field(default_factory=dict)
+    shares: Dict[str, int] = field(default_factory=dict)  # track -> Slurm fair-share (aift cluster accounts)
+    timezone: str = "Europe/Amsterdam"  # of the off-peak hours
+    offpeak: List[str] = field(default_factory=list)  # local windows "HH:MM-HH:MM" (22:00-06:00 crosses midnight)
+    grid_signal: Optional[str] = None  # the facility's hourly grid-signal CSV (launch.start=grid)
+    # `aift plan` (aifactory_train/launch/plan.py): the GPU's benchmark profile (benchmarks/profiles/NAME.yaml), the GPU-hours
+    # each track was granted, the grid's carbon intensity and the all-reduce bandwidth between nodes where no
+    # benchmark result measured it
+    hardware: Optional[str] = None
+    allocation_gpu_hours: Dict[str, float] = field(default_factory=dict)
+    grid_g_co2_per_kwh: Optional[float] = None
+    internode_busbw_gbps: Optional[float] = None
 
     def check(self) -> None:
         check_choice("cluster.scheduler", self.scheduler, ("none", "slurm"))
+        for track, hours in self.allocation_gpu_hours.items():
+            check(_is_number(hours) and hours >= 0, f"cluster.allocation_gpu_hours.{track}", hours,
+                  "a number of GPU-hours >= 0")
+        for key in ("grid_g_co2_per_kwh", "internode_busbw_gbps"):
+            value = getattr(self, key)
+            check(value is None or (_is_number(value) and value > 0), f"cluster.{key}", value, "a number > 0, or null")
         if self.scheduler == "slurm":
             check(bool(self.partition), "cluster.partition", self.partition, "the Slurm partition to submit to")
             check(self.allocation in self.accounts, "cluster.allocation", self.allocation,
                   f"one of the tracks in cluster.accounts ({', '.join(self.accounts) or 'none defined'})")
+            from aifactory_train.records.tracks import check_tracks
+
+            check_tracks(self)
             check(bool(self.time_limit) and re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", self.time_limit) is not None,
                   "cluster.time_limit", self.time_limit, "Slurm's [days-]hh:mm:ss")
 
@@ -262,10 +306,13 @@ class EnergyConfig:
     meter: str = "auto"  # auto: NVML for GPUs and powercap (RAPL) for CPU packages, each where it can be read
     sample_every_s: float = 30.0
     powercap_dir: str = "/sys/class/powercap"
+    budget_kwh: Optional[float] = None  # stop (checkpoint, resumable) when the measured energy reaches it; `aift plan`
 
     def check(self) -> None:
         check_choice("energy.meter", self.meter, ENERGY_METERS)
         check(_is_number(self.sample_every_s) and self.sample_every_s > 0, "energy.sample_every_s", self.sample_every_s, "a number of seconds > 0")
+        check(self.budget_kwh is None or (_is_number(self.budget_kwh) and self.budget_kwh > 0), "energy.budget_kwh",
+              self.budget_kwh, "a number of kWh > 0, or null (no budget)")
 
 
 @dataclass
@@ -362,6 +409,39 @@ class EarlyStoppingConfig:
               "a finite number >= 0")
 
 
+from aifactory_train.records.audit import AuditConfig  # noqa: E402 - the sections of issue 19, in their own modules
+from aifactory_train.records.consent import RunSection  # noqa: E402
+
+
+@dataclass
+class PredictOptions:
+    """The ``predict`` section: what `aift predict` needs of every recipe. A recipe with options of its own (a score
+    threshold, the field its text is in) subclasses this in its schema module and declares
+    ``predict: MyPredictOptions = field(default_factory=MyPredictOptions)`` in its RunConfig subclass; the defaults
+    go in its recipe config under ``predict:`` as well, so that they can be overridden on the command line."""
+
+    batch_size: int = 8  # files per forward pass
+    num_workers: int = 2  # processes that read and decode the next files (0: the main process)
+    draw: bool = False  # also draw the predictions (recipes whose module has PREDICT_DRAWS)
+
+    def check(self) -> None:
+        check(_is_int(self.batch_size) and self.batch_size >= 1, "predict.batch_size", self.batch_size,
+              "an integer >= 1")
+        check(_is_int(self.num_workers) and self.num_workers >= 0, "predict.num_workers", self.num_workers,
+              "an integer >= 0 (0: files are read in the main process)")
+
+
+@dataclass
+class ExportOptions:
+    """The ``export`` section every recipe has; a recipe adds its own options as for :class:`PredictOptions`."""
+
+    register: Optional[str] = None  # a name: the export becomes a new version of that MLflow registered model
+
+    def check(self) -> None:
+        check(self.register is None or (isinstance(self.register, str) and self.register.strip() != ""),
+              "export.register", self.register, "null or a registered model name")
+
+
 @dataclass
 class RunConfig:
     """The sections every recipe shares. Recipes subclass this and add data/model/optim/loss."""
@@ -370,6 +450,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -380,9 +461,11 @@ class RunConfig:
     run_test: bool = True
     split: Optional[str] = None  # aift eval only
     format: Optional[str] = None  # aift export only
-    export: Dict[str, Any] = field(default_factory=dict)  # aift export only
+    export: ExportOptions = field(default_factory=ExportOptions)  # aift export only; a recipe may extend it
     input: Optional[str] = None  # aift predict only
-    predict: Dict[str, Any] = field(default_factory=dict)  # aift predict only
+    predict: PredictOptions = field(default_factory=PredictOptions)  # aift predict only; a recipe may extend it
+    run: RunSection = field(default_factory=RunSection)  # run.purpose: checked against the cards' DUO codes
+    audit: AuditConfig = field(default_factory=AuditConfig)  # where the audit log goes
 
 
 
@@ -412,9 +495,10 @@ def compose_train_config(overrides: list[str], run_dir: Any):
 
     from aifactory_train.locations import config_dir, use_recipes
 
+    extra = use_recipes()  # before Hydra starts: it reads the recipes' config folders when it is initialised
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=[*use_recipes(), *overrides], return_hydra_config=True)
+            cfg = compose("train", overrides=[*extra, *overrides], return_hydra_config=True)
     except HydraException as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     with open_dict(cfg):
@@ -624,7 +708,7 @@ def check_data(typed, stage: str = "fit", account: str | None = None, queued: bo
         check_files(stage)
     # the owner's terms of every card at or above data.root, for the recipe whose code runs (returns the record)
     recipe = {"name": typed.recipe.name, "module": dict(typed.recipe.module)}
-    return check_usage(data_paths(data), recipe, account, queued=queued) if data is not None else None
+    return check_usage(data_paths(data), recipe, account, queued=queued, config=typed) if data is not None else None
 
 
 def missing_data_root(root: Any, recipe: str, deidentify: bool = False) -> Exception:

@@ -263,6 +263,11 @@ def read_datacard(root: str | Path) -> dict[str, str]:
         fields["usage"] = "; ".join(terms) if len(terms) > 1 else terms[0]
     elif not described["consent_stated"]:
         fields["terms"] = "none stated: no card states consent or usage terms"
+    from aifactory_train.records.withdrawal import describe as withdrawals
+
+    left_out = withdrawals(Path(root))  # each withdrawal list's SHA-256 and the records the readers left out
+    if left_out:
+        fields["withdrawn"] = left_out
     return fields
 
 

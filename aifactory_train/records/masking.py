@@ -126,3 +126,9 @@ def redact_yaml_file(path: Path) -> bool:
         return False
     OmegaConf.save(OmegaConf.create(clean), path)
     return True
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line, with any password (a tracking URI's) masked."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return redact_text(text) or type(err).__name__

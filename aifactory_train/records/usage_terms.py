@@ -424,11 +424,28 @@ def describe_cards(cards: list[Path]) -> dict[str, Any]:
 
 
 def check_usage(paths: str | Path | Iterable[str | Path], recipe_cfg: dict[str, Any], account: str | None = None,
-                queued: bool = False, today: datetime.date | None = None) -> dict[str, Any]:
+                queued: bool = False, today: datetime.date | None = None, config: Any = None) -> dict[str, Any]:
     """Refuse a use of the data at ``paths`` that the terms of any card covering it do not allow; return what was
     checked, for the run's record. ``recipe_cfg``: the composed ``recipe`` section (the recipe is the one whose
     code runs); ``account``: only for ``queued``, the Slurm account `aift launch` queues the job under (the job
-    checks again where it starts, with the account slurmctld gives it); ``queued``: the node is not known yet."""
+    checks again where it starts, with the account slurmctld gives it); ``queued``: the node is not known yet;
+    ``config``: the whole config, for the purpose it declares (``run.purpose``, checked against the cards' DUO
+    codes, aifactory_train/records/consent.py) and where its audit log goes (``audit.path``, aifactory_train/records/audit.py).
+    The outcome, allowed or refused, is noted for the command's audit line."""
+    from aifactory_train.records import audit
+
+    try:
+        record = _check_usage(paths, recipe_cfg, account, queued, today, config)
+    except (DataError, ConfigError) as err:
+        audit.note_check(config, refusal=err, paths=paths)
+        raise
+    audit.note_check(config, record=record)
+    return record
+
+
+def _check_usage(paths, recipe_cfg, account, queued, today, config) -> dict[str, Any]:
+    from aifactory_train.records.consent import check_purpose_codes
+
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     recipe = running_recipe(recipe_cfg)
     cards = datacards_for(paths)
@@ -449,9 +466,14 @@ def check_usage(paths: str | Path | Iterable[str | Path], recipe_cfg: dict[str, 
     today = today or datetime.date.today()
     for term in terms:
         term.check(recipe, user, account, today, host=host, host_note=host_note)
+    consent = check_purpose_codes(cards, config, user, today)  # the cards' DUO codes against run.purpose
+    from aifactory_train.records.withdrawal import lists_for, reload
+
+    reload()  # every withdrawal list is read now, as it is: one that cannot be read refuses the run before any data is
+    consent["withdrawals"] = list({w.path: w.as_dict() for c in cards for w in lists_for(c.parent)}.values())
     record = {"recipe": recipe, "user": user, "host": host, "host_from": host_from, "account": account,
               "slurm_job": job.job_id if job is not None else None,
-              "paths": [str(Path(p).resolve()) for p in paths][:20], **describe_cards(cards)}
+              "paths": [str(Path(p).resolve()) for p in paths][:20], **describe_cards(cards), **consent}
     if not record["consent_stated"] and not record["terms_stated"]:
         where = (f"data card(s) {', '.join(repr(str(c)) for c in cards)} state no consent and no usage terms"
                  if cards else f"no {DATACARD_FILE} at or above "
@@ -481,4 +503,13 @@ def usage_tags(record: dict[str, Any]) -> dict[str, str]:
             "aift.usage.host": str(record["host"]), "aift.usage.host_from": record["host_from"],
             "aift.usage.account": record["account"] or "", "aift.usage.slurm_job": record["slurm_job"] or "",
             "aift.usage.cards": ", ".join(c["path"] for c in record["cards"]) or "none",
-            "aift.usage.terms": terms_summary(record)}
+            "aift.usage.terms": terms_summary(record),
+            **consent_tags(record)}
+
+
+def consent_tags(record: dict[str, Any]) -> dict[str, str]:
+    """The DUO codes and the declared purpose as tags (MLflow runs, exported models' metadata, registered versions)."""
+    from aifactory_train.records.consent import codes_summary, purpose_summary
+
+    return {"aift.usage.duo": codes_summary(record.get("consent_codes") or []),
+            "aift.usage.purpose": purpose_summary(record.get("purpose") or {})}

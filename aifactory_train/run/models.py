@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from aifactory_train.errors import CheckpointError, ConfigError
+from aifactory_train.locations import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ def classifier_names() -> list[str]:
         except OSError:
             pass  # a read-only home: the list is computed again next time
     return names
-
-
-def cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("AIFT_CACHE_DIR") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifactory_train")
 
 
 def build_torchvision_classifier(name: str, num_classes: int, in_channels: int = 3, weights_path: str | None = None):

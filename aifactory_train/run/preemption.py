@@ -21,6 +21,10 @@ class JobRequeued(JobStopped):
     """JobStopped, and the job was requeued with ``scontrol requeue``."""
 
 
+class EnergyBudgetStop(JobStopped):
+    """JobStopped because the run's measured energy reached ``energy.budget_kwh`` (run/energy_budget.py)."""
+
+
 class SignalCheckpoint(L.Callback):
     """Save ``hpc_ckpt_<n>.ckpt`` at the next optimizer-step boundary the ranks agree on (with gradient
     accumulation, not between two accumulated batches: see ``StepBoundary``), then stop, when a signal asks:
@@ -48,7 +52,7 @@ class SignalCheckpoint(L.Callback):
     epoch-end checkpoint is written right after it.
     """
 
-    NONE, REQUEUE, TERMINATE = 0, 1, 2
+    NONE, BUDGET, REQUEUE, TERMINATE = 0, 1, 2, 3  # the ranks agree on the largest; BUDGET: EnergyBudget asks
 
     def __init__(self, requeue_signal: int | None = None) -> None:
         self.requeue_signal = requeue_signal
@@ -93,6 +97,8 @@ class SignalCheckpoint(L.Callback):
         trainer.save_checkpoint(path)
         if decision == self.TERMINATE:
             raise JobStopped(str(path))
+        if decision == self.BUDGET:
+            raise EnergyBudgetStop(str(path))
         if trainer.is_global_zero:
             requeue_this_job(str(path))
         raise JobRequeued(str(path))

@@ -232,6 +232,9 @@ def onnx_metadata(document: dict[str, Any]) -> dict[str, str]:
                         if k in ("owner", "license", "consent")})
     if document.get("runs"):
         entries["aift.mlflow_run_id"] = str(document["runs"][-1].get("mlflow_run_id"))
+    from aifactory_train.records.consent import provenance_tags
+
+    entries.update(provenance_tags(document))  # the DUO codes and the purpose the model was trained under
     return entries
 
 

@@ -106,6 +106,7 @@ class TrainerParts:
     energy: Any  # EnergyMeter
     provenance: Any  # the provenance callback
     early_stopping: Any | None
+    budget: Any | None  # EnergyBudget, with energy.budget_kwh
     batch: dict[str, Any]
 
 
@@ -139,6 +140,7 @@ def trainer_arguments(resolved: dict[str, Any], run_dir: Path, logger) -> tuple[
         "energy": EnergyMeter((), resolved["energy"], run_dir),
         "provenance": provenance_callback(),
         "early_stopping": None,
+        "budget": None,
     }
     callbacks = [named["checkpoint"], named["throughput"], named["energy"], strategy_config_file(run_dir),
                  RNGStateCallback(), ElasticEpochProgress(), named["provenance"]]
@@ -171,7 +173,13 @@ def trainer_arguments(resolved: dict[str, Any], run_dir: Path, logger) -> tuple[
 
         plugins.append(SLURMEnvironment(auto_requeue=False))
         requeue_signal = slurm_env.REQUEUE_SIGNAL
-    callbacks.append(SignalCheckpoint(requeue_signal))
+    signal_checkpoint = SignalCheckpoint(requeue_signal)
+    if resolved["energy"].get("budget_kwh") is not None:  # before SignalCheckpoint: it stops at the same boundary
+        from aifactory_train.run.energy_budget import EnergyBudget
+
+        named["budget"] = EnergyBudget(resolved["energy"]["budget_kwh"], named["energy"], signal_checkpoint, run_dir)
+        callbacks.append(named["budget"])
+    callbacks.append(signal_checkpoint)
     kwargs.update(plugins=plugins, callbacks=callbacks, logger=logger if logger is not None else False,
                   default_root_dir=run_dir)
     return kwargs, named
@@ -190,4 +198,10 @@ def build_trainer(resolved: dict[str, Any], run_dir: Path, logger) -> TrainerPar
     trainer.accumulate_grad_batches = batch["accumulate_grad_batches"]  # read by the loop (and DeepSpeed) in fit
     energy = named["energy"]
     energy.meters, energy.reason = check_meter(resolved["energy"], on_gpu=trainer.strategy.root_device.type == "cuda")
+    from aifactory_train.run.energy_budget import no_counter_reason
+
+    if (unmeasurable := no_counter_reason(resolved["energy"].get("budget_kwh"), energy.meters, energy.reason)):
+        from aifactory_train.errors import ConfigError
+
+        raise ConfigError(unmeasurable)  # a budget needs a counter
     return TrainerParts(trainer=trainer, batch=batch, **named)

@@ -19,6 +19,7 @@ METRICS = {
     "tokens_per_s": ("recipe tokens/s", False),
     "mfu": ("recipe model FLOP/s / peak", True),
     "joules_per_sample": ("GPU energy / rows", True),
+    "samples_per_s_per_watt": ("performance per watt: rows / GPU energy", True),
     "joules_per_1k_tokens": ("GPU energy / 1k tokens", True),
     "data_wait_fraction": ("share of step time waiting for data (real files)", False),
 }

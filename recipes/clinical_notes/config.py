@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from aifactory_train.recipe import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import (ExportOptions, OptimConfig, PredictOptions, RunConfig, check, check_choice,
+                                   missing_data_root)
 from aifactory_train.recipe import DataError
 
 DEIDENTIFY_MODES = ("none", "inline")
@@ -142,11 +143,30 @@ class LossConfig:
 
 
 @dataclass
+class NotesPredictOptions(PredictOptions):
+    # the notes are read as the eval split is (recipe config: predict.text_field=${data.text_field}, ...)
+    text_field: str = "note"  # the JSONL field that holds the note
+    deidentify: str = "none"  # none: the input's data card must say deidentified: true | inline: deduce first
+
+    def check(self) -> None:
+        super().check()
+        check(self.deidentify in DEIDENTIFY_MODES, "predict.deidentify", self.deidentify,
+              f"{' or '.join(DEIDENTIFY_MODES)} (it follows data.deidentify unless set)")
+
+
+@dataclass
+class NotesExportOptions(ExportOptions):
+    merge_lora: bool = True  # format=hf: merge LoRA adapters into the weights; false keeps a peft adapter folder
+
+
+@dataclass
 class ClinicalNotesConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    predict: NotesPredictOptions = field(default_factory=NotesPredictOptions)
+    export: NotesExportOptions = field(default_factory=NotesExportOptions)
 
     def check(self) -> None:
         if self.model.pretrained_path is None:

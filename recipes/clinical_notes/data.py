@@ -37,6 +37,7 @@ from aifactory_train.recipe import DataError
 from aifactory_train.recipe import DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.recipe import shuffled
 from aifactory_train.recipe import DatasetLineage, InvalidRecords, SplitLineage, digest_files, read_datacard
+from aifactory_train.recipe import withdrawn
 from .config import MISSING_SPLIT, check_deidentified
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def read_records(path: Path, fields: dict[str, str], max_record_bytes: int = DEF
             continue
         if not isinstance(record, dict):
             invalid("bad_json", where, f"{path} line {line_number}: a {type(record).__name__}, not a JSON object")
+            continue
+        if withdrawn(path, record):  # a subject who withdrew consent (the card's withdrawal list): never read on
             continue
         values, problem = [], None
         for key, name in fields.items():

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from aifactory_train.recipe import OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import (ExportOptions, OptimConfig, PredictOptions, RunConfig, check, check_choice,
+                                   missing_data_root)
 from aifactory_train.recipe import DataError
 
 FORMATS = ("coco", "hf")
@@ -118,8 +119,30 @@ class LossConfig:
 
 
 @dataclass
+class CropPredictOptions(PredictOptions):
+    score_threshold: Optional[float] = None  # boxes below this score are left out (null: recipe.module's)
+
+    def check(self) -> None:
+        super().check()
+        ok = self.score_threshold is None or 0 <= self.score_threshold <= 1
+        check(ok, "predict.score_threshold", self.score_threshold, "null (the recipe's) or a score in [0, 1]")
+
+
+@dataclass
+class CropExportOptions(ExportOptions):
+    image_size: List[int] = field(default_factory=lambda: [256, 256])  # (height, width) of the ONNX tracing input
+
+    def check(self) -> None:
+        super().check()
+        check(len(self.image_size) == 2 and all(side >= 32 for side in self.image_size), "export.image_size",
+              self.image_size, "[height, width], each >= 32 pixels")
+
+
+@dataclass
 class CropDetectionConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    predict: CropPredictOptions = field(default_factory=CropPredictOptions)
+    export: CropExportOptions = field(default_factory=CropExportOptions)

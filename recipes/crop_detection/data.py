@@ -41,6 +41,7 @@ from aifactory_train.recipe import DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.recipe import shuffled
 from aifactory_train.recipe import (DatasetLineage, InvalidRecords, SameBytes, SplitLineage, digest_files,
                                      file_digests, inside_root, read_datacard, shared_across_splits)
+from aifactory_train.recipe import withdrawn
 from .config import REQUIRED_SPLITS, check_data_files
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def _finish_images(root: Path, base: Path, images: list[_Image], counts: Counter
                                                   f"the image's path relative to '{base}'")
             continue
         full = inside_root(root, image.file_name, f"{image.where} {path_where}", base=base)  # refused, always
+        if withdrawn(full):  # a withdrawn subject or record (the card's withdrawal list)
+            continue
         rel = full.relative_to(resolved_root).as_posix()
         if not full.is_file():
             invalid("missing_file", rel, f"{image.where}: image '{image.file_name}' does not exist in '{base}'")

@@ -18,6 +18,7 @@ METRICS = {
     "samples_per_s": ("recipe samples/s", False),
     "mfu": ("recipe model FLOP/s / peak", True),
     "joules_per_sample": ("GPU energy / samples", True),
+    "samples_per_s_per_watt": ("performance per watt: samples / GPU energy", True),
     "data_wait_fraction": ("share of step time waiting for data (real files)", False),
 }
 # benchmarks/recipe_step.py's defaults (CPU: resnet18, 64 px, batch 32)

@@ -36,6 +36,7 @@ from aifactory_train.recipe import DataLoader  # resumes mid-epoch (torchdata)
 from aifactory_train.recipe import shuffled
 from aifactory_train.recipe import (DatasetLineage, InvalidRecords, SameBytes, SplitLineage, digest_files,
                                      file_digests, inside_root, read_datacard, shared_across_splits)
+from aifactory_train.recipe import withdrawn
 from .config import (OPTIONAL_SPLITS, REQUIRED_SPLITS, check_data_files,
                                                            check_on_corrupt)
 
@@ -78,7 +79,7 @@ def scan_imagefolder(root: Path, invalid: InvalidRecords | None = None) -> dict[
                 )
             for f in files:  # a symlinked file or class folder may not lead out of the dataset's root
                 inside_root(root, f.relative_to(root), f"split folder '{split_dir}'")
-            records += [(f.relative_to(root).as_posix(), class_dir.name) for f in files]
+            records += [(f.relative_to(root).as_posix(), class_dir.name) for f in files if not withdrawn(f)]
         splits[split] = records
     return splits
 
@@ -153,6 +154,8 @@ def read_manifests(root: Path, manifest: dict[str, str],
                                                            f"path relative to data.root")
                 continue
             full = inside_root(root, rel, where)  # always refused, whatever data.on_invalid: not this dataset's data
+            if withdrawn(full, row):  # a withdrawn subject or record (the card's withdrawal list)
+                continue
             canonical = full.relative_to(resolved_root).as_posix()
             if not full.is_file():
                 invalid("missing_file", canonical, f"{where}: file '{root / rel}' does not exist")
