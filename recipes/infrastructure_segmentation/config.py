@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from aifactory_train.recipe import DataError, OptimConfig, RunConfig, check, check_choice, missing_data_root
+from aifactory_train.recipe import (DataError, ExportOptions, OptimConfig, PredictOptions, RunConfig, check,
+                                     check_choice, missing_data_root)
 
 FORMATS = ("folders", "geotiff", "vector")
 ARCHS = ("unet", "fpn", "deeplabv3plus")
@@ -109,11 +110,51 @@ class LossConfig:
 
 
 @dataclass
+class SegmentationPredictOptions(PredictOptions):
+    """`aift predict` on large rasters (predict.py): tiles blended over their overlap, one block in memory at a time."""
+
+    tile_size: int = 256          # px per forward pass
+    overlap: int = 64             # px shared by neighbouring tiles; their logits are blended over it
+    block_size: int = 1024        # px of output held in memory at once
+    gdal_cache_mb: int = 256      # GDAL's block cache (its default: 5 % of the machine's memory)
+    georeferenced: bool = True    # the mask and polygons in the input's CRS; a raster without a CRS is refused
+    simplify: float = 0.5         # polygon simplification tolerance, CRS units
+    min_area: float = 0.0         # polygons smaller than this (CRS units squared) are left out
+
+    def check(self) -> None:
+        super().check()
+        check(self.tile_size >= 32 and self.tile_size % 32 == 0, "predict.tile_size", self.tile_size,
+              "a multiple of 32, >= 32")
+        check(0 <= self.overlap <= self.tile_size // 2, "predict.overlap", self.overlap,
+              f"an integer in [0, tile_size/2] ({self.tile_size // 2})")
+        check(self.block_size >= self.tile_size, "predict.block_size", self.block_size,
+              f"an integer >= predict.tile_size ({self.tile_size})")
+        check(self.gdal_cache_mb >= 16, "predict.gdal_cache_mb", self.gdal_cache_mb, "an integer >= 16 (MiB)")
+        check(self.simplify >= 0, "predict.simplify", self.simplify, "a number >= 0")
+        check(self.min_area >= 0, "predict.min_area", self.min_area, "a number >= 0")
+
+
+@dataclass
+class SegmentationExportOptions(ExportOptions):
+    tile_size: int = 256   # the example tile for tracing; height and width stay dynamic (multiples of 32)
+    overlap: int = 64      # recorded in model.json, for the tiling the caller does
+
+    def check(self) -> None:
+        super().check()
+        check(self.tile_size >= 32 and self.tile_size % 32 == 0, "export.tile_size", self.tile_size,
+              "a multiple of 32, >= 32")
+        check(0 <= self.overlap < self.tile_size, "export.overlap", self.overlap,
+              f"an integer in [0, export.tile_size) ({self.tile_size})")
+
+
+@dataclass
 class InfrastructureSegmentationConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    predict: SegmentationPredictOptions = field(default_factory=SegmentationPredictOptions)
+    export: SegmentationExportOptions = field(default_factory=SegmentationExportOptions)
 
     def check(self) -> None:
         if self.loss.class_weights is not None:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from aifactory_train.recipe import DataError, check
+from aifactory_train.recipe import DataError
 from .export import DeployableSegmenter
 
 NODATA = 255
@@ -114,22 +114,10 @@ def block_polygons(mask: np.ndarray, window, size: tuple[int, int]):
 
 
 def read_options(options: dict[str, Any]) -> dict[str, Any]:
-    tile, overlap, block = options.get("tile_size", 256), options.get("overlap", 64), options.get("block_size", 1024)
-    check(isinstance(tile, int) and tile >= 32 and tile % 32 == 0, "predict.tile_size", tile,
-          "a multiple of 32, >= 32")
-    check(isinstance(overlap, int) and 0 <= overlap < tile // 2 + 1, "predict.overlap", overlap,
-          f"an integer in [0, tile_size/2] ({tile // 2})")
-    check(isinstance(block, int) and block >= tile, "predict.block_size", block, f"an integer >= predict.tile_size "
-          f"({tile})")
-    simplify, min_area = options.get("simplify", 0.5), options.get("min_area", 0.0)
-    check(isinstance(simplify, (int, float)) and simplify >= 0, "predict.simplify", simplify, "a number >= 0")
-    check(isinstance(min_area, (int, float)) and min_area >= 0, "predict.min_area", min_area, "a number >= 0")
-    georeferenced = options.get("georeferenced", True)
-    check(isinstance(georeferenced, bool), "predict.georeferenced", georeferenced, "true or false")
-    cache = options.get("gdal_cache_mb", 256)
-    check(isinstance(cache, int) and cache >= 16, "predict.gdal_cache_mb", cache, "an integer >= 16 (MiB)")
-    return {"tile": tile, "overlap": overlap, "block": block, "simplify": float(simplify), "gdal_cache_mb": cache,
-            "min_area": float(min_area), "georeferenced": georeferenced}
+    """The ``predict`` section (validated by SegmentationPredictOptions in config.py) in this module's names."""
+    return {"tile": options["tile_size"], "overlap": options["overlap"], "block": options["block_size"],
+            "simplify": float(options["simplify"]), "min_area": float(options["min_area"]),
+            "georeferenced": options["georeferenced"], "gdal_cache_mb": options["gdal_cache_mb"]}
 
 
 def open_input(path: Path, georeferenced: bool):

@@ -1,14 +1,16 @@
 """Peak memory (RSS) of infrastructure_segmentation's tiled prediction on rasters of growing size.
 
 `aift predict` reads a raster window by window and holds one output block of logits at a time
-(recipes/infrastructure_segmentation/predict.py), so its peak RSS should stay flat as the raster grows, far below
+(predict.py), so its peak RSS should stay flat as the raster grows, far below
 the raster's decoded size. Each size runs in its own process (a clean peak): it writes a tiled GeoTIFF of that size
 (EPSG:28992; SPARSE_OK, so a raster larger than this machine's memory costs no disk: unwritten blocks read as 0,
 as GDAL documents for sparse files) with real content in its first blocks, then runs the recipe's
 ``predict_raster`` (the function `aift predict` calls per file), writing the GeoTIFF mask and the polygons.
 
-    python benchmarks/infrastructure_segmentation_predict_rss.py --sides 4096 16384 65536 --net tiny \
-        --out benchmarks/results/infrastructure_segmentation_predict_rss_cpu.md
+    python -m aifactory_train.recipes.infrastructure_segmentation.predict_rss --sides 2048 8192 16384 --net tiny \
+        --out benchmarks/results/infrastructure_segmentation_predict_rss_cpu-2core_2026-11-30.md
+
+(It lives in the recipe's folder, not benchmarks/, because the framework's files name no recipe.)
 
 ``--net recipe`` uses the recipe's default network (random init: memory does not depend on the weights);
 ``--net tiny`` an 8 px average, a 1x1 convolution and upsampling, so that the pipeline's own memory (reads, blending, writing, polygons) is measured
@@ -38,10 +40,10 @@ def one(side: int, net_kind: str, tile: int, overlap: int, block: int) -> dict:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from aifactory_train.recipes.infrastructure_segmentation.export import DeployableSegmenter
-    from aifactory_train.recipes.infrastructure_segmentation.model import build_net
-    from aifactory_train.recipes.infrastructure_segmentation.predict import predict_raster
-    from aifactory_train.recipes.infrastructure_segmentation.synth import CLASSES, make_scene
+    from .export import DeployableSegmenter
+    from .model import build_net
+    from .predict import predict_raster
+    from .synth import CLASSES, make_scene
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:
@@ -94,14 +96,14 @@ def main() -> None:
         return
     rows = []
     for side in args.sides:
-        done = subprocess.run([sys.executable, __file__, "--one", str(side), "--net", args.net, "--tile",
+        done = subprocess.run([sys.executable, "-m", __spec__.name, "--one", str(side), "--net", args.net, "--tile",
                                str(args.tile), "--overlap", str(args.overlap), "--block", str(args.block)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     if args.out:
         lines = ["# infrastructure_segmentation: peak RSS of tiled prediction vs raster size", "",
-                 f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}", "",
+                 f"`python -m {__spec__.name} {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}", "",
                  "| side (px) | decoded RGB (GiB) | net | tile/overlap/block | RSS before (MiB) | peak RSS (MiB) | "
                  "time (s) | px/s |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['side_px']} | {r['decoded_rgb_gib']} | {r['net']} | {r['tile']}/{r['overlap']}/{r['block']} | "
