@@ -33,7 +33,7 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one(side: int, net_kind: str, tile: int, overlap: int, block: int) -> dict:
+def one(side: int, net_kind: str, tile: int, overlap: int, block: int, cache_mb: int = 256) -> dict:
     import numpy as np
     import rasterio
     import torch
@@ -69,13 +69,13 @@ def one(side: int, net_kind: str, tile: int, overlap: int, block: int) -> dict:
         before = rss_mib()
         started = time.perf_counter()
         opts = {"tile": tile, "overlap": overlap, "block": block, "simplify": 0.5, "min_area": 0.0,
-                "georeferenced": True, "gdal_cache_mb": 256}
+                "georeferenced": True, "gdal_cache_mb": cache_mb}
         with torch.inference_mode():
             row = predict_raster(model, path, Path(folder) / "out" / "big", opts, CLASSES, 8, torch.device("cpu"),
                                  draw=False)
         seconds = time.perf_counter() - started
         mask_mib = Path(row["mask"]).stat().st_size / 2**20
-    return {"side_px": side, "net": net_kind, "tile": tile, "overlap": overlap, "block": block,
+    return {"side_px": side, "net": net_kind, "tile": tile, "overlap": overlap, "block": block, "gdal_cache_mb": cache_mb,
             "decoded_rgb_gib": round(3 * side * side / 2**30, 2), "rss_before_predict_mib": round(before),
             "peak_rss_mib": round(rss_mib()), "seconds": round(seconds, 1), "mask_file_mib": round(mask_mib, 1),
             "pixels_per_s": round(side * side / seconds)}
@@ -88,26 +88,28 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--block", type=int, default=1024)
+    parser.add_argument("--cache-mb", type=int, default=256, help="predict.gdal_cache_mb")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.net, args.tile, args.overlap, args.block)))
+        print(json.dumps(one(args.one, args.net, args.tile, args.overlap, args.block, args.cache_mb)))
         return
     rows = []
     for side in args.sides:
         done = subprocess.run([sys.executable, "-m", __spec__.name, "--one", str(side), "--net", args.net, "--tile",
-                               str(args.tile), "--overlap", str(args.overlap), "--block", str(args.block)],
+                               str(args.tile), "--overlap", str(args.overlap), "--block", str(args.block),
+                               "--cache-mb", str(args.cache_mb)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     if args.out:
         lines = ["# infrastructure_segmentation: peak RSS of tiled prediction vs raster size", "",
                  f"`python -m {__spec__.name} {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}", "",
-                 "| side (px) | decoded RGB (GiB) | net | tile/overlap/block | RSS before (MiB) | peak RSS (MiB) | "
-                 "time (s) | px/s |", "|---|---|---|---|---|---|---|---|"]
+                 "| side (px) | decoded RGB (GiB) | net | tile/overlap/block | GDAL cache (MiB) | RSS before (MiB) | "
+                 "peak RSS (MiB) | time (s) | px/s |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['side_px']} | {r['decoded_rgb_gib']} | {r['net']} | {r['tile']}/{r['overlap']}/{r['block']} | "
-                  f"{r['rss_before_predict_mib']} | {r['peak_rss_mib']} | {r['seconds']} | {r['pixels_per_s']} |"
+                  f"{r['gdal_cache_mb']} | {r['rss_before_predict_mib']} | {r['peak_rss_mib']} | {r['seconds']} | {r['pixels_per_s']} |"
                   for r in rows]
         args.out.write_text("\n".join(lines) + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
