@@ -332,3 +332,21 @@ def test_onnx_export_matches_pytorch_on_tiles_of_the_raster_with_any_tile_size(s
             assert logits.shape == (1, len(CLASSES), size, size)
             np.testing.assert_allclose(logits, reference.numpy(), atol=1e-3, rtol=1e-3)
             assert (logits.argmax(1) == reference.numpy().argmax(1)).mean() > 0.999
+
+
+def test_synth_takes_what_aift_data_synth_passes_and_refuses_a_variant(tmp_path):
+    import inspect
+
+    import rasterio
+
+    from aifactory_train.recipes.infrastructure_segmentation.synth import synthesize
+
+    assert {"out", "size", "seed", "variant", "overwrite"} <= set(inspect.signature(synthesize).parameters)
+    with pytest.raises(DataError, match=r"--variant 'rgb': infrastructure_segmentation has no variants"):
+        synthesize(tmp_path / "x", size=256, variant="rgb")
+    with pytest.raises(DataError, match=r"--size 100 is too small"):
+        synthesize(tmp_path / "y", size=100)
+    out = synthesize(tmp_path / "z", size=256, seed=1)
+    with rasterio.open(out / "val" / "rasters" / "ortho.tif") as image:
+        assert image.crs.to_epsg() == 28992 and image.nodata == 0 and image.res == (0.25, 0.25)
+    assert len(list((out / "train" / "images").glob("*.png"))) == 4  # 256 px cut into 128 px tiles

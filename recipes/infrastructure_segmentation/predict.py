@@ -72,8 +72,9 @@ def segment_blocks(model: torch.nn.Module, dataset, tile: int, overlap: int, blo
             tiles = [(r, c) for r in rows if r < r1 and r + tile > r0 for c in cols if c < c1 and c + tile > c0]
             for first in range(0, len(tiles), batch_size):
                 chunk = tiles[first:first + batch_size]
-                images = np.stack([dataset.read(bands, window=Window(c, r, tile, tile), boundless=True, fill_value=0)
-                                   for r, c in chunk])
+                # boundless (a VRT per read in GDAL: slow) only where a tile reaches past a raster smaller than it
+                images = np.stack([dataset.read(bands, window=Window(c, r, tile, tile), fill_value=0,
+                                                boundless=r + tile > height or c + tile > width) for r, c in chunk])
                 batch = torch.from_numpy(images.astype(np.float32) * scale).to(device)
                 out, _ = model(batch)
                 out = out.float()

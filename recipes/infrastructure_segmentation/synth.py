@@ -131,10 +131,14 @@ def write_png_tiles(folder: Path, image: np.ndarray, labels: np.ndarray, tile: i
             mask.save(folder / "masks" / name)
 
 
-def synthesize(out: str | Path, size: int | None = None, seed: int = 0, overwrite: bool = False) -> Path:
+def synthesize(out: str | Path, size: int | None = None, seed: int = 0, variant: str | None = None,
+               overwrite: bool = False) -> Path:
     """Write train/val/test under ``out``: a ``size`` x ``size`` px training orthophoto, val and test half a side."""
     from rasterio.transform import from_origin
 
+    if variant is not None:
+        raise DataError(f"--variant '{variant}': infrastructure_segmentation has no variants (one dataset holds "
+                        f"all three layouts)")
     size = DEFAULT_SIZE if size is None else size
     if size < 2 * PNG_TILE:
         raise DataError(f"--size {size} is too small: at least {2 * PNG_TILE} px (val and test get half a side, "
