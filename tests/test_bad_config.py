@@ -62,6 +62,11 @@ BAD_VALUES = [
     (["early_stopping.patience=3", "trainer.limit_val_batches=0"], "early_stopping.patience", "3",
      "no validation"),
     (["energy.sample_every_s=inf"], "energy.sample_every_s", "inf", "> 0"),
+    (["+optim._target_=torch.optim.NoSuchOptimizer"], "optim._target_", "'torch.optim.NoSuchOptimizer'",
+     "torch.optim.Optimizer"),
+    (["+optim._target_=torch.nn.Linear"], "optim._target_", "'torch.nn.Linear'", "torch.optim.Optimizer"),
+    (["+predict.batch_size=0"], "predict.batch_size", "0", "an integer >= 1"),
+    (["+export.register=' '"], "export.register", "' '", "registered model name"),
 ]
 
 
@@ -73,6 +78,22 @@ def test_a_bad_value_names_its_key_value_and_what_is_valid(overrides, key, value
     message = str(err.value)
     assert f"'{key}'" in message and value in message and valid in message, message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("key, target", [("recipe.module._target_", "no_such_package.module.Module"),
+                                         ("data._target_", "aifactory_train.no_such_module.DataModule")])
+def test_a_recipe_class_that_cannot_be_imported_is_named_when_the_recipe_loads(key, target, tmp_path):
+    """The recipe's classes are checked against the contract when the recipe is loaded (before data or tracking):
+    a _target_ that cannot be imported is one line naming the key and the path."""
+    from omegaconf import OmegaConf
+
+    from aifactory_train.recipe import load_recipe
+
+    cfg = compose_run([f"{key}={target}"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(OmegaConf.to_container(cfg, resolve=True))
+    message = str(err.value)
+    assert f"config key '{key}': cannot import '{target}'" in message and "\n" not in message, message
 
 
 # the same keys through this machine's devices: it has no GPU (skipped where one is)

@@ -237,14 +237,22 @@ def _recipes_copy(args: argparse.Namespace) -> int:
     written = copy_recipe(args.source, args.name, args.to)
     root = Path(args.to).expanduser().resolve()
     print(f"wrote {len(written)} files: {root / args.name}/ and {root / 'configs'}/")
+    _print_next_steps(root, args.name, f"   (the demo data of {args.source})", "data.py, module.py, config.py, configs/")
+    return 0
+
+
+def _print_next_steps(root, name: str, data_note: str, adapt: str) -> None:
+    """What a new recipe folder needs next: $AIFT_RECIPES_PATH (unless it lists the folder already), demo data, a
+    smoke run, the files to adapt."""
+    from pathlib import Path
+
     path = os.environ.get("AIFT_RECIPES_PATH")
     listed = path and str(root) in [str(Path(p).expanduser().resolve()) for p in path.split(os.pathsep)]
     if not listed:
         print(f"make aift find it:  export AIFT_RECIPES_PATH={root}{os.pathsep + '$AIFT_RECIPES_PATH' if path else ''}")
-    print(f"then:  aift data synth {args.name} --out data/{args.name}   (the demo data of {args.source})")
-    print(f"       aift train recipe={args.name} data.root=data/{args.name} debug=smoke")
-    print(f"adapt: {root / args.name}/ (data.py, module.py, config.py, configs/)")
-    return 0
+    print(f"then:  aift data synth {name} --out data/{name}{data_note}")
+    print(f"       aift train recipe={name} data.root=data/{name} debug=smoke")
+    print(f"adapt: {root / name}/ ({adapt})")
 
 
 def _recipes_new(args: argparse.Namespace) -> int:
@@ -255,13 +263,7 @@ def _recipes_new(args: argparse.Namespace) -> int:
     written = new_recipe(args.name, args.task, args.to)
     root = Path(args.to).expanduser().resolve()
     print(f"wrote {len(written)} files: {root / args.name}/")
-    path = os.environ.get("AIFT_RECIPES_PATH")
-    listed = path and str(root) in [str(Path(p).expanduser().resolve()) for p in path.split(os.pathsep)]
-    if not listed:
-        print(f"make aift find it:  export AIFT_RECIPES_PATH={root}{os.pathsep + '$AIFT_RECIPES_PATH' if path else ''}")
-    print(f"then:  aift data synth {args.name} --out data/{args.name}")
-    print(f"       aift train recipe={args.name} data.root=data/{args.name} debug=smoke")
-    print(f"adapt: {root / args.name}/ (synth.py, data.py, module.py, config.py, configs/)")
+    _print_next_steps(root, args.name, "", "synth.py, data.py, module.py, config.py, configs/")
     return 0
 
 

@@ -346,17 +346,22 @@ def _results_dir() -> Path:
     return Path(benchmarks.__file__).parent / "results"
 
 
-def measured_references(match: str) -> list[dict[str, Any]]:
-    """Training speeds measured on hardware whose name contains ``match``, from benchmarks/results/*.json: the
-    recipe step benchmarks (the recipe's side, without torch.compile) and `aift bench` reports."""
-    found = []
+def results_on(match: str):
+    """(path, report) of each benchmarks/results/*.json measured on hardware whose name contains ``match``."""
     for path in sorted(_results_dir().glob("*.json")):
         try:
             report = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(report, dict) or match.lower() not in str(report.get("hardware", "")).lower():
-            continue
+        if isinstance(report, dict) and match.lower() in str(report.get("hardware", "")).lower():
+            yield path, report
+
+
+def measured_references(match: str) -> list[dict[str, Any]]:
+    """Training speeds measured on hardware whose name contains ``match``, from benchmarks/results/*.json: the
+    recipe step benchmarks (the recipe's side, without torch.compile) and `aift bench` reports."""
+    found = []
+    for path, report in results_on(match):
         bench = str(report.get("benchmark", ""))
         if bench.endswith("_step") and report.get("step"):
             eager = [s for s in report["step"] if not s.get("compile")]
@@ -381,13 +386,7 @@ def measured_references(match: str) -> list[dict[str, Any]]:
 def allreduce_busbw(match: str) -> tuple[float, str] | None:
     """The largest all-reduce bus bandwidth (GB/s) measured on this hardware with more than one GPU, if any."""
     best = None
-    for path in sorted(_results_dir().glob("*.json")):
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(report, dict) or match.lower() not in str(report.get("hardware", "")).lower():
-            continue
+    for path, report in results_on(match):
         for row in report.get("rows") or []:
             if row.get("metric") == "allreduce_busbw_gbps" and (best is None or row["value"] > best[0]):
                 best = (float(row["value"]), path.name)

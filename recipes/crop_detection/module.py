@@ -20,7 +20,7 @@ from .model import build_detector, freeze_backbone, frozen_norm_layers
 from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, warmup_cosine
 
 # torchmetrics' default COCO backend is pycocotools; faster_coco_eval computes the same COCOeval numbers
-# (cross-checked against pycocotools in tests/test_crop_detection.py) several times faster on large val sets.
+# (cross-checked against pycocotools in tests/recipes/crop_detection/test_crop_detection.py) several times faster on large val sets.
 MAP_BACKEND = "faster_coco_eval"
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it prints the whole COCO table at INFO
 PICTURE_IMAGES = 8
