@@ -140,9 +140,9 @@ def crop_copy(crop_data, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_roots(plastic_data, crop_data, clinical_data, energy_data) -> dict:
+def data_roots(plastic_data, crop_data, clinical_data, energy_data, seg_data) -> dict:
     return {"plastic_sorting": plastic_data, "crop_detection": crop_data, "clinical_notes": clinical_data,
-            "energy_forecasting": energy_data}
+            "energy_forecasting": energy_data, "infrastructure_segmentation": seg_data}
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +151,15 @@ def energy_data(tmp_path_factory) -> Path:
     from aifactory_train.recipes.energy_forecasting.synth import synthesize
 
     return synthesize(tmp_path_factory.mktemp("data") / "energy", size=2, seed=3, days=70, start="2026-03-01")
+
+
+@pytest.fixture(scope="session")
+def seg_data(tmp_path_factory) -> Path:
+    """A small synthetic orthophoto (EPSG:28992) in all three infrastructure_segmentation layouts: a 256 px train
+    raster, 128 px val and test rasters, their label rasters, polygons and PNG tiles. Read-only for tests."""
+    from aifactory_train.recipes.infrastructure_segmentation.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "ortho", size=256, seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -31,14 +31,16 @@ def _no_recipes_path(monkeypatch):
 
 
 def test_every_template_is_a_task_of_the_cli():
-    assert {"image_classification", "object_detection", "causal_lm", "forecasting"} <= set(tasks())
+    assert {"image_classification", "object_detection", "causal_lm", "forecasting", "semantic_segmentation"} <= set(
+        tasks())
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("task", ["image_classification", "object_detection", "causal_lm", "forecasting"])
+@pytest.mark.parametrize("task", ["image_classification", "object_detection", "causal_lm", "forecasting",
+                                  "semantic_segmentation"])
 def test_a_new_recipe_synthesizes_trains_and_launches(task, tmp_path, capsys):
     name = {"image_classification": "demo_cls", "object_detection": "demo_det", "causal_lm": "demo_lm",
-            "forecasting": "demo_fc"}[task]
+            "forecasting": "demo_fc", "semantic_segmentation": "demo_seg"}[task]
     mine = tmp_path / "mine"
     code, out, err = new(capsys, name, "--task", task, "--to", str(mine))
     assert code == 0, err
