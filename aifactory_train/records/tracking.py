@@ -379,15 +379,21 @@ class Tracker:
 
         inputs = []
         for split in lineage.splits.values():
+            name, digest = f"{lineage.name}-{split.name}", split.digest[:MLFLOW_DIGEST_CHARS]
             with warnings.catch_warnings():  # MLflow's hints on source kinds and int columns do not apply here
                 warnings.simplefilter("ignore", UserWarning)
-                dataset = mlflow.data.from_huggingface(
-                    split.dataset,
-                    name=f"{lineage.name}-{split.name}",
-                    digest=split.digest[:MLFLOW_DIGEST_CHARS],
-                    targets="label" if "label" in split.dataset.column_names else None,
-                    source=str(Path(lineage.root).resolve()),
-                )
+                if split.dataset is None:  # the recipe keeps no table of its records: the split's digest and place
+                    from mlflow.data.dataset_source_registry import resolve_dataset_source
+                    from mlflow.data.meta_dataset import MetaDataset
+
+                    source = resolve_dataset_source(Path(lineage.root).resolve().as_uri())
+                    dataset = MetaDataset(source, name=name, digest=digest)
+                else:
+                    dataset = mlflow.data.from_huggingface(
+                        split.dataset, name=name, digest=digest,
+                        targets="label" if "label" in split.dataset.column_names else None,
+                        source=str(Path(lineage.root).resolve()),
+                    )
                 entity = dataset._to_mlflow_entity()
             tags = [InputTag(key="mlflow.data.context", value=split.name)]
             inputs.append(DatasetInput(dataset=entity, tags=tags))
