@@ -187,8 +187,11 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
     for name, adapter in bench_adapters().items():
         settings = dict(adapter.settings(gpu, quick))
         split_steps = settings.pop("split_steps")
+        # what one sample is, in words: the adapter's own ("168 h windows"), else its tokens or pixels
+        shape = settings.pop("shape", None)
         args = SimpleNamespace(**settings, steps=None, repeats=1, _compile=False)
-        shape = f"{args.seq_len} tokens" if getattr(args, "seq_len", None) else f"{args.image_size} px"
+        shape = shape or (f"{args.seq_len} tokens" if getattr(args, "seq_len", None) else
+                          f"{args.image_size} px" if getattr(args, "image_size", None) else "one sample")
         log(f"recipes: {name} ({args.model}, batch {args.batch_size}, {shape}, {precision}; "
             f"{pairs} pairs of >= {block_seconds:g} s blocks)")
         spec = adapter.build(args, device)
@@ -197,7 +200,7 @@ def recipes_suite(device, quick: bool, log) -> tuple[list[dict], list[dict]]:
         args.steps = paired["steps_per_block"]
         wall = paired["wall"]
         recipe, plain = wall["recipe_samples_per_s"], wall["plain_samples_per_s"]
-        params = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
+        params = {"model": args.model, "batch_size": args.batch_size, "image_size": getattr(args, "image_size", None),
                   "precision": precision, "steps": args.steps, "pairs": pairs}
         runs = {"pair_ratios": [round(r, 4) for r in paired["pair_ratios"]], "iqr": [round(q, 4) for q in paired["iqr"]],
                 "min": round(paired["min"], 4), "max": round(paired["max"], 4), "order": paired["order"],

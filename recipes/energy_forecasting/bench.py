@@ -30,11 +30,12 @@ DEFAULTS = {"model": "tide_mlp", "batch_size": 256, "image_size": None, "steps":
 
 
 def settings(gpu: bool, quick: bool) -> dict:
-    # image_size: None (the bench's shape line is written for images or tokens; windows have neither)
+    # shape: what one sample is, for the bench's log (windows have no pixels or tokens)
     if gpu:  # the GPU experiment's shape (configs/experiment/energy_forecasting_gpu.yaml)
-        return dict(model="tide_mlp", batch_size=4096, image_size=None, warmup=10, split_steps=40, hidden=512, layers=4)
+        return dict(model="tide_mlp", batch_size=4096, image_size=None, warmup=10, split_steps=40, hidden=512, layers=4,
+                    shape="history + horizon windows")
     return dict(model="tide_mlp", batch_size=128 if quick else 256, image_size=None, warmup=2 if quick else 5,
-                split_steps=5 if quick else 20)
+                split_steps=5 if quick else 20, shape="history + horizon windows")
 
 
 def model_settings(args) -> dict:
