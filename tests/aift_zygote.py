@@ -84,6 +84,16 @@ def serve() -> None:
     for name in PRELOAD:
         __import__(name)
     import aifactory_train.commands.cli  # noqa: F401 - its own imports are lazy
+    import logging
+
+    # Lightning gives its loggers a console handler of their own when it is imported before logging is configured
+    # (here: always). `aift train/eval/predict/export` import it after Hydra configured logging, so there it adds
+    # none and its messages go where Hydra sends them: as those commands do, the handlers go again.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
 
     requests = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "w", buffering=1)

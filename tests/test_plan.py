@@ -54,7 +54,10 @@ def test_the_plan_adds_up(clinical_plan):
     assert cost["gpu_hours"] == pytest.approx(20000 * speed["step_s"] / 3600 * 16)
     assert cost["kwh"] == pytest.approx(cost["gpu_hours"] * 0.7)
     assert cost["kg_co2"] == pytest.approx(cost["kwh"] * 0.3)
-    assert plan["allocation"]["used_gpu_hours"] is None and plan["allocation"]["fits"] is True
+    allocation = plan["allocation"]  # used: None without accounting; with the test cluster's, its (CPU) jobs: 0
+    assert allocation["fits"] is True and allocation["granted_gpu_hours"] == 100_000
+    if allocation["used_gpu_hours"] is not None:
+        assert allocation["remaining_gpu_hours"] == allocation["granted_gpu_hours"] - allocation["used_gpu_hours"]
     assert plan["refusals"] == []
 
 

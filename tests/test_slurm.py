@@ -150,7 +150,9 @@ def test_two_task_ddp_job_on_one_node_and_two_node_job(clinical_data, powercap, 
     [row] = report["rows"]
     summary = json.loads((run_a / "summary.json").read_text())
     assert (row["track"], row["project"], row["runs"]) == ("regional", "rg-plastics", [summary["mlflow_run_id"]])
-    assert row["kwh_ledger"] == pytest.approx(summary["energy"]["joules"] / 3.6e6, rel=1e-6)
+    # the same ledger, read by aift usage after the job ended and by the summary when rank 0 finished (a rank's last
+    # counter sample may be written in between)
+    assert row["kwh_ledger"] == pytest.approx(summary["energy"]["joules"] / 3.6e6, rel=1e-3)
     assert row["data_owners"] == ["AI Factory Groningen (generated demo data)"]
 
 

@@ -90,7 +90,7 @@ def _audit_path_of(config: Any) -> str | None:
 # -- where -------------------------------------------------------------------------------------------------------
 def location(audit_path: str | None, cards: list[str], run_dir: Path | None) -> Path:
     """The log file: ``audit.path`` (a folder gets ``aift-audit.jsonl``), else beside the nearest card when this user
-    may write there, else in the run folder (aift's cache folder when there is none)."""
+    may write there, else in the run folder (aift's cache folder when there is none, or the command did not finish)."""
     if audit_path:
         path = Path(audit_path).expanduser()
         return path / AUDIT_FILE if path.is_dir() else path
@@ -181,7 +181,10 @@ def log_action(action: str, outcome: str, run_dir: Path | None = None, error: Ba
         "purpose": record.get("purpose") or noted_check.get("purpose") or _purpose(config),
         "obligations": record.get("obligations"), "withdrawals": record.get("withdrawals"), "rank": _rank(),
     }
-    path = location(noted_check.get("audit_path") or _audit_path_of(config), cards, run_dir)
+    # a refused or failed command may have been refused that very folder (one inside the input, a user's folder it
+    # would have written into): without a card's folder, its line goes to aift's cache folder, not the run folder
+    finished = outcome in ("ok", "stopped")
+    path = location(noted_check.get("audit_path") or _audit_path_of(config), cards, run_dir if finished else None)
     try:
         seq, digest = append(path, entry)
     except OSError as err:
@@ -276,6 +279,7 @@ def command_ended(command: str, run_dir: Path | None, result: Any = None, error:
     """The hook of the commands (cli.py): the line of ``command`` once it ended, with ``result`` (its summary) or
     ``error``. Every process of a run writes its own line (with its rank): which rank a process is comes from
     variables a user can set, so no process may leave its line out on that ground."""
+    global _NOTED
     if error is None:
         outcome = "stopped" if isinstance(result, dict) and result.get("status") == "stopped" else "ok"
     elif _NOTED is not None and _NOTED.get("refusal") is error:
@@ -291,8 +295,11 @@ def command_ended(command: str, run_dir: Path | None, result: Any = None, error:
         except (OSError, ValueError):
             pass
     if command == "export" and error is not None:
+        _NOTED = None
         return  # nothing left the run folder; which checkpoint was tried is in its log
     try:
         log_action(command, outcome, run_dir, error, result if isinstance(result, dict) else None, config)
     except Exception as err:  # noqa: BLE001 - the audit line must never turn a finished run into a failure
         log.warning("audit log: the line of this %s could not be written (%s: %s)", command, type(err).__name__, err)
+    finally:
+        _NOTED = None  # this command's check: never the next command's (several commands in one process)
