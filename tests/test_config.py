@@ -117,7 +117,7 @@ def test_eval_predict_and_export_root_configs_compose(tmp_path):
                                   tmp_path, root="export")).export
     assert asdict(export)["image_size"] == [320, 240] and asdict(export)["register"] is None
     # the checks before release are the framework's, the same keys for every recipe (ExportOptions)
-    assert export.parity_tolerance == 1e-3 and export.disclosure.max_membership_auc == 0.6
+    assert export.parity_tolerance == 1e-3 and export.disclosure.max_membership_auc == 0.75
     with pytest.raises(ConfigError, match=r"export\.disclosure\.max_membership_auc.*0\.4.*\[0\.5, 1\.0\]"):
         validate(compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "export.disclosure.max_membership_auc=0.4"],
                              tmp_path, root="export"))

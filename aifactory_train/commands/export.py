@@ -153,7 +153,8 @@ def check_disclosure(module, datamodule, ckpt_path: str, options: dict[str, Any]
     from aifactory_train.run.release import disclosure_report
 
     report = {"why_checked": sensitive or ["export.disclosure.when=always"],
-              **disclosure_report(module, datamodule, options, held_out=eval_split(datamodule))}
+              **disclosure_report(module, datamodule, options,
+                                 held_out=[s for s in ("val", "test") if datamodule.has_split(s)])}
     # the membership test is only meaningful on the records the model was trained on
     trained = {d.get("splits", {}).get("train", {}).get("digest")
                for d in (read_provenance(ckpt_path) or {}).get("datasets") or []}

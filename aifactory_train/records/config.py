@@ -438,7 +438,7 @@ class DisclosureOptions:
 
     when: str = "auto"  # auto: when a data card says sensitivity: high or deidentified: true | always
     records: int = 64  # training and held-out records each test scores
-    max_membership_auc: float = 0.6  # loss-threshold attack (Yeom et al. 2018; Carlini et al. 2022)
+    max_membership_auc: float = 0.75  # loss-threshold attack (Yeom et al. 2018; Carlini et al. 2022)
     max_verbatim_gap: float = 0.2  # language models: verbatim fraction, training minus held-out (Carlini 2019/2021)
     min_vocab_records: int = 2  # tokenizer entries must occur in at least this many training records
     min_vocab_chars: int = 4  # ... when they hold at least this many letters/digits
