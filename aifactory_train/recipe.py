@@ -98,7 +98,7 @@ __all__ = [
     # the contract
     "RecipeDataModule", "RecipeModule", "AdoptsCheckpoint", "Exports", "ChecksExport", "ScoresRecords",
     "ShowsMemorisation", "Predicts", "CountsFlops", "BenchAdapter",
-    "RecipeInfo", "LoadedRecipe", "load_recipe", "missing_members",
+    "RecipeInfo", "LoadedRecipe", "load_recipe", "missing_members", "spread_indices",
     # data loading and lineage
     "DataLoader", "shuffled", "DatasetLineage", "SplitLineage", "digest_files", "InvalidRecords", "SameBytes",
     "inside_root", "shared_across_splits", "file_digests",
@@ -189,10 +189,19 @@ class ChecksExport(Protocol):
     def exported_outputs(self, files: list[Path], inputs: Any) -> dict[str, Any]: ...
 
 
+def spread_indices(count: int, limit: int) -> list[int]:
+    """``limit`` record indices of ``count``, spread evenly (deterministic): the records a disclosure test scores,
+    so a split sorted by class or patient is not judged by its first class."""
+    if count <= limit:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / max(1, limit - 1)) for i in range(limit)})
+
+
 @runtime_checkable
 class ScoresRecords(Protocol):
-    """A module that gives the loss of each record (up to ``limit``, in file order, no augmentation) of a split of
-    the set-up DataModule: the membership-inference test of the disclosure check (run/release.py)."""
+    """A module that gives the loss of each record (up to ``limit``, spread over the split: ``spread_indices``; no
+    augmentation) of a split of the set-up DataModule: the membership-inference test of the disclosure check
+    (run/release.py)."""
 
     def per_record_losses(self, datamodule: Any, split: str, limit: int) -> list[float]: ...
 

@@ -113,8 +113,8 @@ def disclosure_report(module: Any, datamodule: Any, options: dict[str, Any], hel
 
     def scored(method, splits: list[str]) -> list[float]:
         values: list[float] = []
-        for split in splits:
-            values += method(datamodule, split, limit - len(values)) if len(values) < limit else []
+        for split in splits:  # the held-out records shared among its splits
+            values += method(datamodule, split, math.ceil(limit / len(splits)))
         return values
 
     report: dict[str, Any] = {"held_out_splits": held_out, "tests": {}}

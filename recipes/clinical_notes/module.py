@@ -24,7 +24,7 @@ from aifactory_train.recipe import ConfigError
 from .data import (IGNORE_INDEX, TOKENIZER_CHECKPOINT_KEY, Collator, check_tokenizer_files, left_padded,
                    tokenizer_files, tokenizer_from_files)
 from .model import build_model
-from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, warmup_cosine
+from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, spread_indices, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class ClinicalNotesModule(L.LightningModule):
     @torch.no_grad()
     def per_record_losses(self, datamodule, split: str, limit: int) -> list[float]:
         """Each record's mean cross-entropy over its summary tokens (what training minimised)."""
-        rows = datamodule.encoded[split][:limit]
+        rows = [datamodule.encoded[split][i] for i in spread_indices(len(datamodule.encoded[split]), limit)]
         collate = Collator(self.hparams.data_info["pad_token_id"], generation=False)
         net = self.net.cpu().float().eval()
         losses = []
@@ -289,7 +289,7 @@ class ClinicalNotesModule(L.LightningModule):
         returns verbatim from the start (the longest common prefix, over the summary's length)."""
         info = self.hparams.data_info
         net = self.net.cpu().float().eval()
-        rows = datamodule.encoded[split][:limit]
+        rows = [datamodule.encoded[split][i] for i in spread_indices(len(datamodule.encoded[split]), limit)]
         fractions = []
         for start in range(0, len(rows), 16):
             chunk = rows[start:start + 16]

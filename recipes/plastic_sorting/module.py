@@ -209,12 +209,14 @@ class PlasticSortingModule(L.LightningModule):
 
     # -- what `aift export` checks (ChecksExport, ScoresRecords) -----------------------------------
     def _eval_images(self, datamodule, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``limit`` records of ``split`` as validation sees them (resized, no augmentation), float32 in
+        """``limit`` records of ``split`` (spread over it) as validation sees them (resized, no augmentation), float32 in
         [0, 1] as the exported model takes them, and their labels."""
         from torchvision.transforms import v2
 
+        from aifactory_train.recipe import spread_indices
+
         dataset = datamodule.dataset(split, train=False)
-        items = [dataset[i] for i in range(min(limit, len(dataset)))]
+        items = [dataset[i] for i in spread_indices(len(dataset), limit)]
         images = torch.stack([v2.functional.to_dtype(image, torch.float32, scale=True) for image, _ in items])
         return images, torch.tensor([label for _, label in items])
 
