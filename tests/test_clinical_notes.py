@@ -589,7 +589,7 @@ def test_export_of_a_model_that_memorised_its_notes_is_refused(notes_copy):
     write_jsonl(notes_copy / "train.jsonl", rows[:8])
     work = notes_copy.parent
     result = aift("train", "recipe=clinical_notes", f"data.root={notes_copy}", "trainer.max_epochs=40",
-                  "run_test=false", "tracking=none", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+                  "run_test=false", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
                   "hydra.run.dir=outputs/overfit", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     result = aift("export", "recipe=clinical_notes", "ckpt_path=outputs/overfit/checkpoints/last.ckpt", "format=hf",
@@ -605,6 +605,11 @@ def test_export_of_a_model_that_memorised_its_notes_is_refused(notes_copy):
     assert tests["verbatim_memorisation"]["gap"] > 0.2
     assert not (work / "outputs/export/model").exists()  # no model file stays behind
     assert json.loads((work / "outputs/export/provenance.json").read_text())["export"]["checks"]["released"] is False
+    summary = json.loads((work / "outputs/overfit/summary.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    assert client.search_registered_models(filter_string="name='never-registered'") == []
+    # nor does the training run say its model went anywhere (aift data runs reads these tags)
+    assert not [k for k in client.get_run(summary["mlflow_run_id"]).data.tags if k.startswith("aift.export.")]
 
 
 def test_a_string_deidentification_missed_is_caught_in_the_tokenizer_vocabulary(clinical_data):

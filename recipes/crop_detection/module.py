@@ -332,7 +332,7 @@ class CropDetectionModule(L.LightningModule):
     def _joined(per_image: list[dict[str, Any]]) -> dict[str, Any]:
         import numpy as np
 
-        return {key: np.concatenate([d[key].reshape(len(d[key]), -1) for d in per_image]) for key in per_image[0]}
+        return {key: np.concatenate([d[key] for d in per_image]) for key in per_image[0]}
 
     @torch.no_grad()
     def reference_outputs(self, inputs: list[torch.Tensor]) -> dict[str, Any]:
