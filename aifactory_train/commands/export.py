@@ -88,6 +88,10 @@ def checked_data_root(cfg, ckpt_path: str) -> str:
     datasets = (read_provenance(ckpt_path) or {}).get("datasets") or []
     trained = datasets[-1].get("root") if datasets else None
     if trained and Path(trained).is_dir():
+        import logging
+
+        logging.getLogger(__name__).warning("data.root '%s' is not there: the export is checked on the data the "
+                                            "checkpoint was trained on, %s", given, trained)
         OmegaConf.update(cfg, "data.root", trained)
         return trained
     raise DataError(f"data.root '{given}' does not exist, and the data ckpt_path '{ckpt_path}' was trained on "
