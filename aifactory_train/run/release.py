@@ -10,9 +10,9 @@ Thresholds (``export.parity_tolerance`` and ``export.disclosure.*``, records/con
 - Membership inference (Yeom et al. 2018, "Privacy Risk in Machine Learning: Analyzing the Connection to
   Overfitting", CSF): the loss-threshold attack says "member" when a record's loss is low; its AUC over training
   vs held-out (val + test) records is 0.5 for a model that does not tell them apart, 1.0 for one that has
-  memorised its training records. ``max_membership_auc`` 0.75. Measured on the demo notes (120 training, 36
-  held-out): a 2-epoch LoRA run 0.63, the default run (6 epochs, full fine-tune) 0.67, 12 epochs 0.74, a model
-  trained 40+ epochs on a handful of notes 1.0. With tens of held-out records the AUC's 95 % interval is about
+  memorised its training records. ``max_membership_auc`` 0.75. Measured on the demo notes (64 of 120 training, 36
+  held-out records): a 2-epoch LoRA run 0.64, the default run (6 epochs, full fine-tune) 0.66, 12 epochs 0.75, a
+  model trained 40 epochs on 8 notes 1.0. With tens of held-out records the AUC's 95 % interval is about
   +-0.1 (Hanley & McNeil 1982), so a bar near 0.6 would refuse ordinary runs by chance; with thousands of held-out
   records, set it lower (0.6). Carlini et al. 2022 ("Membership Inference Attacks From First Principles", IEEE
   S&P) show that an average-case AUC understates the risk to single records: the report also gives the attack's
