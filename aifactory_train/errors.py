@@ -23,3 +23,7 @@ class TrackingError(AiftError):
 
 class CheckpointError(AiftError):
     """A checkpoint does not exist or does not fit the data/model."""
+
+
+class ReleaseRefused(AiftError):
+    """`aift export` checked the exported model and will not release it (parity or disclosure failed)."""

@@ -96,8 +96,9 @@ def __getattr__(name: str):
 
 __all__ = [
     # the contract
-    "RecipeDataModule", "RecipeModule", "AdoptsCheckpoint", "Exports", "Predicts", "CountsFlops", "BenchAdapter",
-    "RecipeInfo", "LoadedRecipe", "load_recipe", "missing_members",
+    "RecipeDataModule", "RecipeModule", "AdoptsCheckpoint", "Exports", "ChecksExport", "ScoresRecords",
+    "ShowsMemorisation", "Predicts", "CountsFlops", "BenchAdapter",
+    "RecipeInfo", "LoadedRecipe", "load_recipe", "missing_members", "spread_indices",
     # data loading and lineage
     "DataLoader", "shuffled", "DatasetLineage", "SplitLineage", "digest_files", "InvalidRecords", "SameBytes",
     "inside_root", "shared_across_splits", "file_digests",
@@ -171,6 +172,52 @@ class Exports(Protocol):
     EXPORT_FORMATS: ClassVar[tuple[str, ...]]
 
     def export_model(self, format: str, out_dir: Path, options: dict[str, Any]) -> list[Path]: ...
+
+
+@runtime_checkable
+class ChecksExport(Protocol):
+    """An exporting module that `aift export` can check: the exported files must give the module's outputs on real
+    records (aifactory_train/run/release.py compares them within ``export.parity_tolerance``). ``parity_inputs``:
+    ``count`` records of ``split`` of the set-up DataModule, as the exported model takes them; the two others: the
+    outputs by name (arrays) of the PyTorch module and of the exported files (ONNX Runtime, transformers loaded from
+    the written folder) on those inputs."""
+
+    def parity_inputs(self, datamodule: Any, split: str, count: int) -> Any: ...
+
+    def reference_outputs(self, inputs: Any) -> dict[str, Any]: ...
+
+    def exported_outputs(self, files: list[Path], inputs: Any) -> dict[str, Any]: ...
+
+
+def spread_indices(count: int, limit: int) -> list[int]:
+    """``limit`` record indices of ``count``, spread evenly (deterministic): the records a disclosure test scores,
+    so a split sorted by class or patient is not judged by its first class."""
+    if count <= limit:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / max(1, limit - 1)) for i in range(limit)})
+
+
+@runtime_checkable
+class ScoresRecords(Protocol):
+    """A module that gives the loss of each record (up to ``limit``, spread over the split: ``spread_indices``; no
+    augmentation) of a split of the set-up DataModule: the membership-inference test of the disclosure check
+    (run/release.py)."""
+
+    def per_record_losses(self, datamodule: Any, split: str, limit: int) -> list[float]: ...
+
+
+@runtime_checkable
+class ShowsMemorisation(Protocol):
+    """A language model's memorisation tests (run/release.py). ``verbatim_fractions``: per record, prompted as in
+    training, the fraction of its training target that the greedy continuation returns verbatim (from the start).
+    ``vocabulary``: the strings that travel with the model (tokenizer entries, decoded). ``record_texts``: one text
+    per record of the split (what the vocabulary was trained on)."""
+
+    def verbatim_fractions(self, datamodule: Any, split: str, limit: int) -> list[float]: ...
+
+    def vocabulary(self) -> list[str]: ...
+
+    def record_texts(self, datamodule: Any, split: str) -> list[str]: ...
 
 
 @runtime_checkable

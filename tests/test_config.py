@@ -116,7 +116,12 @@ def test_eval_predict_and_export_root_configs_compose(tmp_path):
                                        root="predict")).predict) == {"batch_size": 8, "num_workers": 2, "draw": False}
     export = validate(compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "export.image_size=[320,240]"],
                                   tmp_path, root="export")).export
-    assert asdict(export) == {"register": None, "image_size": [320, 240]}
+    assert asdict(export)["image_size"] == [320, 240] and asdict(export)["register"] is None
+    # the checks before release are the framework's, the same keys for every recipe (ExportOptions)
+    assert export.parity_tolerance == 1e-3 and export.disclosure.max_membership_auc == 0.75
+    with pytest.raises(ConfigError, match=r"export\.disclosure\.max_membership_auc.*0\.4.*\[0\.5, 1\.0\]"):
+        validate(compose_run(["recipe=crop_detection", "ckpt_path=x.ckpt", "export.disclosure.max_membership_auc=0.4"],
+                             tmp_path, root="export"))
     # clinical_notes reads its notes as its data config says (the note's field, de-identification)
     cfg = compose_run(["recipe=clinical_notes", "ckpt_path=x.ckpt", "input=notes.jsonl", "data.text_field=body",
                        "data.deidentify=inline"], tmp_path, root="predict")

@@ -10,17 +10,27 @@ from typing import Any
 
 def run_export(cfg) -> dict[str, Any]:
     from aifactory_train.commands.preamble import open_checkpoint_command
-    from aifactory_train.errors import ConfigError
-    from aifactory_train.recipe import Exports
+    from aifactory_train.errors import ConfigError, ReleaseRefused
+    from aifactory_train.recipe import ChecksExport, Exports
 
     command = open_checkpoint_command(cfg, "aift export", Exports, f"has no export; nothing to do for format={cfg.format}")
     formats = command.recipe.module_class.EXPORT_FORMATS
     if cfg.format not in formats:
         raise ConfigError(f"config key 'format': {command.recipe.name} exports "
                           f"{' or '.join(repr(valid) for valid in formats)}, not '{cfg.format}'")
+    # an export is always checked against its checkpoint: a recipe that cannot be checked is not exported
+    command.recipe.require(ChecksExport, "checked export")
     resolved, run_dir = command.resolved, command.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = command.find_checkpoint()
+    data_root = checked_data_root(cfg, ckpt_path)  # parity and disclosure read real records: the owner's terms
+    if data_root != resolved["data"]["root"]:
+        command = open_checkpoint_command(cfg, "aift export", Exports)
+        resolved = command.resolved
+        command.ckpt_path = ckpt_path
+    from aifactory_train.records.config import check_data
+
+    usage = check_data(command.typed, stage="fit")
+    run_dir.mkdir(parents=True, exist_ok=True)
     from aifactory_train.run.provenance import PROVENANCE_FILE, write_export_provenance
 
     options = dataclasses.asdict(command.typed.export)  # ExportOptions or the recipe's subclass, checked
@@ -30,21 +40,182 @@ def run_export(cfg) -> dict[str, Any]:
     live_uri = tracking.get("uri") if tracking.get("backend") == "mlflow" else None
     training_run = registry_target(ckpt_path, live_uri) if register else None  # refused before anything is written
     module = command.load_module()
+    datamodule = export_datamodule(cfg, ckpt_path)
     files = module.export_model(cfg.format, run_dir, options)
+    checks = {"parity": check_parity(module, datamodule, files, options)}
+    sensitive = sensitivity(resolved["data"]["root"], ckpt_path)
+    if sensitive or options["disclosure"]["when"] == "always":
+        checks["disclosure"] = check_disclosure(module, datamodule, ckpt_path, options["disclosure"], sensitive)
+    released = all(check["passed"] for check in checks.values())
+    if not released:  # the exported model must not be used: only the reports stay, nothing is registered
+        remove_exported(files, run_dir)
+        files = []
     # which data and run made this model, beside it, in its folder and in an ONNX file's metadata
-    document = write_export_provenance(ckpt_path, cfg.format, files, run_dir, live_uri)
+    document = write_export_provenance(ckpt_path, cfg.format, files, run_dir, live_uri,
+                                       checks={**checks, "released": released, "usage_check": usage})
     files = [*files, run_dir / PROVENANCE_FILE]
     report = {"checkpoint": str(Path(ckpt_path).resolve()), "recipe": resolved["recipe"]["name"], "format": cfg.format,
-              "files": [str(Path(f).resolve()) for f in files]}
-    if register:
+              "files": [str(Path(f).resolve()) for f in files], "released": released, **checks}
+    if register and released:
         report["registered"] = register_export(training_run, str(register), document, files, run_dir)
     (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not released:
+        raise ReleaseRefused(refusal(checks, run_dir))
     for file in report["files"]:
         print(f"wrote {file}")
+    parity = checks["parity"]
+    print(f"parity: max abs diff {parity['max_abs_diff']:.3g} <= {parity['tolerance']:g} on {parity['inputs']['records']} "
+          f"{parity['inputs']['split']} records")
+    if "disclosure" in checks:
+        print(f"disclosure check passed: {disclosure_figures(checks['disclosure'])}")
     if register:
         registered = report["registered"]
         print(f"registered {registered['name']} version {registered['version']} in {registered['tracking_uri']}")
     return report
+
+
+def checked_data_root(cfg, ckpt_path: str) -> str:
+    """The data the export is checked on: ``data.root`` when it is there, else the data the checkpoint was trained
+    on (its provenance record), set as ``data.root`` of ``cfg``. Neither there: one line naming both."""
+    from omegaconf import OmegaConf
+
+    from aifactory_train.errors import DataError
+    from aifactory_train.run.provenance import read_provenance
+
+    given = str(cfg.data.root)
+    if Path(given).is_dir():
+        return given
+    datasets = (read_provenance(ckpt_path) or {}).get("datasets") or []
+    trained = datasets[-1].get("root") if datasets else None
+    if trained and Path(trained).is_dir():
+        import logging
+
+        logging.getLogger(__name__).warning("data.root '%s' is not there: the export is checked on the data the "
+                                            "checkpoint was trained on, %s", given, trained)
+        OmegaConf.update(cfg, "data.root", trained)
+        return trained
+    raise DataError(f"data.root '{given}' does not exist, and the data ckpt_path '{ckpt_path}' was trained on "
+                    f"({trained or 'not recorded'}) is not here; aift export checks the exported model on real "
+                    f"records: give the data as data.root=DIR")
+
+
+def export_datamodule(cfg, ckpt_path: str):
+    """The recipe's DataModule, all splits read (train too: the disclosure check scores training records), with the
+    checkpoint's own preparation (a tokenizer) adopted."""
+    from aifactory_train.recipe import adopts_checkpoint
+    from aifactory_train.records.config import build
+    from aifactory_train.run.checkpoints import check_data_matches
+    from aifactory_train.recipe import resume_keys
+
+    datamodule = build(cfg.data, _convert_="all")
+    if adopts_checkpoint(datamodule):
+        datamodule.adopt_checkpoint(ckpt_path)
+    datamodule.setup("fit")
+    check_data_matches(ckpt_path, datamodule.data_info, resume_keys(datamodule))
+    return datamodule
+
+
+def eval_split(datamodule) -> str:
+    return next(s for s in ("test", "val", "train") if datamodule.has_split(s))
+
+
+def check_parity(module, datamodule, files: list[Path], options: dict[str, Any]) -> dict[str, Any]:
+    """The exported files' outputs against the module's, on ``export.parity_records`` real records."""
+    from aifactory_train.run.release import parity
+
+    split = eval_split(datamodule)
+    inputs = module.parity_inputs(datamodule, split, int(options["parity_records"]))
+    result = parity(module.reference_outputs(inputs), module.exported_outputs(files, inputs),
+                    float(options["parity_tolerance"]))
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    records = len(first)
+    return {**result, "inputs": {"split": split, "records": records}}
+
+
+def sensitivity(data_root: str, ckpt_path: str) -> list[str]:
+    """Why the data is sensitive (empty: it is not): a data card at or above ``data_root`` with ``sensitivity:
+    high`` or ``deidentified: true`` (patient text), or the checkpoint's record of its training data saying so."""
+    from aifactory_train.records.usage_terms import datacards_for, load_datacard
+    from aifactory_train.run.provenance import read_provenance
+
+    reasons = []
+    for card_path in datacards_for(data_root):
+        card = load_datacard(card_path)
+        if str(card.get("sensitivity", "")).lower() == "high":
+            reasons.append(f"{card_path}: sensitivity: high")
+        if str(card.get("deidentified", "")).lower() == "true":
+            reasons.append(f"{card_path}: deidentified: true (de-identified personal data)")
+    for dataset in (read_provenance(ckpt_path) or {}).get("datasets") or []:
+        card = dataset.get("datacard") or {}
+        if str(card.get("sensitivity", "")).lower() == "high" or str(card.get("deidentified", "")).lower() == "true":
+            reasons.append(f"the checkpoint's training data {dataset.get('root')}: marked sensitive in its card")
+    return sorted(set(reasons))
+
+
+def check_disclosure(module, datamodule, ckpt_path: str, options: dict[str, Any], sensitive: list[str]):
+    from aifactory_train.run.provenance import read_provenance
+    from aifactory_train.run.release import disclosure_report
+
+    report = {"why_checked": sensitive or ["export.disclosure.when=always"],
+              **disclosure_report(module, datamodule, options,
+                                 held_out=[s for s in ("val", "test") if datamodule.has_split(s)])}
+    # the membership test is only meaningful on the records the model was trained on
+    trained = {d.get("splits", {}).get("train", {}).get("digest")
+               for d in (read_provenance(ckpt_path) or {}).get("datasets") or []}
+    here = datamodule.lineage().splits.get("train")
+    report["train_split_is_the_checkpoints"] = here is not None and here.digest in trained
+    if not report["train_split_is_the_checkpoints"]:
+        report["passed"] = False
+        report["why"] = ("the train split at data.root is not the data the checkpoint was trained on (digest); give "
+                         "that data as data.root")
+    return report
+
+
+def disclosure_figures(report: dict[str, Any]) -> str:
+    tests = report.get("tests", {})
+    parts = []
+    if "membership_inference" in tests:
+        parts.append(f"membership AUC {tests['membership_inference']['auc']}")
+    if "verbatim_memorisation" in tests:
+        test = tests["verbatim_memorisation"]
+        parts.append(f"verbatim train {test['verbatim_fraction_train']} / held-out "
+                     f"{test['verbatim_fraction_held_out']}")
+    if "vocabulary" in tests:
+        parts.append(f"{tests['vocabulary']['rare_entries']} rare vocabulary entries")
+    return ", ".join(parts)
+
+
+def refusal(checks: dict[str, Any], run_dir: Path) -> str:
+    from aifactory_train.run.release import failed_tests
+
+    where = f"not released, no model file kept, nothing registered; the reports are in {run_dir / 'export.json'}"
+    parity = checks["parity"]
+    if not parity["passed"]:
+        bad = {k: v for k, v in parity["outputs"].items() if not v["max_abs_diff"] <= parity["tolerance"]}
+        return (f"export check: the exported model's outputs differ from the checkpoint's on "
+                f"{parity['inputs']['records']} {parity['inputs']['split']} records: max abs diff "
+                f"{parity['max_abs_diff']:.3g} > export.parity_tolerance {parity['tolerance']:g} "
+                f"({', '.join(bad) or 'no outputs'}); {where}")
+    disclosure = checks["disclosure"]
+    why = disclosure.get("why") if not disclosure.get("train_split_is_the_checkpoints", True) else None
+    return (f"disclosure check failed for sensitive data ({disclosure['why_checked'][0]}): "
+            f"{why or failed_tests(disclosure)}; {where}")
+
+
+def remove_exported(files: list[Path], run_dir: Path) -> None:
+    """Delete the exported files (and the folders they are in, inside ``run_dir``) of a refused export."""
+    import shutil
+
+    out = Path(run_dir).resolve()
+    for file in files:
+        path = Path(file).resolve()
+        if not path.is_relative_to(out):
+            continue
+        top = out / path.relative_to(out).parts[0]
+        if top.is_dir():
+            shutil.rmtree(top, ignore_errors=True)
+        elif top.exists():
+            top.unlink()
 
 
 def registry_target(ckpt_path: str, live_uri: str | None = None) -> dict[str, str]:

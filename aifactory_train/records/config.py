@@ -437,14 +437,48 @@ class PredictOptions:
 
 
 @dataclass
+class DisclosureOptions:
+    """``export.disclosure``: the check an export of sensitive data must pass before it is released (registered);
+    the defaults and the literature behind them: aifactory_train/run/release.py."""
+
+    when: str = "auto"  # auto: when a data card says sensitivity: high or deidentified: true | always
+    records: int = 64  # training and held-out records each test scores
+    max_membership_auc: float = 0.75  # loss-threshold attack (Yeom et al. 2018; Carlini et al. 2022)
+    max_verbatim_gap: float = 0.2  # language models: verbatim fraction, training minus held-out (Carlini 2019/2021)
+    min_vocab_records: int = 2  # tokenizer entries must occur in at least this many training records
+    min_vocab_chars: int = 4  # ... when they hold at least this many letters/digits
+
+    def check(self) -> None:
+        check_choice("export.disclosure.when", self.when, ("auto", "always"))
+        check(isinstance(self.records, int) and self.records >= 2, "export.disclosure.records", self.records,
+              "an integer >= 2")
+        check(0.5 <= self.max_membership_auc <= 1.0, "export.disclosure.max_membership_auc",
+              self.max_membership_auc, "a number in [0.5, 1.0] (0.5: no membership signal allowed)")
+        check(0.0 <= self.max_verbatim_gap <= 1.0, "export.disclosure.max_verbatim_gap", self.max_verbatim_gap,
+              "a fraction in [0, 1]")
+        check(self.min_vocab_records >= 1, "export.disclosure.min_vocab_records", self.min_vocab_records,
+              "an integer >= 1")
+        check(self.min_vocab_chars >= 1, "export.disclosure.min_vocab_chars", self.min_vocab_chars,
+              "an integer >= 1")
+
+
+@dataclass
 class ExportOptions:
     """The ``export`` section every recipe has; a recipe adds its own options as for :class:`PredictOptions`."""
 
     register: Optional[str] = None  # a name: the export becomes a new version of that MLflow registered model
+    # the exported model's outputs must match the checkpoint's on real records within this (largest absolute
+    # difference): float32 kernels of ONNX Runtime and PyTorch differ in summation order (~1e-6..1e-4 on logits);
+    # a wrong weight, normalisation or graph is off by far more
+    parity_tolerance: float = 1e-3
+    parity_records: int = 4  # how many records of the eval (else train) split parity is checked on
+    disclosure: DisclosureOptions = field(default_factory=DisclosureOptions)
 
     def check(self) -> None:
         check(self.register is None or (isinstance(self.register, str) and self.register.strip() != ""),
               "export.register", self.register, "null or a registered model name")
+        check(self.parity_tolerance > 0, "export.parity_tolerance", self.parity_tolerance, "a number > 0")
+        check(self.parity_records >= 1, "export.parity_records", self.parity_records, "an integer >= 1")
 
 
 @dataclass

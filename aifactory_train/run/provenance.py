@@ -151,10 +151,11 @@ def training_origin(ckpt_path: str) -> tuple[str | None, list[dict[str, Any]] | 
 
 
 def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir: Path,
-                            live_uri: str | None = None) -> dict[str, Any]:
+                            live_uri: str | None = None, checks: dict[str, Any] | None = None) -> dict[str, Any]:
     """``provenance.json`` for an export: the checkpoint's record plus which checkpoint and files. Written beside
     the exported files (``out_dir / PROVENANCE_FILE``), copied into each exported folder and embedded in each ONNX
-    file. Returns the document. ``live_uri``: this command's tracking.uri, to reach the training run's store when
+    file. Returns the document. ``checks``: what `aift export` checked before release (parity, disclosure).
+    ``live_uri``: this command's tracking.uri, to reach the training run's store when
     it is the same one (the record's URI has no password)."""
     from aifactory_train.records.masking import redacted
 
@@ -167,7 +168,8 @@ def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir
     checkpoint = {"path": str(Path(ckpt_path).resolve()), "sha256": path_sha256(ckpt_path, cached=False)}
     export = {"checkpoint": checkpoint,
               "format": fmt, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "files": [_relative(f, out_dir) for f in files], "software": software_versions()}
+              "files": [_relative(f, out_dir) for f in files], "software": software_versions(),
+              **({"checks": checks} if checks is not None else {})}
     document = {"recorded": record is not None, **(record or {}), "export": export}
     text = json.dumps(document, indent=2) + "\n"
     path = Path(out_dir) / PROVENANCE_FILE
@@ -180,7 +182,7 @@ def write_export_provenance(ckpt_path: str, fmt: str, files: list[Path], out_dir
     for file in map(Path, files):
         if file.suffix == ".onnx":
             embed_in_onnx(file, document)
-    if record is not None:
+    if record is not None and (checks or {}).get("released", True):  # a refused export went nowhere
         log.info("export: %s", record_export_in_training_run(document, out_dir, live_uri))
     return document
 

@@ -21,10 +21,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore
 
 from aifactory_train.recipe import ConfigError
-from .data import (TOKENIZER_CHECKPOINT_KEY, check_tokenizer_files, tokenizer_files,
-                                                           tokenizer_from_files)
+from .data import (IGNORE_INDEX, TOKENIZER_CHECKPOINT_KEY, Collator, check_tokenizer_files, left_padded,
+                   tokenizer_files, tokenizer_from_files)
 from .model import build_model
-from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, warmup_cosine
+from aifactory_train.recipe import build_optimizer, planned_optimizer_steps, spread_indices, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +218,100 @@ class ClinicalNotesModule(L.LightningModule):
              "usage": "tokenizer(prompt_template.format(text=note)) -> model.generate(..., do_sample=False)"},
             indent=2) + "\n")
         return sorted(p for folder in written for p in folder.rglob("*") if p.is_file())
+
+    # -- what `aift export` checks (ChecksExport, ScoresRecords, ShowsMemorisation) ---------------
+    def _tokenizer(self):
+        if self.tokenizer is None and self.tokenizer_files:
+            self.tokenizer = tokenizer_from_files(self.tokenizer_files)
+        return self.tokenizer
+
+    def parity_inputs(self, datamodule, split: str, count: int) -> dict[str, Any]:
+        """``count`` records of ``split`` as training encodes them (prompt + summary), and their note texts (the
+        exported tokenizer must encode them as the checkpoint's does)."""
+        rows = datamodule.encoded[split][:count]
+        batch = Collator(self.hparams.data_info["pad_token_id"], generation=False)(rows)
+        notes = [note for _, note, _ in datamodule.records[split][:count]]
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "notes": notes}
+
+    @staticmethod
+    def _logits(net, inputs: dict[str, Any]):
+        with torch.no_grad():
+            logits = net(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        return (logits.float() * inputs["attention_mask"][..., None]).numpy()  # padding's logits mean nothing
+
+    @staticmethod
+    def _token_ids(tokenizer, notes: list[str]):
+        import numpy as np
+
+        ids = [tokenizer(note)["input_ids"] for note in notes]
+        width = max(len(i) for i in ids)
+        return np.array([i + [-1] * (width - len(i)) for i in ids])
+
+    def reference_outputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"logits": self._logits(self.net.cpu().float().eval(), inputs),
+                "token_ids": self._token_ids(self._tokenizer(), inputs["notes"])}
+
+    def exported_outputs(self, files: list[Path], inputs: dict[str, Any]) -> dict[str, Any]:
+        """The written folder loaded as a user would: transformers (and peft for an adapter folder)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = next(Path(f).parent for f in files if Path(f).name in ("config.json", "adapter_config.json")
+                      and Path(f).parent.name == "model")
+        if (folder / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            net = AutoPeftModelForCausalLM.from_pretrained(folder)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(folder)
+        return {"logits": self._logits(net.float().eval(), inputs),
+                "token_ids": self._token_ids(AutoTokenizer.from_pretrained(folder), inputs["notes"])}
+
+    @torch.no_grad()
+    def per_record_losses(self, datamodule, split: str, limit: int) -> list[float]:
+        """Each record's mean cross-entropy over its summary tokens (what training minimised)."""
+        rows = [datamodule.encoded[split][i] for i in spread_indices(len(datamodule.encoded[split]), limit)]
+        collate = Collator(self.hparams.data_info["pad_token_id"], generation=False)
+        net = self.net.cpu().float().eval()
+        losses = []
+        for start in range(0, len(rows), 16):
+            batch = collate(rows[start:start + 16])
+            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            labels = batch["labels"][:, 1:]
+            token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                             ignore_index=IGNORE_INDEX, reduction="none")
+            scored = (labels != IGNORE_INDEX).float()
+            losses += ((token_losses.view_as(scored) * scored).sum(1) / scored.sum(1).clamp(min=1)).tolist()
+        return losses
+
+    @torch.no_grad()
+    def verbatim_fractions(self, datamodule, split: str, limit: int) -> list[float]:
+        """Per record: prompted with its training prompt, the share of its summary tokens the greedy continuation
+        returns verbatim from the start (the longest common prefix, over the summary's length)."""
+        info = self.hparams.data_info
+        net = self.net.cpu().float().eval()
+        rows = [datamodule.encoded[split][i] for i in spread_indices(len(datamodule.encoded[split]), limit)]
+        fractions = []
+        for start in range(0, len(rows), 16):
+            chunk = rows[start:start + 16]
+            targets = [[t for t in r["labels"] if t != IGNORE_INDEX] for r in chunk]
+            prompts = [r["input_ids"][:len(r["input_ids"]) - len(t)] for r, t in zip(chunk, targets)]
+            ids, mask = left_padded(prompts, info["pad_token_id"])
+            out = net.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                               max_new_tokens=max(len(t) for t in targets), pad_token_id=info["pad_token_id"],
+                               eos_token_id=info["eos_token_id"])[:, ids.shape[1]:].tolist()
+            for generated, target in zip(out, targets):
+                same = 0
+                while same < min(len(generated), len(target)) and generated[same] == target[same]:
+                    same += 1
+                fractions.append(same / max(1, len(target)))
+        return fractions
+
+    def vocabulary(self) -> list[str]:
+        """The tokenizer's entries as text (byte-level BPE pieces decoded), special tokens left out."""
+        tokenizer = self._tokenizer()
+        special = set(tokenizer.all_special_ids)
+        return [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
+
+    def record_texts(self, datamodule, split: str) -> list[str]:
+        return [f"{note}\n{summary}" for _, note, summary in datamodule.records[split]]
+

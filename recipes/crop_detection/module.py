@@ -310,3 +310,41 @@ class CropDetectionModule(L.LightningModule):
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': crop_detection exports 'onnx', not '{fmt}'")
         return export_onnx(self, out_dir, list(options["image_size"]))
+
+    # -- what `aift export` checks (ChecksExport) --------------------------------------------------
+    def parity_inputs(self, datamodule, split: str, count: int) -> list[torch.Tensor]:
+        """The first ``count`` images of ``split`` as evaluation reads them, float32 in [0, 1] (the ONNX input)."""
+        from torchvision.transforms import v2
+
+        dataset = datamodule.dataset(split, train=False)
+        return [v2.functional.to_dtype(dataset[i][0], torch.float32, scale=True).as_subclass(torch.Tensor)
+                for i in range(min(count, len(dataset)))]
+
+    def _kept(self, boxes, labels, scores) -> dict[str, Any]:
+        """The detections a user keeps (score >= the recommended threshold): near-zero scores may flip across the
+        graph's own 0.05 cut with float noise and say nothing about the model."""
+        import numpy as np
+
+        keep = np.asarray(scores) >= self.hparams.score_threshold
+        return {"boxes": np.asarray(boxes)[keep], "labels": np.asarray(labels)[keep], "scores": np.asarray(scores)[keep]}
+
+    @staticmethod
+    def _joined(per_image: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
+
+        return {key: np.concatenate([d[key] for d in per_image]) for key in per_image[0]}
+
+    @torch.no_grad()
+    def reference_outputs(self, inputs: list[torch.Tensor]) -> dict[str, Any]:
+        net = self.net.eval().cpu().float()
+        found = [net([image])[0] for image in inputs]
+        return self._joined([self._kept(f["boxes"].numpy(), f["labels"].numpy(), f["scores"].numpy()) for f in found])
+
+    def exported_outputs(self, files: list[Path], inputs: list[torch.Tensor]) -> dict[str, Any]:
+        from aifactory_train.recipe import import_onnxruntime
+
+        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
+        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        found = [session.run(["boxes", "labels", "scores"], {"image": image.numpy()}) for image in inputs]
+        return self._joined([self._kept(*f) for f in found])
+

@@ -206,3 +206,47 @@ class PlasticSortingModule(L.LightningModule):
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': plastic_sorting exports 'onnx', not '{fmt}'")
         return export_onnx(self, Path(out_dir))
+
+    # -- what `aift export` checks (ChecksExport, ScoresRecords) -----------------------------------
+    def _eval_images(self, datamodule, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``limit`` records of ``split`` (spread over it) as validation sees them (resized, no augmentation), float32 in
+        [0, 1] as the exported model takes them, and their labels."""
+        from torchvision.transforms import v2
+
+        from aifactory_train.recipe import spread_indices
+
+        dataset = datamodule.dataset(split, train=False)
+        items = [dataset[i] for i in spread_indices(len(dataset), limit)]
+        images = torch.stack([v2.functional.to_dtype(image, torch.float32, scale=True) for image, _ in items])
+        return images, torch.tensor([label for _, label in items])
+
+    def parity_inputs(self, datamodule, split: str, count: int) -> torch.Tensor:
+        return self._eval_images(datamodule, split, count)[0]
+
+    @torch.no_grad()
+    def reference_outputs(self, inputs: torch.Tensor) -> dict[str, Any]:
+        from .export import DeployableClassifier, training_normalisation
+
+        mean, std = training_normalisation(self.hparams.data_info)
+        logits, probabilities = DeployableClassifier(self.net.eval().cpu().float(), mean, std).eval()(inputs)
+        return {"logits": logits.numpy(), "probabilities": probabilities.numpy()}
+
+    def exported_outputs(self, files: list[Path], inputs: torch.Tensor) -> dict[str, Any]:
+        from aifactory_train.recipe import import_onnxruntime
+
+        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
+        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        logits, probabilities = session.run(["logits", "probabilities"], {"image": inputs.numpy()})
+        return {"logits": logits, "probabilities": probabilities}
+
+    @torch.no_grad()
+    def per_record_losses(self, datamodule, split: str, limit: int) -> list[float]:
+        images, labels = self._eval_images(datamodule, split, limit)
+        self.net.eval().cpu().float()
+        losses = []
+        for start in range(0, len(images), 32):
+            batch = datamodule.normalize(images[start:start + 32] * 1.0)
+            logits = self.net(batch)
+            losses += F.cross_entropy(logits, labels[start:start + 32], reduction="none").tolist()
+        return losses
+

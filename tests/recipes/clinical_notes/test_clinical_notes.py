@@ -301,9 +301,19 @@ def test_hf_export_loads_with_from_pretrained_and_generates_like_the_module(lora
         names = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(summary["mlflow_run_id"], f"{logged}/model")}
         assert {"model.safetensors", "tokenizer.json", "provenance.json"} <= names
     assert (folder / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
+    # checked before release: the written folder, loaded by transformers (peft), gives the checkpoint's logits, and
+    # the de-identified notes' model passes the disclosure check (figures: tests/test_clinical_notes.py, below)
+    report = json.loads((work / out / "export.json").read_text())
+    assert report["released"] and report["parity"]["passed"] and report["parity"]["max_abs_diff"] < 1e-3
+    assert report["parity"]["inputs"] == {"split": "test", "records": 4}
+    tests = report["disclosure"]["tests"]
+    assert report["disclosure"]["passed"] and tests["membership_inference"]["auc"] <= 0.75
+    assert tests["verbatim_memorisation"]["gap"] <= 0.2 and tests["vocabulary"]["rare_entries"] == 0
+    assert "disclosure check passed: membership AUC" in result.stdout
     # the folder carries its provenance: a hospital receiving only it can tell which notes trained it
     record = json.loads((folder / "provenance.json").read_text())
     assert record == json.loads((work / out / "provenance.json").read_text())
+    assert record["export"]["checks"]["released"] and record["export"]["checks"]["disclosure"] == report["disclosure"]
     assert record["datasets"] == [summary["dataset"]] and record["datasets"][0]["datacard"]["deidentified"] == "true"
     assert record["runs"][-1]["mlflow_run_id"] == summary["mlflow_run_id"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -569,3 +579,60 @@ def test_prompt_template_without_placeholder_is_refused(clinical_data, tmp_path)
     result = aift("train", "recipe=clinical_notes", "data.prompt_template=Samenvatting", f"data.root={clinical_data}",
                   "tracking=none", cwd=tmp_path)
     assert result.returncode == 2 and "data.prompt_template" in result.stderr and "{text}" in result.stderr
+
+
+# -- output checks before a model leaves (aift export; aifactory_train/run/release.py) ------------------------
+@pytest.mark.e2e
+def test_export_of_a_model_that_memorised_its_notes_is_refused(notes_copy):
+    """A model trained 40 epochs on 8 notes (train loss ~0) fails the disclosure check: nothing is kept or
+    registered, the reports say why. (A normally trained one passes: test_hf_export_loads_... above.)"""
+    rows = read_jsonl_rows(notes_copy / "train.jsonl")
+    write_jsonl(notes_copy / "train.jsonl", rows[:8])
+    work = notes_copy.parent
+    result = aift("train", "recipe=clinical_notes", f"data.root={notes_copy}", "trainer.max_epochs=40",
+                  "run_test=false", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+                  "hydra.run.dir=outputs/overfit", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = aift("export", "recipe=clinical_notes", "ckpt_path=outputs/overfit/checkpoints/last.ckpt", "format=hf",
+                  "export.register=never-registered", "hydra.run.dir=outputs/export", cwd=work)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "disclosure check failed for sensitive data" in line and "deidentified: true" in line
+    assert "membership-inference AUC" in line and "verbatim gap" in line and "not released" in line
+    report = json.loads((work / "outputs/export/export.json").read_text())
+    tests = report["disclosure"]["tests"]
+    assert not report["released"] and "registered" not in report and report["parity"]["passed"]
+    assert tests["membership_inference"]["auc"] > 0.75 and tests["membership_inference"]["train_records"] == 8
+    assert tests["verbatim_memorisation"]["gap"] > 0.2
+    assert not (work / "outputs/export/model").exists()  # no model file stays behind
+    assert json.loads((work / "outputs/export/provenance.json").read_text())["export"]["checks"]["released"] is False
+    summary = json.loads((work / "outputs/overfit/summary.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    assert client.search_registered_models(filter_string="name='never-registered'") == []
+    # nor does the training run say its model went anywhere (aift data runs reads these tags)
+    assert not [k for k in client.get_run(summary["mlflow_run_id"]).data.tags if k.startswith("aift.export.")]
+
+
+def test_a_string_deidentification_missed_is_caught_in_the_tokenizer_vocabulary(clinical_data):
+    """deduce does not know a family's nickname; repeated in one note, BPE makes it a vocabulary entry that would
+    travel with the exported model. The vocabulary test names one entry that occurs in fewer than 2 records."""
+    from aifactory_train.recipes.clinical_notes.data import read_jsonl, train_tokenizer
+    from aifactory_train.recipes.clinical_notes.deidentify import Deidentifier
+    from aifactory_train.run.release import rare_vocabulary
+
+    records = read_jsonl(clinical_data / "train.jsonl", "train", "note", "summary")
+    texts = [f"{note}\n{summary}" for _, note, summary in records]
+    planted = "Zwibbeltje"
+    note = " ".join([f"Moeder noemt hem {planted.lower()}, {planted.lower()} slaapt slecht."] * 12)
+    assert planted.lower() in Deidentifier()(note)  # de-identification leaves it in
+    clean = train_tokenizer([t for _, n, s in records for t in (n, s)], 1024)  # data.tokenizer_vocab_size
+    leaky = train_tokenizer([t for _, n, s in records for t in (n, s)] + [note], 1024)
+
+    def entries(tokenizer):
+        return [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+
+    assert rare_vocabulary(entries(clean), texts, 2, 4) == []
+    rare = rare_vocabulary(entries(leaky), [*texts, note], 2, 4)
+    assert rare and all(r["records"] == 1 for r in rare)
+    assert " zwibbeltje" in [r["entry"] for r in rare]
+
