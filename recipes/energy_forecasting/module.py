@@ -209,3 +209,26 @@ class EnergyForecastingModule(L.LightningModule):
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': energy_forecasting exports 'onnx', not '{fmt}'")
         return export_onnx(self, Path(out_dir), options)
+
+    # what `aift export` checks the ONNX file against (ChecksExport): real windows of the split, as the graph takes them
+    def parity_inputs(self, datamodule, split: str, count: int) -> dict[str, Any]:
+        from aifactory_train.recipe import spread_indices
+
+        windows = datamodule.datasets[split]
+        batch = windows.__getitems__(spread_indices(len(windows), count))
+        return {name: batch[name].float().numpy() for name in ("past", "future", "loc", "scale")}
+
+    @torch.no_grad()
+    def reference_outputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        from .export import DeployableForecaster
+
+        model = DeployableForecaster(self.net.eval().cpu().float()).eval()
+        return {"quantiles": model(*(torch.from_numpy(inputs[k]) for k in ("past", "future", "loc", "scale"))).numpy()}
+
+    def exported_outputs(self, files: list[Path], inputs: dict[str, Any]) -> dict[str, Any]:
+        from aifactory_train.recipe import import_onnxruntime
+
+        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
+        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        (quantiles,) = session.run(["quantiles"], inputs)
+        return {"quantiles": quantiles}

@@ -161,3 +161,29 @@ class InfrastructureSegmentationModule(L.LightningModule):
         if fmt != "onnx":
             raise ConfigError(f"config key 'format': infrastructure_segmentation exports 'onnx', not '{fmt}'")
         return export_onnx(self, Path(out_dir), options)
+
+    # what `aift export` checks the ONNX file against (ChecksExport): real tiles of the split, float32 in [0, 1]
+    def parity_inputs(self, datamodule, split: str, count: int) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        from aifactory_train.recipe import spread_indices
+
+        tiles = datamodule.dataset(split, train=False)
+        return torch.stack([v2.functional.to_dtype(tiles[i][0], torch.float32, scale=True)
+                            for i in spread_indices(len(tiles), count)])
+
+    @torch.no_grad()
+    def reference_outputs(self, inputs: torch.Tensor) -> dict[str, Any]:
+        from .export import DeployableSegmenter
+
+        info = self.hparams.data_info
+        logits, probabilities = DeployableSegmenter(self.net.eval().cpu().float(), info["mean"], info["std"])(inputs)
+        return {"logits": logits.numpy(), "probabilities": probabilities.numpy()}
+
+    def exported_outputs(self, files: list[Path], inputs: torch.Tensor) -> dict[str, Any]:
+        from aifactory_train.recipe import import_onnxruntime
+
+        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
+        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        logits, probabilities = session.run(None, {"image": inputs.numpy()})
+        return {"logits": logits, "probabilities": probabilities}

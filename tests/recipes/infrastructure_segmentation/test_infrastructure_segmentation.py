@@ -315,6 +315,8 @@ def test_onnx_export_matches_pytorch_on_tiles_of_the_raster_with_any_tile_size(s
                   "format=onnx", "export.tile_size=64", "export.overlap=16", "hydra.run.dir=export", cwd=seg_run["work"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = seg_run["work"] / "export"
+    parity = json.loads((out / "export.json").read_text())["parity"]  # aift export's own check, on test tiles
+    assert parity["passed"] and parity["inputs"]["records"] >= 1 and parity["max_abs_diff"] <= parity["tolerance"]
     meta = json.loads((out / "model.json").read_text())
     assert meta["class_names"] == CLASSES and meta["tiling"]["tile_size"] == 64 and meta["tiling"]["overlap"] == 16
     assert meta["crs"]["training_crs"] == "EPSG:28992"
