@@ -704,6 +704,9 @@ def _main(argv: list[str], verbose: bool) -> int:
 
     switch_off_telemetry()  # data sovereignty: before any library that reports usage is imported
     redact_log_records()  # a password in a URI never reaches a log line (console or the run's log file)
+    from aifactory_train.records.audit import begin_command
+
+    begin_command()  # the audit line of this command says what this command checked (several may run in a process)
     from aifactory_train.errors import AiftError
     from aifactory_train.locations import use_recipes
 

@@ -67,6 +67,12 @@ def note_check(config: Any, record: dict[str, Any] | None = None, refusal: BaseE
                                                      ([paths] if isinstance(paths, (str, Path)) else paths or [])][:20]}
 
 
+def begin_command() -> None:
+    """A command starts: no data check noted yet (an earlier command's, in the same process, is not this one's)."""
+    global _NOTED
+    _NOTED = None
+
+
 def noted() -> dict[str, Any] | None:
     return _NOTED
 

@@ -82,7 +82,7 @@ class DataConfig:
     gap_policy: str = "interpolate"          # interpolate | mask | drop_window
     max_interpolate: int = 3                 # interpolate: longer gaps are left missing and their windows dropped
     meter_reset_below: Optional[float] = 0.0  # a target below this is a meter reset: treated as a gap (null: off)
-    train_stride: int = 2                    # steps between training window origins
+    train_stride: int = 1                    # steps between training window origins (the recipe config: 2)
     eval_stride: int = 24                    # steps between origins of the val/test rolling-origin backtest
     split: SplitConfig = field(default_factory=SplitConfig)
     batch_size: int = 256

@@ -46,7 +46,7 @@ class DataConfig:
     _target_: str = f"{__package__}.data.InfrastructureSegmentationDataModule"
     root: str = "data/infrastructure_segmentation"
     format: str = "geotiff"
-    classes: List[str] = field(default_factory=lambda: ["background", "road", "cable_trench", "manhole", "building"])
+    classes: List[str] = field(default_factory=list)  # the recipe config names the demo data's
     class_field: str = "class"           # vector: the polygon attribute that holds the class name
     ignore_index: int = 255              # mask value (and nodata) left out of the loss and the metrics
     tile_size: int = 64

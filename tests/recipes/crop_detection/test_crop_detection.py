@@ -693,15 +693,16 @@ def test_export_register_is_refused_before_anything_is_written_without_a_tracked
     assert not (tmp_path / "export" / "model.onnx").exists()
 
 
-def test_a_checkpoint_without_a_provenance_record_exports_and_says_so(crop_run, tmp_path):
+def test_a_checkpoint_without_a_provenance_record_exports_and_says_so(crop_run, crop_data, tmp_path):
     from conftest import aift
 
     state = torch.load(crop_run["summary"]["last_checkpoint"], map_location="cpu", weights_only=True)
     del state["callbacks"]["aift_provenance"]  # as a checkpoint from before records were kept
     old = tmp_path / "old.ckpt"
     torch.save(state, old)
-    result = aift("export", "recipe=crop_detection", f"ckpt_path={old}", "format=onnx", "hydra.run.dir=export",
-                  cwd=tmp_path)
+    # no record names the data it was trained on: the parity check's records come from data.root
+    result = aift("export", "recipe=crop_detection", f"ckpt_path={old}", "format=onnx", f"data.root={crop_data}",
+                  "hydra.run.dir=export", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{old} holds no provenance record" in result.stdout  # the log, as Hydra prints it
     record = json.loads((tmp_path / "export" / "provenance.json").read_text())
