@@ -19,14 +19,14 @@ usage:
   aift eval recipe=NAME ckpt_path=FILE     test-split metrics of a checkpoint (--help)
   aift predict recipe=NAME ckpt_path=FILE input=DIR
                                            predictions for new files, one JSON line each (--help)
-  aift export recipe=NAME ckpt_path=FILE   a deployable model (format=onnx for the image
-                                           recipes, format=hf for text ones) + provenance.json (--help)
+  aift export recipe=NAME ckpt_path=FILE   a deployable model in a format of the recipe (onnx, hf), checked
+                                           against the checkpoint on real records, + provenance.json (--help)
   aift recipes list                        the recipes: task, default model, data format
   aift recipes copy SOURCE NAME --to DIR   a recipe copied and renamed into DIR, to adapt; use it with
                                            AIFT_RECIPES_PATH=DIR (every command then finds it)
   aift recipes new NAME --task TASK [--to DIR]
-                                           a minimal working recipe for a task (image_classification,
-                                           object_detection, causal_lm) from a template, to grow
+                                           a minimal working recipe for a task from a template, to grow
+                                           (the tasks: aift recipes new --help)
   aift recipes show NAME                   a recipe's data layout, experiments, options, exports, benchmark
   aift data synth RECIPE --out DIR         write a demo dataset of real files
   aift data deidentify recipe=NAME data.root=RAW --out DIR
