@@ -308,6 +308,17 @@ def write_hf_detection_layout(crop_data: Path, root: Path, splits=("train", "val
     return root
 
 
+def runs_in(store: Path) -> int:
+    """How many runs an MLflow sqlite store holds (0: no store, or no table yet)."""
+    import sqlite3
+
+    if not store.exists():
+        return 0
+    with sqlite3.connect(store) as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+        return db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+
+
 def assert_one_line_naming(message: str, pieces) -> None:
     """A reader's refusal: one line, holding every piece that names the culprit (file, record, field, value)."""
     assert "\n" not in message

@@ -134,7 +134,7 @@ def test_max_record_bytes_is_configurable(notes):
 
 
 def test_cli_refuses_a_24_mb_note_and_writes_nothing(notes, tmp_path):
-    from test_bad_data_plastic import runs_in
+    from conftest import runs_in
 
     expected, text = note_of_24_mb(notes)
     work = tmp_path / "work"

@@ -285,7 +285,7 @@ def test_a_file_name_outside_the_root_is_refused_even_with_skip(crop_copy):
 
 
 def test_cli_refuses_a_nan_box_and_writes_nothing(crop_copy, tmp_path):
-    from test_bad_data_plastic import runs_in
+    from conftest import runs_in
 
     expected = bbox_with_nan(crop_copy)
     work = tmp_path / "work"

@@ -248,16 +248,6 @@ def test_a_path_outside_the_root_is_refused_even_with_skip(data_copy):
         datamodule(data_copy, on_invalid="skip", **kwargs).setup("fit")
 
 
-def runs_in(store: Path) -> int:
-    import sqlite3
-
-    if not store.exists():
-        return 0
-    with sqlite3.connect(store) as db:
-        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
-        return db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
-
-
 def test_cli_refuses_a_manifest_row_outside_the_root_and_writes_nothing(data_copy, tmp_path):
     kwargs, expected = manifest_path_with_dotdot(data_copy)
     work = tmp_path / "work"
