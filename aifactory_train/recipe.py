@@ -80,6 +80,7 @@ _LAZY = {
     "loader_rate": ("aifactory_train.run.timing", "loader_rate"),
     "model_config": ("aifactory_train.run.timing", "model_config"),
     "import_onnxruntime": ("aifactory_train.records.telemetry", "import_onnxruntime"),
+    "onnx_session": ("aifactory_train.records.telemetry", "onnx_session"),  # the export's ONNX file, on the CPU
 }
 
 
@@ -113,7 +114,7 @@ __all__ = [
     "build_torchvision_classifier", "classifier_names", "load_local_weights", "read_state_dict", "build_optimizer",
     "planned_optimizer_steps", "warmup_cosine", "load_checkpoint_state",
     # benchmark adapters
-    "BENCH_OPTIM", "device_sync", "median_ms", "loader_rate", "model_config", "import_onnxruntime",
+    "BENCH_OPTIM", "device_sync", "median_ms", "loader_rate", "model_config", "import_onnxruntime", "onnx_session",
     # config base classes and checks, errors
     "PlanExample", "RunConfig", "OptimConfig", "PredictOptions", "ExportOptions", "check", "check_choice",
     "missing_data_root",

@@ -28,3 +28,11 @@ def import_onnxruntime():
 
     onnxruntime.disable_telemetry_events()
     return onnxruntime
+
+
+def onnx_session(files):
+    """A CPU onnxruntime session of the ``.onnx`` file among an export's ``files`` (a recipe's ChecksExport)."""
+    from pathlib import Path
+
+    onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
+    return import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])

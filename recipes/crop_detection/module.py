@@ -341,10 +341,9 @@ class CropDetectionModule(L.LightningModule):
         return self._joined([self._kept(f["boxes"].numpy(), f["labels"].numpy(), f["scores"].numpy()) for f in found])
 
     def exported_outputs(self, files: list[Path], inputs: list[torch.Tensor]) -> dict[str, Any]:
-        from aifactory_train.recipe import import_onnxruntime
+        from aifactory_train.recipe import onnx_session
 
-        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
-        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        session = onnx_session(files)
         found = [session.run(["boxes", "labels", "scores"], {"image": image.numpy()}) for image in inputs]
         return self._joined([self._kept(*f) for f in found])
 

@@ -226,9 +226,8 @@ class EnergyForecastingModule(L.LightningModule):
         return {"quantiles": model(*(torch.from_numpy(inputs[k]) for k in ("past", "future", "loc", "scale"))).numpy()}
 
     def exported_outputs(self, files: list[Path], inputs: dict[str, Any]) -> dict[str, Any]:
-        from aifactory_train.recipe import import_onnxruntime
+        from aifactory_train.recipe import onnx_session
 
-        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
-        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        session = onnx_session(files)
         (quantiles,) = session.run(["quantiles"], inputs)
         return {"quantiles": quantiles}

@@ -232,10 +232,9 @@ class PlasticSortingModule(L.LightningModule):
         return {"logits": logits.numpy(), "probabilities": probabilities.numpy()}
 
     def exported_outputs(self, files: list[Path], inputs: torch.Tensor) -> dict[str, Any]:
-        from aifactory_train.recipe import import_onnxruntime
+        from aifactory_train.recipe import onnx_session
 
-        onnx_file = next(Path(f) for f in files if Path(f).suffix == ".onnx")
-        session = import_onnxruntime().InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        session = onnx_session(files)
         logits, probabilities = session.run(["logits", "probabilities"], {"image": inputs.numpy()})
         return {"logits": logits, "probabilities": probabilities}
 
