@@ -116,6 +116,7 @@ class SegmentationPredictOptions(PredictOptions):
     tile_size: int = 256          # px per forward pass
     overlap: int = 64             # px shared by neighbouring tiles; their logits are blended over it
     block_size: int = 1024        # px of output held in memory at once
+    polygon_cell_size: int = 8192  # px; areas are merged into polygons within cells this size, cut at their borders
     gdal_cache_mb: int = 256      # GDAL's block cache (its default: 5 % of the machine's memory)
     georeferenced: bool = True    # the mask and polygons in the input's CRS; a raster without a CRS is refused
     simplify: float = 0.5         # polygon simplification tolerance, CRS units
@@ -129,6 +130,9 @@ class SegmentationPredictOptions(PredictOptions):
               f"an integer in [0, tile_size/2] ({self.tile_size // 2})")
         check(self.block_size >= self.tile_size, "predict.block_size", self.block_size,
               f"an integer >= predict.tile_size ({self.tile_size})")
+        check(self.polygon_cell_size >= 0 and self.polygon_cell_size % self.block_size == 0,
+              "predict.polygon_cell_size", self.polygon_cell_size,
+              f"0 (one cell: the whole raster) or a multiple of predict.block_size ({self.block_size})")
         check(self.gdal_cache_mb >= 16, "predict.gdal_cache_mb", self.gdal_cache_mb, "an integer >= 16 (MiB)")
         check(self.simplify >= 0, "predict.simplify", self.simplify, "a number >= 0")
         check(self.min_area >= 0, "predict.min_area", self.min_area, "a number >= 0")

@@ -278,6 +278,100 @@ def test_prediction_does_not_depend_on_the_tile_grid(seg_module, seg_data):
     assert np.quantile(np.abs(first - other), 0.999) < 0.15, np.quantile(np.abs(first - other), 0.999)
 
 
+class ClassFromFirstBand(torch.nn.Module):
+    """A 'model' whose class at a pixel is the first band's value there (x 255): the predicted mask is known."""
+
+    def forward(self, batch):
+        classes = (batch[:, 0] * 255).round().long().clamp(0, len(CLASSES) - 1)
+        return torch.nn.functional.one_hot(classes, len(CLASSES)).permute(0, 3, 1, 2).float() * 10, None
+
+
+@pytest.mark.parametrize("cell", [0, 144])
+def test_polygons_streamed_block_by_block_are_those_of_the_whole_mask(cell, tmp_path):
+    """predict_raster polygonises one block at a time and merges the parts cut by block edges (also shapes that
+    span several rows of blocks, or join only in a later row); the GeoJSON must hold the polygons that polygonising
+    the whole mask at once gives, or with ``cell`` > 0 each cell of the mask on its own (areas cut at cell
+    borders)."""
+    import geopandas
+    import rasterio
+    import shapely
+    from rasterio.features import shapes
+    from rasterio.transform import from_origin
+
+    from aifactory_train.recipes.infrastructure_segmentation.predict import predict_raster
+    from aifactory_train.recipes.infrastructure_segmentation.synth import make_scene
+
+    transform = from_origin(233000.0, 582000.0, 0.25, 0.25)
+    _, labels, _ = make_scene(np.random.default_rng(3), 300, transform)
+    labels[labels == 255] = 0  # the scene's nodata corner: here simply ground
+    labels[20:280, 40:44] = 1  # a road over every row of blocks
+    labels[200:204, 100:260], labels[60:204, 100:104], labels[60:204, 256:260] = 2, 2, 2  # a U joined in a late row
+    source = tmp_path / "coded.tif"
+    with rasterio.open(source, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", crs="EPSG:28992",
+                       transform=transform) as out:
+        out.write(np.stack([labels] * 3))
+    opts = {"tile": 64, "overlap": 16, "block": 72, "simplify": 0.0, "min_area": 0.0, "georeferenced": True,
+            "cell": cell}
+    row = predict_raster(ClassFromFirstBand(), source, tmp_path / "out" / "coded", opts, list(CLASSES), 4,
+                         torch.device("cpu"), draw=False)
+    with rasterio.open(row["mask"]) as mask:
+        assert np.array_equal(mask.read(1), labels)
+    streamed = geopandas.read_file(row["polygons"])
+    assert streamed.crs.to_epsg() == 28992
+    step = cell or 300
+    whole = [(CLASSES[int(value)], shapely.geometry.shape(geometry))
+             for r in range(0, 300, step) for c in range(0, 300, step)
+             for geometry, value in shapes(labels[r:r + step, c:c + step], mask=labels[r:r + step, c:c + step] > 0,
+                                           transform=transform * transform.translation(c, r))]
+    assert len(streamed) == len(whole) >= 10
+    assert row["polygons_per_class"] == streamed["class"].value_counts().to_dict()
+    for name in CLASSES[1:]:
+        expected = shapely.union_all([g for c, g in whole if c == name])
+        got = shapely.union_all(list(streamed.geometry[streamed["class"] == name]))
+        assert shapely.symmetric_difference(expected, got).area < 1e-9, name
+        assert sorted(round(g.area, 4) for c, g in whole if c == name) == \
+            sorted(streamed["area"][streamed["class"] == name]), name
+
+
+def test_a_polygon_cell_that_is_not_a_multiple_of_the_block_is_refused(tmp_path):
+    from test_config import compose_run
+
+    from aifactory_train.errors import ConfigError
+    from aifactory_train.records.config import validate
+
+    cfg = compose_run(["recipe=infrastructure_segmentation", "predict.block_size=1000"], tmp_path)
+    with pytest.raises(ConfigError, match=r"'predict.polygon_cell_size'.*8192.*a multiple of predict.block_size "
+                                          r"\(1000\)"):
+        validate(cfg)
+
+
+def test_an_error_while_predicting_reaches_the_user_as_raised(tmp_path, monkeypatch):
+    """The polygons are written by pyogrio pulling from a generator; an error inside it must come out as itself
+    (here: a DataError for an unreadable block), not as the writer's error."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from aifactory_train.recipes.infrastructure_segmentation import predict
+
+    source = tmp_path / "flat.tif"
+    with rasterio.open(source, "w", driver="GTiff", width=200, height=200, count=3, dtype="uint8", crs="EPSG:28992",
+                       transform=from_origin(233000.0, 582000.0, 0.25, 0.25)) as out:
+        out.write(np.ones((3, 200, 200), dtype=np.uint8))
+    blocks = predict.segment_blocks
+
+    def fails_in_the_second_row(*args, **kwargs):
+        for window, mask in blocks(*args, **kwargs):
+            if window.row_off > 0:
+                raise DataError(f"cannot read raster '{source}': block at row {window.row_off} is corrupt")
+            yield window, mask
+
+    monkeypatch.setattr(predict, "segment_blocks", fails_in_the_second_row)
+    opts = {"tile": 64, "overlap": 16, "block": 100, "simplify": 0.0, "min_area": 0.0, "georeferenced": True}
+    with pytest.raises(DataError, match="block at row 100 is corrupt"):
+        predict.predict_raster(ClassFromFirstBand(), source, tmp_path / "out" / "flat", opts, list(CLASSES), 4,
+                               torch.device("cpu"), draw=False)
+
+
 def test_predict_writes_a_georeferenced_mask_and_polygons_that_open_with_their_crs(seg_run, tmp_path):
     import geopandas
     import rasterio
@@ -285,7 +379,7 @@ def test_predict_writes_a_georeferenced_mask_and_polygons_that_open_with_their_c
 
     source = seg_run["data"] / "val" / "rasters"
     result = aift("predict", "recipe=infrastructure_segmentation", f"ckpt_path={seg_run['summary']['last_checkpoint']}",
-                  f"input={source}", "predict.tile_size=64", "predict.overlap=16", "predict.block_size=96",
+                  f"input={source}", "predict.tile_size=64", "predict.overlap=16", "predict.block_size=96", "predict.polygon_cell_size=192",
                   "predict.draw=true", "predict.simplify=0.1", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -352,3 +446,65 @@ def test_synth_takes_what_aift_data_synth_passes_and_refuses_a_variant(tmp_path)
     with rasterio.open(out / "val" / "rasters" / "ortho.tif") as image:
         assert image.crs.to_epsg() == 28992 and image.nodata == 0 and image.res == (0.25, 0.25)
     assert len(list((out / "train" / "images").glob("*.png"))) == 4  # 256 px cut into 128 px tiles
+
+
+# -- aift data check ---------------------------------------------------------------------------------------------
+
+def test_data_check_counts_windows_and_pixels_and_finds_a_tile_of_train_in_test(seg_copy, tmp_path):
+    """The report's examples are the evaluation windows (data.tile_size) with their classes and pixel counts, the
+    same from the label raster as from the polygons; imagery of train copied into test (as another file) is
+    leakage, found from the window hashes."""
+    import geopandas
+    from aifactory_train.commands.cli import main
+    from aifactory_train.data.data_check import REPORT_JSON
+
+    def check(out, *overrides):
+        code = main(["data", "check", "recipe=infrastructure_segmentation", f"data.root={seg_copy}",
+                     "data.tile_size=64", *overrides, "--out", str(out)])
+        return code, json.loads((out / REPORT_JSON).read_text())
+
+    code, report = check(tmp_path / "geotiff")
+    assert code == 0, report["problems"]
+    train = report["splits"]["train"]
+    assert train["count"] == (256 // 64) ** 2
+    assert all(pair["count"] == 0 for pair in report["leakage"].values()) and "train/test" in report["leakage"]
+    counters = train["counters"]
+    assert sum(v for k, v in counters.items()) == 256 * 256
+    assert counters["pixels road"] > 0 and counters["pixels nodata (ignored)"] > 0
+    assert train["classes"]["counts"]["background"] <= train["count"]
+    assert (tmp_path / "geotiff" / report["contact_sheet"]["file"]).is_file()
+
+    # the polygons as a GeoPackage (the vector layout's other format) give the same pixels per class (nodata comes
+    # from the image's mask in both layouts)
+    for split in ("train", "val", "test"):
+        labels = seg_copy / split / "labels"
+        geopandas.read_file(labels / "ortho.geojson").to_file(labels / "ortho.gpkg", driver="GPKG")
+        (labels / "ortho.geojson").unlink()
+    code, from_polygons = check(tmp_path / "vector", "data.format=vector")
+    assert code == 0, from_polygons["problems"]
+    assert from_polygons["splits"]["train"]["counters"] == counters
+
+    shutil.copy(seg_copy / "train" / "rasters" / "ortho.tif", seg_copy / "test" / "rasters" / "copied.tif")
+    shutil.copy(seg_copy / "train" / "labels" / "ortho.gpkg", seg_copy / "test" / "labels" / "copied.gpkg")
+    code, leaked = check(tmp_path / "leak", "data.format=vector")
+    assert code == 1 and leaked["leakage"]["train/test"]["count"] == train["count"], leaked["leakage"]
+    assert leaked["leakage"]["val/test"]["count"] == 0
+
+
+def test_the_memory_benchmark_predicts_a_mosaic_raster_with_content_everywhere(tmp_path):
+    """predict_rss.py (the figure behind 'memory stays bounded') still runs: its mosaic VRT repeats the scene, so
+    the far corner of the raster has as many polygons as the first."""
+    import rasterio
+
+    from aifactory_train.recipes.infrastructure_segmentation.predict_rss import mosaic_vrt, one
+
+    row = one(1024, "tiny", 256, 32, 512, 32, "mosaic", 512, tmp_path)
+    assert row["polygons"] > 0 and row["peak_rss_mib"] >= row["rss_before_predict_mib"] > 0
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as out:
+        out.write(np.arange(64 * 64 * 3, dtype=np.uint32).reshape(3, 64, 64).astype(np.uint8))
+    mosaic_vrt(scene, 64, 150, rasterio.Affine(0.25, 0, 233000.0, 0, -0.25, 582000.0), tmp_path / "m.vrt")
+    with rasterio.open(tmp_path / "m.vrt") as mosaic, rasterio.open(scene) as tile:
+        assert mosaic.shape == (150, 150) and mosaic.crs.to_epsg() == 28992
+        whole = mosaic.read()
+        assert np.array_equal(whole[:, 64:128, 128:150], tile.read()[:, :, :22])
