@@ -22,7 +22,7 @@ METRICS = {
 # the CPU default of the recipe: U-Net, MobileNetV3-small encoder cut at depth 3, 64 px tiles, batch 16
 DEFAULTS = {"model": "tu-mobilenetv3_small_100", "batch_size": 16, "image_size": 64, "steps": 20}
 CLASSES = ["background", "road", "cable_trench", "manhole", "building"]
-WEIGHTS = [0.5, 1.0, 3.0, 3.0, 1.0]
+WEIGHTS = [0.5, 1.0, 3.0, 10.0, 1.0]
 IGNORE = 255
 
 
