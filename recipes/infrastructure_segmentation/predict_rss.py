@@ -155,6 +155,7 @@ class MemoryCgroup:
 
 def decode_whole(side: int, out_dir: Path | None) -> None:
     """The control: builds the same mosaic and reads it whole into memory, as a tool without windows would."""
+    import numpy as np
     import rasterio
     from rasterio.transform import from_origin
 
@@ -163,7 +164,7 @@ def decode_whole(side: int, out_dir: Path | None) -> None:
         scene = Path(folder) / "scene.tif"
         with rasterio.open(scene, "w", driver="GTiff", width=2048, height=2048, count=3, dtype="uint8",
                            crs="EPSG:28992", transform=transform) as out:
-            out.write(__import__("numpy").full((3, 2048, 2048), 100, dtype="uint8"))
+            out.write(np.full((3, 2048, 2048), 100, dtype="uint8"))
         mosaic_vrt(scene, 2048, side, transform, Path(folder) / "big.vrt")
         with rasterio.open(Path(folder) / "big.vrt") as dataset:
             print(json.dumps({"decoded_bytes": int(dataset.read().nbytes)}))
