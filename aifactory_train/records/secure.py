@@ -281,22 +281,22 @@ def _kernel_host() -> str:
     return socket.gethostname()
 
 
+def _refused(what: str) -> EgressRefused:
+    return EgressRefused(f"profile=secure: {what} refused; only loopback"
+                         f"{' and ' + ', '.join(sorted(_POLICY.hosts)) if _POLICY.hosts else ''} may be reached "
+                         f"from a secure run (a tracking host must be listed in the data card's usage.tracking)")
+
+
 def _audit(event: str, args: tuple) -> None:
     # each socket call raises an audit event (PEP 578): refuse the network ones outside the policy
     if _POLICY is None:
         return
     if event in ("socket.connect", "socket.sendto"):
         if not _address_allowed(args[1]):
-            raise EgressRefused(f"profile=secure: network connection to {_shown(args[1])} refused; only loopback"
-                                f"{' and ' + ', '.join(sorted(_POLICY.hosts)) if _POLICY.hosts else ''} may be "
-                                f"reached from a secure run (a tracking host must be listed in the data card's "
-                                f"usage.tracking)")
+            raise _refused(f"network connection to {_shown(args[1])}")
     elif event in ("socket.getaddrinfo", "socket.gethostbyname"):
         if not _name_allowed(args[0]):
-            raise EgressRefused(f"profile=secure: network lookup of '{args[0]}' refused; only loopback"
-                                f"{' and ' + ', '.join(sorted(_POLICY.hosts)) if _POLICY.hosts else ''} may be "
-                                f"reached from a secure run (a tracking host must be listed in the data card's "
-                                f"usage.tracking)")
+            raise _refused(f"network lookup of '{args[0]}'")
 
 
 def _shown(address: Any) -> str:
